@@ -1,0 +1,35 @@
+# MegaFlow. `make demo` and `make test` bootstrap everything they need (see deploy/bootstrap.sh).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export MEGAFLOW_VENV := $(abspath $(VENV))
+
+.PHONY: help bootstrap up down status demo test workers
+
+help:
+	@echo "make demo    run the demo on the embedded default (SQLite, local Redis, local Docker)"
+	@echo "make test    run the whole test suite"
+	@echo "make up      start what is missing: Redis, dockerd, base image, migrations, workers, Flower, web"
+	@echo "make down    stop what make up started"
+	@echo "make status  show the local stack"
+	@echo "make workers print the worker command of every queue"
+
+bootstrap:
+	@deploy/bootstrap.sh
+
+up: bootstrap
+	@$(PY) -m deploy.local_stack up
+
+down:
+	@if [ -x $(PY) ]; then $(PY) -m deploy.local_stack down; else echo "==> nothing to stop (no virtualenv)"; fi
+
+status:
+	@$(PY) -m deploy.local_stack status
+
+workers:
+	@$(PY) -m megaflow_site.topology
+
+demo: up
+	@$(PY) manage.py megaflow demo
+
+test: bootstrap
+	@$(PY) -m pytest $(PYTEST_ARGS)

@@ -1,0 +1,1 @@
+"""Agent Service: the episode state machine, prompts and action parsing (queue ``agent``, CPU)."""

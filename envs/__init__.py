@@ -1,0 +1,1 @@
+"""Environment Service: sandboxed Docker containers per episode (queues ``env.<pool>``, CPU)."""

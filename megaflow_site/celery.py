@@ -1,0 +1,43 @@
+"""The Celery app, configured from Django settings (``CELERY_*``) and the topology module.
+
+Start a worker of one service with the command ``python -m megaflow_site.topology`` prints, e.g.
+``celery -A megaflow_site worker -Q agent -n agent@%h --pool threads --concurrency 8``.
+"""
+
+import os
+
+from celery import Celery, signals
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "megaflow_site.settings")
+
+app = Celery("megaflow")
+app.config_from_object("django.conf:settings", namespace="CELERY")
+app.autodiscover_tasks()
+
+
+@app.on_after_configure.connect
+def _declare_topology(sender: Celery, **_) -> None:
+    from megaflow_site import topology
+
+    sender.conf.task_queues = topology.declared_queues()
+    sender.conf.task_default_queue = topology.AGENT_QUEUE
+    sender.conf.task_routes = (topology.route_task,)
+    # A queue missing from task_queues is a typo or a stale config, never a reason to invent one.
+    sender.conf.task_create_missing_queues = False
+
+
+@signals.worker_init.connect
+def _preflight_worker(**_) -> None:
+    """Refuse to start a worker against a database or broker it cannot reach: one line, no traceback."""
+    from megaflow_site import preflight
+    from megaflow_site.config_errors import ConfigError, exit_with
+
+    try:
+        preflight.check_database()
+        preflight.check_redis()
+    except ConfigError as error:
+        exit_with(error)
+
+
+# Queue-wait and duration telemetry for every task is wired once, here, not per task.
+import megaflow_site.task_telemetry  # noqa: E402,F401

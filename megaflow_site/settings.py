@@ -1,0 +1,202 @@
+"""Django and Celery settings: the only module that reads the process environment.
+
+The embedded default needs no configuration at all: SQLite under ``var/``, Redis at 127.0.0.1:6379, the local
+Docker daemon. Every knob is an environment variable; README.md lists them.
+"""
+
+import os
+import secrets
+from pathlib import Path
+
+import dj_database_url
+
+from megaflow_site.config_errors import ConfigError, redact
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+
+
+def env_str(name: str, default: str) -> str:
+    return os.environ.get(name, "").strip() or default
+
+
+def env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not an integer", f"set {name} to a whole number") from None
+
+
+def env_bool(name: str, default: bool) -> bool:
+    raw = os.environ.get(name, "").strip().lower()
+    if not raw:
+        return default
+    if raw in {"1", "true", "yes", "on"}:
+        return True
+    if raw in {"0", "false", "no", "off"}:
+        return False
+    raise ConfigError(f"{name}={raw!r} is not a boolean", f"set {name} to 1 or 0")
+
+
+def env_list(name: str, default: str) -> list[str]:
+    return [item.strip() for item in env_str(name, default).split(",") if item.strip()]
+
+
+# --- Where local state lives -------------------------------------------------------------------------------
+DATA_DIR = Path(env_str("MEGAFLOW_DATA_DIR", str(BASE_DIR / "var"))).resolve()
+DATA_DIR.mkdir(parents=True, exist_ok=True)
+
+
+def _secret_key() -> str:
+    """MEGAFLOW_SECRET_KEY, or a random key kept in the data dir so the embedded default never ships one."""
+    if key := os.environ.get("MEGAFLOW_SECRET_KEY", "").strip():
+        return key
+    key_file = DATA_DIR / "secret_key"
+    if not key_file.exists():
+        key_file.write_text(secrets.token_urlsafe(50))
+        key_file.chmod(0o600)
+    return key_file.read_text().strip()
+
+
+SECRET_KEY = _secret_key()
+DEBUG = env_bool("MEGAFLOW_DEBUG", False)
+ALLOWED_HOSTS = env_list("MEGAFLOW_ALLOWED_HOSTS", "127.0.0.1,localhost,[::1]")
+
+# --- Django ------------------------------------------------------------------------------------------------
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "rest_framework",
+    "orchestrator",
+    # The three services: each package's tasks.py is found by Celery's autodiscovery.
+    "agents",
+    "modelserving",
+    "envs",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "whitenoise.middleware.WhiteNoiseMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "megaflow_site.urls"
+WSGI_APPLICATION = "megaflow_site.wsgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+SQLITE_PATH = DATA_DIR / "megaflow.sqlite3"
+DATABASE_URL = env_str("DATABASE_URL", f"sqlite:///{SQLITE_PATH}")
+try:
+    _database = dj_database_url.parse(DATABASE_URL, conn_max_age=60, conn_health_checks=True)
+except ValueError:
+    raise ConfigError(
+        f"DATABASE_URL {redact(DATABASE_URL)!r} is not a database URL MegaFlow knows",
+        "use postgres://USER@HOST:5432/NAME, or unset it for the embedded SQLite default",
+    ) from None
+if _database["ENGINE"] == "django.db.backends.sqlite3":
+    # Workers and the web server share the file: WAL lets readers run beside the one writer, and a
+    # generous timeout turns a brief write lock into a wait instead of "database is locked".
+    _database["CONN_MAX_AGE"] = 0
+    _database["OPTIONS"] = {"timeout": 30, "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;"}
+    # Tests hand the database to worker subprocesses, so the SQLite test database must be a file.
+    _database["TEST"] = {"NAME": str(DATA_DIR / "test-megaflow.sqlite3")}
+DATABASES = {"default": _database}
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+]
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+
+STATIC_URL = "static/"
+STATIC_ROOT = DATA_DIR / "static"
+MEDIA_ROOT = DATA_DIR / "media"
+MEDIA_URL = "media/"
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["console"], "level": env_str("MEGAFLOW_LOG_LEVEL", "INFO")},
+}
+
+# --- Services ------------------------------------------------------------------------------------------------
+REDIS_URL = env_str("MEGAFLOW_REDIS_URL", "redis://127.0.0.1:6379/0")
+# The environment service's default image: bookworm + python3 + git + pytest, built by deploy/bootstrap.sh.
+MEGAFLOW_BASE_IMAGE = env_str("MEGAFLOW_BASE_IMAGE", "megaflow/base:bookworm")
+# Model names and environment pools that have queues; the first of each is the default.
+MEGAFLOW_MODELS = env_list("MEGAFLOW_MODELS", "replay")
+MEGAFLOW_ENV_POOLS = env_list("MEGAFLOW_ENV_POOLS", "default")
+# Where `make up` serves the web app and Flower.
+MEGAFLOW_WEB_PORT = env_int("MEGAFLOW_WEB_PORT", 8000)
+MEGAFLOW_FLOWER_PORT = env_int("MEGAFLOW_FLOWER_PORT", 5555)
+# Docker daemon address for the preflight check; the docker SDK itself also honours DOCKER_HOST.
+DOCKER_HOST = env_str("DOCKER_HOST", "unix:///var/run/docker.sock")
+
+# --- Celery (read by megaflow_site/celery.py through the CELERY_ namespace) --------------------------------
+# A message that a worker took but never acked comes back after the visibility timeout; every task's hard
+# time limit must end well before that, or a slow task would run twice at once.
+CELERY_BROKER_VISIBILITY_TIMEOUT_S = env_int("MEGAFLOW_VISIBILITY_TIMEOUT_S", 3600)
+CELERY_TASK_TIME_LIMIT = env_int("MEGAFLOW_TASK_TIME_LIMIT_S", 900)
+CELERY_TASK_SOFT_TIME_LIMIT = CELERY_TASK_TIME_LIMIT - 30
+if not 60 <= CELERY_TASK_TIME_LIMIT <= CELERY_BROKER_VISIBILITY_TIMEOUT_S // 2:
+    raise ConfigError(
+        f"MEGAFLOW_TASK_TIME_LIMIT_S={CELERY_TASK_TIME_LIMIT} must be between 60 s and half the visibility "
+        f"timeout ({CELERY_BROKER_VISIBILITY_TIMEOUT_S} s)",
+        "lower MEGAFLOW_TASK_TIME_LIMIT_S or raise MEGAFLOW_VISIBILITY_TIMEOUT_S",
+    )
+
+CELERY_BROKER_URL = REDIS_URL
+CELERY_BROKER_TRANSPORT_OPTIONS = {
+    "visibility_timeout": CELERY_BROKER_VISIBILITY_TIMEOUT_S,
+    "socket_connect_timeout": 5,
+    "health_check_interval": 25,
+}
+CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+CELERY_TASK_SERIALIZER = "json"
+CELERY_RESULT_SERIALIZER = "json"
+CELERY_ACCEPT_CONTENT = ["json"]
+CELERY_EVENT_SERIALIZER = "json"
+# At-least-once delivery: ack after the task body ran, and give the message back if the worker died under it.
+CELERY_TASK_ACKS_LATE = True
+CELERY_TASK_REJECT_ON_WORKER_LOST = True
+# With late acks a prefetched message is held hostage by a busy worker; take one at a time.
+CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+# No result backend on the hot path: a task's effect is the next message it publishes or the rows it writes.
+CELERY_TASK_IGNORE_RESULT = True
+CELERY_RESULT_BACKEND = None
+# Task events for Flower.
+CELERY_WORKER_SEND_TASK_EVENTS = True
+CELERY_TASK_SEND_SENT_EVENT = True
+CELERY_WORKER_HIJACK_ROOT_LOGGER = False

@@ -1,0 +1,145 @@
+"""The Celery topology in one place: which queues exist, which task goes where, how each worker is started.
+
+Three services, routed by resource (DESIGN.md):
+
+    agent          Agent Service        (CPU)  tasks defined in ``agents`` and ``orchestrator``
+    model.<name>   Model Service        (GPU)  tasks defined in ``modelserving``; ``model=`` picks the queue
+    env.<pool>     Environment Service  (CPU)  tasks defined in ``envs``; ``pool=`` picks the queue
+
+A task's service is the package that defines it, so adding a task never means editing a routing table.
+Model and environment tasks take the model name / pool as a keyword argument, and the router reads it from
+the message; an unknown name raises ``UnknownQueue`` at publish time instead of parking the message on a
+queue that no worker consumes.
+
+``python -m megaflow_site.topology`` prints the worker command for every declared queue.
+"""
+
+from __future__ import annotations
+
+import enum
+import sys
+from dataclasses import dataclass
+
+from django.conf import settings
+from kombu import Queue
+
+AGENT_QUEUE = "agent"
+
+
+class Service(enum.StrEnum):
+    AGENT = "agent"
+    MODEL = "model"
+    ENV = "env"
+
+
+# The package that defines a task decides its service.
+SERVICE_OF_PACKAGE = {
+    "agents": Service.AGENT,
+    "orchestrator": Service.AGENT,
+    "modelserving": Service.MODEL,
+    "envs": Service.ENV,
+}
+
+# The keyword argument that names a model / pool in a message, per keyed service.
+ROUTING_KWARG = {Service.MODEL: "model", Service.ENV: "pool"}
+
+
+class UnknownQueue(LookupError):
+    """A message named a model or pool that has no queue."""
+
+
+def known_keys(service: Service) -> list[str]:
+    return {Service.MODEL: settings.MEGAFLOW_MODELS, Service.ENV: settings.MEGAFLOW_ENV_POOLS}.get(service, [])
+
+
+def default_key(service: Service) -> str | None:
+    keys = known_keys(service)
+    return keys[0] if keys else None
+
+
+def queue_name(service: Service, key: str | None = None) -> str:
+    """The queue for ``service``; ``key`` is the model name or env pool (default: the first configured)."""
+    if service is Service.AGENT:
+        return AGENT_QUEUE
+    key = key or default_key(service)
+    if key not in known_keys(service):
+        setting = "MEGAFLOW_MODELS" if service is Service.MODEL else "MEGAFLOW_ENV_POOLS"
+        raise UnknownQueue(f"no queue for {service} {key!r}: {setting} lists {', '.join(known_keys(service))}")
+    return f"{service}.{key}"
+
+
+def service_of_task(task_name: str) -> Service | None:
+    return SERVICE_OF_PACKAGE.get(task_name.split(".", 1)[0])
+
+
+def declared_queues() -> list[Queue]:
+    names = [AGENT_QUEUE]
+    for service in (Service.MODEL, Service.ENV):
+        names += [queue_name(service, key) for key in known_keys(service)]
+    return [Queue(name, routing_key=name) for name in names]
+
+
+def route_task(name, args, kwargs, options, task=None, **_):
+    """Celery router: send each MegaFlow task to its service's queue (see the module docstring)."""
+    service = service_of_task(name)
+    if service is None:
+        return None
+    key = (kwargs or {}).get(ROUTING_KWARG.get(service, ""))
+    return {"queue": queue_name(service, key)}
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """How one worker of one queue is started; tests, ``make up`` and the README all use this."""
+
+    service: Service
+    key: str | None = None
+    concurrency: int | None = None
+
+    # Every service waits on I/O (the database, Redis, Docker, an inference server) rather than computing,
+    # so threads carry many tasks per process; the model pool needs many requests in flight to batch.
+    DEFAULT_CONCURRENCY = {Service.AGENT: 8, Service.MODEL: 32, Service.ENV: 8}
+
+    @property
+    def queue(self) -> str:
+        return queue_name(self.service, self.key)
+
+    @property
+    def node_name(self) -> str:
+        return self.queue.replace(".", "-") + "@%h"
+
+    def argv(self, node_name: str | None = None, loglevel: str = "INFO") -> list[str]:
+        return [
+            "celery", "-A", "megaflow_site", "worker",
+            "-Q", self.queue,
+            "-n", node_name or self.node_name,
+            "--pool", "threads",
+            "--concurrency", str(self.concurrency or self.DEFAULT_CONCURRENCY[self.service]),
+            "--loglevel", loglevel,
+            "--without-mingle", "--without-gossip",
+        ]  # fmt: skip
+
+
+def all_worker_specs() -> list[WorkerSpec]:
+    """One worker per declared queue: the local stack and the test suite both start exactly these."""
+    specs = [WorkerSpec(Service.AGENT)]
+    for service in (Service.MODEL, Service.ENV):
+        specs += [WorkerSpec(service, key) for key in known_keys(service)]
+    return specs
+
+
+def main() -> None:
+    import django
+
+    django.setup()
+    for spec in all_worker_specs():
+        print(f"# {spec.service} service, queue {spec.queue}")
+        print(" ".join(spec.argv()))
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    import os
+
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "megaflow_site.settings")
+    main()

@@ -1,0 +1,1 @@
+"""Model Service: batched generation behind one interface (queues ``model.<name>``, GPU)."""

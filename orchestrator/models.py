@@ -1,0 +1,186 @@
+"""The durable truth: datasets of tasks, runs of episodes, and every step of every trajectory."""
+
+from django.conf import settings
+from django.core.validators import MaxValueValidator, MinValueValidator
+from django.db import models
+from django.db.models import Q
+
+
+class Dataset(models.Model):
+    """A named collection of tasks, e.g. the bundled ``swe_mini`` suite or an imported SWE-bench split."""
+
+    name = models.SlugField(max_length=100, unique=True)
+    description = models.TextField(blank=True)
+    source = models.CharField(max_length=500, blank=True, help_text="File or URL the tasks were loaded from.")
+    owner = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="datasets"
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+def archive_storage_name(sha256: str) -> str:
+    # Content-addressed: the same archive is stored once however many tasks and datasets use it.
+    return f"archives/{sha256}.tar.gz"
+
+
+def _archive_path(task: "Task", filename: str) -> str:
+    return archive_storage_name(task.repo_archive_sha256)
+
+
+class Task(models.Model):
+    """One task in the task format of DESIGN.md, kept whole so that any run of it can be repeated exactly.
+
+    Field names follow SWE-bench where it has them. A task is immutable once stored: ``spec_sha256`` hashes
+    its canonical JSON (archive included by digest), and runs record which tasks they used.
+    """
+
+    dataset = models.ForeignKey(Dataset, on_delete=models.CASCADE, related_name="tasks")
+    instance_id = models.CharField(max_length=200)
+    problem_statement = models.TextField()
+    image = models.CharField(max_length=300, blank=True, help_text="Docker image; blank means the base image.")
+    repo_archive = models.FileField(upload_to=_archive_path, blank=True)
+    repo_archive_sha256 = models.CharField(max_length=64, blank=True)
+    workdir = models.CharField(max_length=300, default="/testbed")
+    setup_commands = models.JSONField(default=list, blank=True)
+    patch = models.TextField(blank=True, help_text="Reference solution, unified diff.")
+    test_patch = models.TextField(blank=True)
+    test_command = models.TextField()
+    fail_to_pass = models.JSONField(default=list)
+    pass_to_pass = models.JSONField(default=list, blank=True)
+    timeout_s = models.PositiveIntegerField(default=1800, validators=[MinValueValidator(1)])
+    extra = models.JSONField(default=dict, blank=True, help_text="Fields beyond the task format, kept verbatim.")
+    spec_sha256 = models.CharField(max_length=64, editable=False)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["dataset", "instance_id"]
+        constraints = [models.UniqueConstraint(fields=["dataset", "instance_id"], name="task_unique_per_dataset")]
+
+    def __str__(self) -> str:
+        return self.instance_id
+
+
+class Run(models.Model):
+    """A batch of episodes: every chosen task, ``samples_per_task`` times, under one agent/model/env config."""
+
+    class Status(models.TextChoices):
+        QUEUED = "queued"
+        RUNNING = "running"
+        COMPLETED = "completed"
+        FAILED = "failed"
+        CANCELLED = "cancelled"
+
+    TERMINAL = frozenset({Status.COMPLETED, Status.FAILED, Status.CANCELLED})
+
+    name = models.CharField(max_length=200, blank=True)
+    owner = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="runs"
+    )
+    dataset = models.ForeignKey(Dataset, null=True, blank=True, on_delete=models.PROTECT, related_name="runs")
+    tasks = models.ManyToManyField(Task, related_name="runs")
+    samples_per_task = models.PositiveIntegerField(default=1, validators=[MinValueValidator(1), MaxValueValidator(1024)])
+    agent_name = models.CharField(max_length=100, default="bash")
+    agent_config = models.JSONField(default=dict, blank=True, help_text="Agent parameters, e.g. prompt templates.")
+    model_name = models.CharField(max_length=200)
+    env_pool = models.CharField(max_length=100, default="default")
+    max_concurrent_episodes = models.PositiveIntegerField(default=64, validators=[MinValueValidator(1)])
+    max_steps = models.PositiveIntegerField(default=30, validators=[MinValueValidator(1)])
+    episode_time_limit_s = models.PositiveIntegerField(default=1800, validators=[MinValueValidator(1)])
+    max_attempts = models.PositiveSmallIntegerField(default=3, validators=[MinValueValidator(1)])
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.QUEUED, db_index=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        constraints = [
+            models.CheckConstraint(condition=Q(samples_per_task__gte=1), name="run_samples_positive"),
+            models.CheckConstraint(condition=Q(max_concurrent_episodes__gte=1), name="run_concurrency_positive"),
+        ]
+
+    def __str__(self) -> str:
+        return self.name or f"run {self.pk}"
+
+
+class Episode(models.Model):
+    """One sample of one task within a run: an agent driving one sandbox until it submits or runs out.
+
+    ``succeeded`` means the episode ran to the end and was evaluated: its ``reward`` says how well the agent
+    did (a wrong answer is a result, 0.0). ``failed`` and ``timed_out`` mean no reward could be produced;
+    ``failure_reason`` says why.
+    """
+
+    class Status(models.TextChoices):
+        QUEUED = "queued"
+        STARTING = "starting"
+        RUNNING = "running"
+        EVALUATING = "evaluating"
+        SUCCEEDED = "succeeded"
+        FAILED = "failed"
+        TIMED_OUT = "timed_out"
+        CANCELLED = "cancelled"
+
+    TERMINAL = frozenset({Status.SUCCEEDED, Status.FAILED, Status.TIMED_OUT, Status.CANCELLED})
+
+    run = models.ForeignKey(Run, on_delete=models.CASCADE, related_name="episodes")
+    task = models.ForeignKey(Task, on_delete=models.PROTECT, related_name="episodes")
+    sample_index = models.PositiveIntegerField()
+    attempt = models.PositiveSmallIntegerField(default=1)
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.QUEUED)
+    reward = models.FloatField(null=True, blank=True)
+    failure_reason = models.TextField(blank=True)
+    step_count = models.PositiveIntegerField(default=0)
+    prompt_tokens = models.PositiveBigIntegerField(default=0)
+    completion_tokens = models.PositiveBigIntegerField(default=0)
+    worker = models.CharField(max_length=200, blank=True, help_text="Celery node that last moved the episode.")
+    container_id = models.CharField(max_length=80, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["run", "task", "sample_index"]
+        constraints = [
+            models.UniqueConstraint(fields=["run", "task", "sample_index"], name="episode_unique_sample"),
+        ]
+        indexes = [models.Index(fields=["run", "status"], name="episode_run_status")]
+
+    def __str__(self) -> str:
+        return f"{self.task_id}#{self.sample_index} ({self.status})"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.status in self.TERMINAL
+
+
+class Step(models.Model):
+    """One turn of a trajectory: what the model saw and said, the action run, and what the sandbox answered."""
+
+    episode = models.ForeignKey(Episode, on_delete=models.CASCADE, related_name="steps")
+    index = models.PositiveIntegerField()
+    model_input = models.JSONField(default=list, help_text="Messages sent to the model for this turn.")
+    model_output = models.TextField(blank=True)
+    action = models.TextField(blank=True, help_text="The bash command parsed from the reply; blank if malformed.")
+    observation = models.TextField(blank=True)
+    exit_code = models.IntegerField(null=True, blank=True)
+    model_latency_s = models.FloatField(null=True, blank=True)
+    env_latency_s = models.FloatField(null=True, blank=True)
+    prompt_tokens = models.PositiveIntegerField(default=0)
+    completion_tokens = models.PositiveIntegerField(default=0)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["episode", "index"]
+        constraints = [models.UniqueConstraint(fields=["episode", "index"], name="step_unique_index")]
+
+    def __str__(self) -> str:
+        return f"step {self.index} of episode {self.episode_id}"
