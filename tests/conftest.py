@@ -1,0 +1,137 @@
+"""Shared fixtures: the test session's Redis database and real Celery workers, one per declared queue."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import redis
+from celery.utils.nodenames import host_format
+from django.conf import settings
+
+from megaflow_site.celery import app
+from megaflow_site.topology import WorkerSpec, all_worker_specs
+
+REPO = Path(__file__).resolve().parent.parent
+WORKER_START_TIMEOUT_S = 60
+
+
+def database_url(settings_dict: dict) -> str:
+    """A DATABASE_URL for the database Django is connected to now (the test database, inside a test)."""
+    if settings_dict["ENGINE"].endswith("sqlite3"):
+        return f"sqlite:///{settings_dict['NAME']}"
+    user = settings_dict.get("USER") or ""
+    password = f":{settings_dict['PASSWORD']}" if settings_dict.get("PASSWORD") else ""
+    auth = f"{user}{password}@" if user else ""
+    host = settings_dict.get("HOST") or "127.0.0.1"
+    port = f":{settings_dict['PORT']}" if settings_dict.get("PORT") else ""
+    return f"postgres://{auth}{host}{port}/{settings_dict['NAME']}"
+
+
+def run_manage(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    """``python manage.py ARGS`` in a subprocess with ``env`` layered over this process's environment."""
+    return subprocess.run(
+        [sys.executable, "manage.py", *args],
+        cwd=REPO,
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.fixture(scope="session")
+def broker() -> redis.Redis:
+    """The session's own Redis database (tests/session_env.py), empty at the start and at the end."""
+    client = redis.Redis.from_url(settings.REDIS_URL)
+    client.flushdb()
+    yield client
+    client.flushdb()
+
+
+@dataclass
+class WorkerProcess:
+    spec: WorkerSpec
+    node: str
+    process: subprocess.Popen
+    log: Path
+
+
+class CeleryWorkers:
+    """Real ``celery worker`` subprocesses; each consumes one queue and is stopped by its pid."""
+
+    def __init__(self, env: dict[str, str], log_dir: Path):
+        self.env = env
+        self.log_dir = log_dir
+        self.by_queue: dict[str, WorkerProcess] = {}
+
+    @property
+    def nodes(self) -> list[str]:
+        return [worker.node for worker in self.by_queue.values()]
+
+    def node_for(self, queue: str) -> str:
+        return self.by_queue[queue].node
+
+    def start(self, spec: WorkerSpec) -> WorkerProcess:
+        node = host_format(f"{spec.queue.replace('.', '-')}@pytest-{os.getpid()}")
+        log = self.log_dir / f"{node}.log"
+        argv = spec.argv(node_name=node)
+        argv[0] = str(Path(sys.executable).with_name("celery"))
+        process = subprocess.Popen(
+            argv, cwd=REPO, env=self.env, stdout=log.open("wb"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+        )
+        worker = WorkerProcess(spec, node, process, log)
+        self.by_queue[spec.queue] = worker
+        return worker
+
+    def wait_ready(self, workers: list[WorkerProcess]) -> None:
+        deadline = time.monotonic() + WORKER_START_TIMEOUT_S
+        pending = {worker.node: worker for worker in workers}
+        while pending:
+            for reply in app.control.ping(destination=list(pending), timeout=0.5):
+                for node in reply:
+                    pending.pop(node, None)
+            for worker in pending.values():
+                if worker.process.poll() is not None:
+                    raise RuntimeError(f"worker {worker.node} exited at start:\n{worker.log.read_text()[-3000:]}")
+            if pending and time.monotonic() > deadline:
+                raise RuntimeError(f"workers {sorted(pending)} did not answer within {WORKER_START_TIMEOUT_S} s")
+
+    def stop(self, worker: WorkerProcess, sig: int = signal.SIGTERM, timeout: float = 20) -> None:
+        if worker.process.poll() is None:
+            worker.process.send_signal(sig)
+            try:
+                worker.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                worker.process.kill()
+                worker.process.wait()
+
+    def stop_all(self) -> None:
+        for worker in self.by_queue.values():
+            if worker.process.poll() is None:
+                worker.process.send_signal(signal.SIGTERM)
+        for worker in self.by_queue.values():
+            self.stop(worker)
+
+
+@pytest.fixture(scope="session")
+def celery_workers(django_db_setup, django_db_blocker, broker) -> CeleryWorkers:
+    """One real worker per declared queue, on the session's Redis database and the test database."""
+    from django.db import connection
+
+    log_dir = settings.DATA_DIR / "log"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    with django_db_blocker.unblock():
+        env = {**os.environ, "DATABASE_URL": database_url(connection.settings_dict)}
+    workers = CeleryWorkers(env, log_dir)
+    try:
+        workers.wait_ready([workers.start(spec) for spec in all_worker_specs()])
+        yield workers
+    finally:
+        workers.stop_all()
