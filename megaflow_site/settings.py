@@ -9,6 +9,7 @@ import secrets
 from pathlib import Path
 
 import dj_database_url
+import limits
 
 from megaflow_site.config_errors import ConfigError, redact
 
@@ -27,6 +28,27 @@ def env_int(name: str, default: int) -> int:
         return int(raw)
     except ValueError:
         raise ConfigError(f"{name}={raw!r} is not an integer", f"set {name} to a whole number") from None
+
+
+def env_float(name: str, default: float) -> float:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        return float(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a number", f"set {name} to a number such as 1.5") from None
+
+
+def env_sizes(name: str) -> dict[str, int]:
+    """``"a=4,b=0"`` → ``{"a": 4, "b": 0}``."""
+    sizes = {}
+    for item in env_list(name, ""):
+        key, _, size = item.partition("=")
+        if not key.strip() or not size.strip().isdigit():
+            raise ConfigError(f"{name} has {item!r}, not NAME=SIZE", f"write {name} as pool=size pairs, e.g. default=4")
+        sizes[key.strip()] = int(size)
+    return sizes
 
 
 def env_bool(name: str, default: bool) -> bool:
@@ -163,6 +185,39 @@ MEGAFLOW_WEB_PORT = env_int("MEGAFLOW_WEB_PORT", 8000)
 MEGAFLOW_FLOWER_PORT = env_int("MEGAFLOW_FLOWER_PORT", 5555)
 # Docker daemon address for the preflight check; the docker SDK itself also honours DOCKER_HOST.
 DOCKER_HOST = env_str("DOCKER_HOST", "unix:///var/run/docker.sock")
+
+# --- Environment service --------------------------------------------------------------------------------------
+# "docker" runs each episode in a locked-down container; "local" (a temp dir, bubblewrap when installed) is for
+# machines without Docker and is NOT a security boundary.
+MEGAFLOW_ENV_BACKEND = env_str("MEGAFLOW_ENV_BACKEND", "docker")
+MEGAFLOW_SANDBOX_MEMORY_MB = env_int("MEGAFLOW_SANDBOX_MEMORY_MB", 2048)
+MEGAFLOW_SANDBOX_CPUS = env_float("MEGAFLOW_SANDBOX_CPUS", 1.0)
+MEGAFLOW_SANDBOX_PIDS = env_int("MEGAFLOW_SANDBOX_PIDS", 512)
+# Size of the workdir tmpfs (and so of everything a task can write) when the repository comes as an archive.
+MEGAFLOW_SANDBOX_DISK_MB = env_int("MEGAFLOW_SANDBOX_DISK_MB", 1024)
+MEGAFLOW_SANDBOX_TMP_MB = env_int("MEGAFLOW_SANDBOX_TMP_MB", 256)
+# Per-command limits: the observation keeps this many bytes (head and tail); a command that prints more than
+# the kill threshold is stopped, so `yes` cannot keep a worker busy until its timeout.
+MEGAFLOW_EXEC_TIMEOUT_S = env_int("MEGAFLOW_EXEC_TIMEOUT_S", 180)
+MEGAFLOW_OUTPUT_LIMIT_BYTES = env_int("MEGAFLOW_OUTPUT_LIMIT_BYTES", 16 * 1024)
+MEGAFLOW_OUTPUT_KILL_BYTES = env_int("MEGAFLOW_OUTPUT_KILL_BYTES", 16 * 1024 * 1024)
+# Start-up control across every env worker that shares this Redis: at most this many containers starting at
+# once, and a creation rate (limits' syntax, e.g. "20/second") with jittered back-off when it is reached.
+MEGAFLOW_START_CONCURRENCY = env_int("MEGAFLOW_START_CONCURRENCY", 8)
+MEGAFLOW_START_RATE = env_str("MEGAFLOW_START_RATE", "20/second")
+try:
+    limits.parse(MEGAFLOW_START_RATE)
+except ValueError:
+    raise ConfigError(
+        f"MEGAFLOW_START_RATE={MEGAFLOW_START_RATE!r} is not a rate", "write it as N/second or N/minute"
+    ) from None
+# Persistent (warm) pools: POOL=SIZE pairs; a pool not listed runs ephemeral containers.
+MEGAFLOW_WARM_POOL_SIZES = env_sizes("MEGAFLOW_WARM_POOL_SIZES")
+MEGAFLOW_WARM_IDLE_TTL_S = env_int("MEGAFLOW_WARM_IDLE_TTL_S", 900)
+MEGAFLOW_WARM_MAX_USES = env_int("MEGAFLOW_WARM_MAX_USES", 50)
+# The orphan reaper leaves a container alone this long after its creation (its episode row may lag).
+MEGAFLOW_REAPER_GRACE_S = env_int("MEGAFLOW_REAPER_GRACE_S", 120)
+MEGAFLOW_REAPER_INTERVAL_S = env_int("MEGAFLOW_REAPER_INTERVAL_S", 60)
 
 # --- Celery (read by megaflow_site/celery.py through the CELERY_ namespace) --------------------------------
 # A message that a worker took but never acked comes back after the visibility timeout; every task's hard

@@ -1,0 +1,97 @@
+"""Start-up control, shared by every env worker on the same Redis: a burst of 10,000 episodes must not
+stampede the Docker daemon.
+
+Two limits, both checked before a container is created:
+- a cap on containers in the *starting* state (``MEGAFLOW_START_CONCURRENCY``): a semaphore held in a Redis
+  sorted set, one member per holder, scored by when its lease expires, so a worker killed mid-start frees
+  its slot after ``SLOT_LEASE_S`` instead of leaking it;
+- a creation rate (``MEGAFLOW_START_RATE``), a moving window kept in Redis by the ``limits`` library.
+
+A thread that finds either limit reached sleeps a jittered, growing interval and tries again. Waiting here,
+rather than re-queueing the message with a countdown, keeps the backlog in the broker's queue, where it
+costs nothing: each worker parks at most its own thread count, and Celery holds no pile of ETA messages.
+"""
+
+from __future__ import annotations
+
+import functools
+import random
+import time
+import uuid
+from contextlib import contextmanager
+
+from django.conf import settings
+from limits import parse
+from limits.storage import RedisStorage
+from limits.strategies import MovingWindowRateLimiter
+
+from envs.backend import SandboxError
+from orchestrator.hot_state import redis_client
+
+SLOTS_KEY = "megaflow:env:starting"
+SLOT_LEASE_S = 120
+MAX_WAIT_S = 300
+_BACKOFF_BASE_S = 0.02
+_BACKOFF_CAP_S = 1.0
+
+# KEYS[1] slots zset; ARGV: now, capacity, lease expiry, token. Returns 1 when the slot was taken.
+_ACQUIRE = """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
+if redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[2]) then
+  redis.call('ZADD', KEYS[1], ARGV[3], ARGV[4])
+  return 1
+end
+return 0
+"""
+
+
+@functools.cache
+def _rate_limiter() -> tuple[MovingWindowRateLimiter, object]:
+    return MovingWindowRateLimiter(RedisStorage(settings.REDIS_URL)), parse(settings.MEGAFLOW_START_RATE)
+
+
+@functools.cache
+def _acquire_script():
+    return redis_client().register_script(_ACQUIRE)
+
+
+def _backoff(attempt: int) -> float:
+    """Full jitter: a uniform wait up to an exponentially growing cap, so waiters do not retry in step."""
+    return random.uniform(0, min(_BACKOFF_CAP_S, _BACKOFF_BASE_S * 2**attempt))
+
+
+def _wait_until(take, what: str, deadline: float) -> None:
+    attempt = 0
+    while not take():
+        if time.monotonic() > deadline:
+            raise SandboxError(f"waited {MAX_WAIT_S} s for {what}; the environment pool is overloaded")
+        time.sleep(_backoff(attempt))
+        attempt += 1
+
+
+def starting_now() -> int:
+    """How many containers are starting across the fleet (expired leases excluded)."""
+    redis = redis_client()
+    redis.zremrangebyscore(SLOTS_KEY, "-inf", time.time())
+    return redis.zcard(SLOTS_KEY)
+
+
+@contextmanager
+def start_gate():
+    """Hold a starting slot and one unit of the creation rate for the duration of one container start."""
+    deadline = time.monotonic() + MAX_WAIT_S
+    limiter, rate = _rate_limiter()
+    _wait_until(lambda: limiter.hit(rate, "megaflow", "container-start"), "the container creation rate", deadline)
+    token = uuid.uuid4().hex
+    capacity = settings.MEGAFLOW_START_CONCURRENCY
+    script = _acquire_script()
+
+    def take_slot() -> bool:
+        now = time.time()
+        return bool(script(keys=[SLOTS_KEY], args=[now, capacity, now + SLOT_LEASE_S, token]))
+
+    _wait_until(take_slot, "a container start slot", deadline)
+    try:
+        yield
+    finally:
+        redis_client().zrem(SLOTS_KEY, token)

@@ -1,0 +1,126 @@
+"""A task inside a sandbox, over any ``EnvironmentBackend``: prepare the tree, diff it, evaluate it.
+
+``prepare`` unpacks the task's repository, runs its setup commands and commits the result as the git tag
+``megaflow-base``; everything after that is the agent's doing. ``evaluate`` does what SWE-bench does: put the
+files that ``test_patch`` touches back to the base, apply ``test_patch`` to the agent's tree, run
+``test_command``, and reward 1.0 iff every FAIL_TO_PASS and PASS_TO_PASS test passed.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import shlex
+import tarfile
+from dataclasses import asdict, dataclass, field
+
+from django.conf import settings
+
+from envs.backend import EnvironmentBackend, SandboxError, SandboxSpec
+from envs.test_results import PASSED, parse_test_log
+from orchestrator.models import Task
+
+BASE_TAG = "megaflow-base"
+GIT = "git -c user.name=megaflow -c user.email=megaflow@localhost -c init.defaultBranch=main -c core.fileMode=false"
+PATCH_DIR = "/tmp/megaflow"
+# Test logs are parsed, not shown to an agent: keep enough for the summary of a large suite.
+TEST_LOG_LIMIT = 4 * 1024 * 1024
+
+
+@dataclass
+class Evaluation:
+    """The verdict on an agent's final tree."""
+
+    reward: float
+    tests: dict[str, str] = field(default_factory=dict)
+    failing: list[str] = field(default_factory=list)
+    exit_code: int | None = None
+    log: str = ""
+    error: str = ""
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def sandbox_spec(task: Task, episode_id: int | None = None, run_id: int | None = None) -> SandboxSpec:
+    """The sandbox a task needs: its image (default: the base image) and, unless the image carries the
+    repository itself, a read-only root with the workdir on a bounded tmpfs."""
+    return SandboxSpec(
+        image=task.image or settings.MEGAFLOW_BASE_IMAGE,
+        episode_id=episode_id,
+        run_id=run_id,
+        workdir=task.workdir,
+        writable_root=not task.repo_archive,
+    )
+
+
+def single_file_tar(name: str, text: str) -> bytes:
+    data = text.encode()
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        info.mode = 0o644
+        tar.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+def _checked(backend: EnvironmentBackend, sandbox_id: str, command: str, what: str, timeout_s: float, workdir: str):
+    result = backend.exec(sandbox_id, command, timeout_s, workdir=workdir)
+    if result.exit_code != 0:
+        raise SandboxError(f"{what} failed (exit {result.exit_code}): {result.observation()[-800:]}")
+    return result
+
+
+def prepare(backend: EnvironmentBackend, sandbox_id: str, task: Task) -> None:
+    """Unpack the repository, run the setup commands, and record the tree as ``megaflow-base``."""
+    if task.repo_archive:
+        with task.repo_archive.open("rb") as archive:
+            backend.copy_in(sandbox_id, task.workdir, archive.read())
+    for command in task.setup_commands:
+        _checked(backend, sandbox_id, command, f"setup command {command!r}", task.timeout_s, task.workdir)
+    baseline = (
+        f"{{ [ -d .git ] || {GIT} init -q; }} && {GIT} add -A && "
+        f"{GIT} commit -q --allow-empty --no-verify -m {BASE_TAG} && {GIT} tag -f {BASE_TAG} >/dev/null"
+    )
+    _checked(backend, sandbox_id, baseline, "recording the base tree", 120, task.workdir)
+
+
+def agent_diff(backend: EnvironmentBackend, sandbox_id: str, task: Task) -> str:
+    """The agent's changes to the tree since ``megaflow-base``, as a unified diff."""
+    command = f"{GIT} add -A >/dev/null && {GIT} diff --cached --binary {BASE_TAG}"
+    return backend.exec(sandbox_id, command, 120, workdir=task.workdir).output
+
+
+_PATCH_PATH = re.compile(r"^(?:\+\+\+|---) (?:[ab]/)?(\S+)", re.MULTILINE)
+
+
+def patched_paths(patch: str) -> list[str]:
+    """Every file a unified diff touches."""
+    return sorted({path for path in _PATCH_PATH.findall(patch) if path != "/dev/null"})
+
+
+def evaluate(backend: EnvironmentBackend, sandbox_id: str, task: Task) -> Evaluation:
+    """Apply ``test_patch`` to the agent's tree, run the tests, and reward the result."""
+    workdir = task.workdir
+    if task.test_patch:
+        paths = " ".join(shlex.quote(path) for path in patched_paths(task.test_patch))
+        # Files the test patch touches go back to the base first, so an agent cannot edit the tests it is graded on.
+        restore = f"for f in {paths}; do {GIT} checkout -q {BASE_TAG} -- \"$f\" 2>/dev/null || rm -f \"$f\"; done"
+        backend.exec(sandbox_id, restore, 120, workdir=workdir)
+        backend.copy_in(sandbox_id, PATCH_DIR, single_file_tar("test.patch", task.test_patch))
+        applied = backend.exec(sandbox_id, f"git apply --whitespace=nowarn {PATCH_DIR}/test.patch", 120, workdir=workdir)
+        if applied.exit_code != 0:
+            return Evaluation(reward=0.0, error=f"test patch did not apply: {applied.output.strip()[-500:]}")
+    run = backend.exec(sandbox_id, task.test_command, task.timeout_s, workdir=workdir, output_limit=TEST_LOG_LIMIT)
+    tests = parse_test_log(run.output)
+    graded = [*task.fail_to_pass, *task.pass_to_pass]
+    failing = [name for name in graded if tests.get(name) != PASSED]
+    return Evaluation(
+        reward=0.0 if failing else 1.0,
+        tests={name: tests.get(name, "missing") for name in graded},
+        failing=failing,
+        exit_code=run.exit_code,
+        log=run.observation()[-20_000:],
+        error="test command timed out" if run.timed_out else "",
+    )
