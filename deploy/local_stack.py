@@ -1,7 +1,7 @@
 """``make up`` / ``make down`` / ``make status``: the one-machine MegaFlow stack, supervised by pid files.
 
 ``up`` starts whatever of the stack is not already running: migrations, one Celery worker per declared queue
-(topology.all_worker_specs), Flower and the web app, then waits until each answers. Every process it starts
+(topology.all_worker_specs), celery beat (the reaper's schedule), Flower and the web app, then waits until each answers. Every process it starts
 gets ``<data dir>/run/<name>.pid`` (pid, then a word of its command line, so a recycled pid is never mistaken
 for ours) and ``<data dir>/log/<name>.log``. ``down`` stops exactly the processes that have pid files there,
 including Redis and dockerd when deploy/bootstrap.sh started them, and nothing else.
@@ -133,6 +133,11 @@ def services() -> list[Service]:
         argv = spec.argv()
         argv[0] = _bin("celery")
         stack.append(Service(f"worker-{spec.queue}", argv, lambda node=spec.node_name: _worker_answers(node)))
+    stack.append(Service(
+        "beat",
+        [_bin("celery"), "-A", "megaflow_site", "beat", "--loglevel", "INFO"],
+        lambda: running_pid("beat") is not None,
+    ))  # fmt: skip
     web = f"http://127.0.0.1:{settings.MEGAFLOW_WEB_PORT}"
     flower = f"http://127.0.0.1:{settings.MEGAFLOW_FLOWER_PORT}"
     stack.append(Service(

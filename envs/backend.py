@@ -59,6 +59,8 @@ class SandboxSpec:
     writable_root: bool = False
     cap_add: tuple[str, ...] = ()
     limits: SandboxLimits = field(default_factory=SandboxLimits)
+    mode: str = "ephemeral"  # or "warm": owned by a warm pool, lent to one episode at a time
+    pool: str = ""
 
 
 @dataclass

@@ -60,13 +60,13 @@ _FORK_FAILED = re.compile(r"Cannot fork|fork: (retry: )?Resource temporarily una
 _DRAIN_AFTER_KILL_S = 2.0
 
 
-def sandbox_labels(spec: SandboxSpec, mode: str = "ephemeral", pool: str = "") -> dict[str, str]:
+def sandbox_labels(spec: SandboxSpec) -> dict[str, str]:
     return {
         LABEL_MANAGED: "1",
         LABEL_EPISODE: "" if spec.episode_id is None else str(spec.episode_id),
         LABEL_RUN: "" if spec.run_id is None else str(spec.run_id),
-        LABEL_MODE: mode,
-        LABEL_POOL: pool,
+        LABEL_MODE: spec.mode,
+        LABEL_POOL: spec.pool,
         LABEL_CREATED: str(int(time.time())),
     }
 
@@ -112,10 +112,8 @@ class DockerBackend(EnvironmentBackend):
 
     # --- lifecycle ---------------------------------------------------------------------------------------
 
-    def create(self, spec: SandboxSpec, labels: dict[str, str] | None = None) -> str:
+    def create(self, spec: SandboxSpec) -> str:
         options = container_options(spec)
-        if labels:
-            options["labels"].update(labels)
         with start_gate():
             try:
                 container = self.client.containers.create(spec.image, **options)

@@ -16,13 +16,15 @@ from dataclasses import asdict, dataclass, field
 
 from django.conf import settings
 
-from envs.backend import EnvironmentBackend, SandboxError, SandboxSpec
+from envs.backend import EnvironmentBackend, ExecResult, SandboxError, SandboxSpec
 from envs.test_results import PASSED, parse_test_log
 from orchestrator.models import Task
 
 BASE_TAG = "megaflow-base"
 GIT = "git -c user.name=megaflow -c user.email=megaflow@localhost -c init.defaultBranch=main -c core.fileMode=false"
-PATCH_DIR = "/tmp/megaflow"
+# The test patch travels into the workdir (the one path every backend maps the same way) and is removed
+# again before the tests run.
+PATCH_DIR = ".megaflow"
 # Test logs are parsed, not shown to an agent: keep enough for the summary of a large suite.
 TEST_LOG_LIMIT = 4 * 1024 * 1024
 
@@ -42,7 +44,7 @@ class Evaluation:
         return asdict(self)
 
 
-def sandbox_spec(task: Task, episode_id: int | None = None, run_id: int | None = None) -> SandboxSpec:
+def sandbox_spec(task: Task, episode_id: int | None = None, run_id: int | None = None, pool: str = "") -> SandboxSpec:
     """The sandbox a task needs: its image (default: the base image) and, unless the image carries the
     repository itself, a read-only root with the workdir on a bounded tmpfs."""
     return SandboxSpec(
@@ -51,6 +53,7 @@ def sandbox_spec(task: Task, episode_id: int | None = None, run_id: int | None =
         run_id=run_id,
         workdir=task.workdir,
         writable_root=not task.repo_archive,
+        pool=pool,
     )
 
 
@@ -92,6 +95,19 @@ def agent_diff(backend: EnvironmentBackend, sandbox_id: str, task: Task) -> str:
     return backend.exec(sandbox_id, command, 120, workdir=task.workdir).output
 
 
+def apply_patch(backend: EnvironmentBackend, sandbox_id: str, task: Task, patch: str) -> ExecResult:
+    """``git apply`` a unified diff to the task's tree; the result's exit code says whether it applied."""
+    backend.copy_in(sandbox_id, f"{task.workdir}/{PATCH_DIR}", single_file_tar("change.patch", patch))
+    apply = f"git apply --whitespace=nowarn {PATCH_DIR}/change.patch; status=$?; rm -rf {PATCH_DIR}; exit $status"
+    return backend.exec(sandbox_id, apply, 120, workdir=task.workdir)
+
+
+def reset_tree(backend: EnvironmentBackend, sandbox_id: str, task: Task) -> None:
+    """Put the tree back to ``megaflow-base``, untracked files included."""
+    command = f"{GIT} reset -q --hard {BASE_TAG} && {GIT} clean -qffdx"
+    _checked(backend, sandbox_id, command, "resetting the tree", 120, task.workdir)
+
+
 _PATCH_PATH = re.compile(r"^(?:\+\+\+|---) (?:[ab]/)?(\S+)", re.MULTILINE)
 
 
@@ -108,8 +124,7 @@ def evaluate(backend: EnvironmentBackend, sandbox_id: str, task: Task) -> Evalua
         # Files the test patch touches go back to the base first, so an agent cannot edit the tests it is graded on.
         restore = f"for f in {paths}; do {GIT} checkout -q {BASE_TAG} -- \"$f\" 2>/dev/null || rm -f \"$f\"; done"
         backend.exec(sandbox_id, restore, 120, workdir=workdir)
-        backend.copy_in(sandbox_id, PATCH_DIR, single_file_tar("test.patch", task.test_patch))
-        applied = backend.exec(sandbox_id, f"git apply --whitespace=nowarn {PATCH_DIR}/test.patch", 120, workdir=workdir)
+        applied = apply_patch(backend, sandbox_id, task, task.test_patch)
         if applied.exit_code != 0:
             return Evaluation(reward=0.0, error=f"test patch did not apply: {applied.output.strip()[-500:]}")
     run = backend.exec(sandbox_id, task.test_command, task.timeout_s, workdir=workdir, output_limit=TEST_LOG_LIMIT)

@@ -255,3 +255,18 @@ CELERY_RESULT_BACKEND = None
 CELERY_WORKER_SEND_TASK_EVENTS = True
 CELERY_TASK_SEND_SENT_EVENT = True
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
+
+# Periodic work (celery beat, started by `make up`): each pool's reaper and warm-pool top-up.
+CELERY_BEAT_SCHEDULE_FILENAME = str(DATA_DIR / "celerybeat-schedule")
+CELERY_BEAT_SCHEDULE = {
+    f"reap-orphans-{pool}": {
+        "task": "envs.reap_orphans",
+        "schedule": float(MEGAFLOW_REAPER_INTERVAL_S),
+        "kwargs": {"pool": pool},
+    }
+    for pool in MEGAFLOW_ENV_POOLS
+} | {
+    f"maintain-warm-pool-{pool}": {"task": "envs.maintain_warm_pool", "schedule": 30.0, "kwargs": {"pool": pool}}
+    for pool, size in MEGAFLOW_WARM_POOL_SIZES.items()
+    if size > 0
+}

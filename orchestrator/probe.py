@@ -2,23 +2,21 @@
 
 ``start_probe(["agent", "model.replay", "env.default"])`` publishes to the first queue; each service's
 ``probe`` task records its hop and publishes to the next (event-driven, nobody waits on a result); the last
-hop pushes the trace to Redis, where ``wait_for_probe`` picks it up. The test suite uses it to prove that a
+hop delivers the trace to a reply inbox (orchestrator/replies.py), where ``wait_for_probe`` picks it up. The test suite uses it to prove that a
 task sent to a queue runs on that queue's worker and no other's; ``megaflow probe`` shows operators the same.
 """
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 
 from celery import current_app, shared_task
 
 from megaflow_site.topology import ROUTING_KWARG, Service, queue_name
-from orchestrator.hot_state import redis_client
+from orchestrator import replies
 
-TRACE_KEY = "megaflow:probe:{}"
-TRACE_TTL_S = 600
+TRACE_INBOX = "megaflow:reply:probe:{}"
 
 PROBE_TASK_NAME = {Service.AGENT: "agents.probe", Service.MODEL: "modelserving.probe", Service.ENV: "envs.probe"}
 
@@ -52,8 +50,7 @@ def start_probe(route: list[str]) -> str:
 
 def wait_for_probe(probe_id: str, timeout_s: float) -> list[dict] | None:
     """The probe's trace (one dict per hop), or None if it did not come back within ``timeout_s``."""
-    popped = redis_client().blpop([TRACE_KEY.format(probe_id)], timeout=max(1, round(timeout_s)))
-    return json.loads(popped[1]) if popped else None
+    return replies.wait_for_reply(TRACE_INBOX.format(probe_id), timeout_s)
 
 
 def relay(request, service: Service, probe_id: str, route: list[str], index: int, trace: list[dict]) -> None:
@@ -68,10 +65,7 @@ def relay(request, service: Service, probe_id: str, route: list[str], index: int
     if index + 1 < len(route):
         _publish_hop(probe_id, route, index + 1, trace)
         return
-    key = TRACE_KEY.format(probe_id)
-    redis = redis_client()
-    redis.rpush(key, json.dumps(trace))
-    redis.expire(key, TRACE_TTL_S)
+    replies.deliver(TRACE_INBOX.format(probe_id), trace)
 
 
 def define_probe_task(service: Service):
