@@ -2,7 +2,8 @@
 
 Sandbox defaults (DESIGN.md): no network, not privileged, every capability dropped (a task may add back what
 it needs), ``no-new-privileges``, pids/memory/CPU limits, no host mounts, never the Docker socket, and labels
-(``megaflow.episode``, ``megaflow.run``, ``megaflow.managed``) so the reaper can find orphans.
+(``megaflow.episode``, ``megaflow.run``, ``megaflow.managed``, ``megaflow.deployment``) so the reaper can
+find orphans.
 
 PID 1 is a shell looping on ``wait`` (``KEEPALIVE``): the kernel never lets ``kill -9 -1`` reach PID 1, and
 ``wait`` reaps the orphans it adopts. docker-init would not do: it exits when its one child is killed.
@@ -50,6 +51,7 @@ LABEL_RUN = "megaflow.run"
 LABEL_MODE = "megaflow.mode"
 LABEL_POOL = "megaflow.pool"
 LABEL_CREATED = "megaflow.created"
+LABEL_DEPLOYMENT = "megaflow.deployment"
 
 KEEPALIVE = ["/bin/sh", "-c", "trap 'exit 0' TERM; while :; do sleep 3600 & wait; done"]
 GZIP_MAGIC = b"\x1f\x8b"
@@ -68,6 +70,7 @@ def sandbox_labels(spec: SandboxSpec) -> dict[str, str]:
         LABEL_MODE: spec.mode,
         LABEL_POOL: spec.pool,
         LABEL_CREATED: str(int(time.time())),
+        LABEL_DEPLOYMENT: settings.MEGAFLOW_DEPLOYMENT,
     }
 
 

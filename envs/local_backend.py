@@ -15,6 +15,7 @@ import selectors
 import shutil
 import signal
 import subprocess
+import sys
 import tarfile
 import time
 import uuid
@@ -67,6 +68,11 @@ class LocalBackend(EnvironmentBackend):
         ]  # fmt: skip
         return argv, self._dir(sandbox_id)
 
+    def _environment(self, sandbox_id: str) -> dict[str, str]:
+        # The worker's own Python first on PATH: "python3" in a task command means the worker's interpreter.
+        path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+        return {**os.environ, "PATH": path, "HOME": str(self._dir(sandbox_id) / "tmp"), "PYTHONDONTWRITEBYTECODE": "1"}
+
     def exec(
         self, sandbox_id: str, command: str, timeout_s: float, workdir: str | None = None, output_limit: int | None = None
     ) -> ExecResult:
@@ -75,7 +81,7 @@ class LocalBackend(EnvironmentBackend):
         started = time.monotonic()
         process = subprocess.Popen(
             argv, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True, env={**os.environ, "HOME": str(self._dir(sandbox_id) / "tmp")},
+            start_new_session=True, env=self._environment(sandbox_id),
         )  # fmt: skip
         capture = OutputCapture(output_limit or settings.MEGAFLOW_OUTPUT_LIMIT_BYTES)
         timed_out, killed_reason = False, ""

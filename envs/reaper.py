@@ -3,7 +3,7 @@
 It runs at env-worker start and every ``MEGAFLOW_REAPER_INTERVAL_S`` (Celery beat), on the daemon its worker
 uses, and decides from the database, which every worker shares. A container is kept while it is younger than
 ``MEGAFLOW_REAPER_GRACE_S`` (its episode row may not show it yet), while it is an idle warm container, or
-while a non-terminal episode holds it. Everything else labelled ``megaflow.managed`` goes: containers of
+while a non-terminal episode holds it. Everything else labelled ``megaflow.managed`` and with this deployment's ``megaflow.deployment`` goes: containers of
 finished, cancelled or unknown episodes, stopped containers, warm containers nobody returned.
 """
 
@@ -12,9 +12,18 @@ from __future__ import annotations
 import logging
 import time
 
+from django.conf import settings
+
 from envs import warm_pool
 from envs.backend import SandboxError
-from envs.docker_backend import LABEL_CREATED, LABEL_EPISODE, LABEL_MANAGED, LABEL_MODE, DockerBackend
+from envs.docker_backend import (
+    LABEL_CREATED,
+    LABEL_DEPLOYMENT,
+    LABEL_EPISODE,
+    LABEL_MANAGED,
+    LABEL_MODE,
+    DockerBackend,
+)
 from orchestrator.models import Episode
 
 logger = logging.getLogger("megaflow.envs.reaper")
@@ -63,7 +72,8 @@ def orphan_reasons(containers: list[dict], grace_s: float, now: float | None = N
 
 def reap_orphans(backend: DockerBackend, grace_s: float) -> dict[str, str]:
     """Remove every orphaned MegaFlow container on the backend's daemon; returns id → reason."""
-    containers = backend.api.containers(all=True, filters={"label": f"{LABEL_MANAGED}=1"})
+    labels = [f"{LABEL_MANAGED}=1", f"{LABEL_DEPLOYMENT}={settings.MEGAFLOW_DEPLOYMENT}"]
+    containers = backend.api.containers(all=True, filters={"label": labels})
     reasons = orphan_reasons(containers, grace_s)
     for container_id, reason in reasons.items():
         try:

@@ -4,6 +4,7 @@ The embedded default needs no configuration at all: SQLite under ``var/``, Redis
 Docker daemon. Every knob is an environment variable; README.md lists them.
 """
 
+import hashlib
 import os
 import secrets
 from pathlib import Path
@@ -218,6 +219,9 @@ MEGAFLOW_WARM_MAX_USES = env_int("MEGAFLOW_WARM_MAX_USES", 50)
 # The orphan reaper leaves a container alone this long after its creation (its episode row may lag).
 MEGAFLOW_REAPER_GRACE_S = env_int("MEGAFLOW_REAPER_GRACE_S", 120)
 MEGAFLOW_REAPER_INTERVAL_S = env_int("MEGAFLOW_REAPER_INTERVAL_S", 60)
+# Labels this deployment's containers, so that deployments sharing a Docker daemon (a dev stack and the test
+# suite, say) never reap each other's: the reaper only judges containers of its own deployment.
+MEGAFLOW_DEPLOYMENT = env_str("MEGAFLOW_DEPLOYMENT", hashlib.sha256(DATABASE_URL.encode()).hexdigest()[:12])
 
 # --- Celery (read by megaflow_site/celery.py through the CELERY_ namespace) --------------------------------
 # A message that a worker took but never acked comes back after the visibility timeout; every task's hard

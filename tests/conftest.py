@@ -135,3 +135,56 @@ def celery_workers(django_db_setup, django_db_blocker, broker) -> CeleryWorkers:
         yield workers
     finally:
         workers.stop_all()
+
+
+# --- Environment service ------------------------------------------------------------------------------------
+
+SESSION_STARTED = time.time()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _remove_this_sessions_containers():
+    """Whatever a test left behind, no container this session created outlives it."""
+    yield
+    import docker
+
+    client = docker.from_env()
+    for container in client.containers.list(all=True, filters={"label": "megaflow.managed=1"}):
+        if float(container.labels.get("megaflow.created") or 0) >= SESSION_STARTED - 1:
+            container.remove(force=True)
+
+
+@pytest.fixture(scope="session")
+def docker_backend():
+    from envs.backend import get_backend
+
+    return get_backend("docker")
+
+
+@pytest.fixture
+def sandbox(docker_backend):
+    """A factory of sandboxes (``sandbox(**spec_fields)`` → id) destroyed after the test."""
+    from envs.backend import SandboxSpec
+
+    created = []
+
+    def make(**fields) -> str:
+        fields.setdefault("image", settings.MEGAFLOW_BASE_IMAGE)
+        sandbox_id = docker_backend.create(SandboxSpec(**fields))
+        created.append(sandbox_id)
+        return sandbox_id
+
+    yield make
+    for sandbox_id in created:
+        docker_backend.destroy(sandbox_id)
+
+
+SWE_MINI = REPO / "envs" / "suites" / "swe_mini" / "dataset" / "tasks.jsonl"
+
+
+@pytest.fixture
+def swe_mini(db):
+    """The bundled swe_mini suite, loaded as dataset ``swe_mini``."""
+    from orchestrator.task_format import load_dataset
+
+    return load_dataset(SWE_MINI, "swe_mini")

@@ -3,6 +3,10 @@
     preflight      check the database, Redis and the Docker daemon; one line per problem
     probe          relay messages through the service queues and show which worker ran each hop
     load-dataset   validate a task-format JSONL file and store it as a dataset
+    build-suite    rebuild a bundled suite's dataset (envs/suites/<name>/dataset/) from its sources
+    validate       gold-check a dataset's tasks in real sandboxes, in parallel
+    import-swebench  convert SWE-bench JSONL into the task format (and optionally load it)
+    reap           remove orphaned sandbox containers now
     demo           what ``make demo`` runs after ``make up``
 """
 
@@ -15,7 +19,11 @@ from tqdm import tqdm
 
 from megaflow_site import preflight
 from megaflow_site.topology import AGENT_QUEUE, Service, UnknownQueue, queue_name
+from envs import gold_check, reaper, swebench_import
+from envs.backend import get_backend
+from envs.suite_builder import SUITES_DIR, SuiteError, build_suite
 from orchestrator import probe
+from orchestrator.models import Dataset
 from orchestrator.task_format import TaskFormatError, load_dataset
 
 
@@ -25,7 +33,7 @@ def full_route() -> list[str]:
 
 
 class Command(BaseCommand):
-    help = "MegaFlow operations: preflight, probe, load-dataset, demo."
+    help = "MegaFlow operations: preflight, probe, datasets and suites, validation, reaping, demo."
 
     def add_arguments(self, parser):
         sub = parser.add_subparsers(dest="subcommand", required=True)
@@ -41,6 +49,25 @@ class Command(BaseCommand):
         load.add_argument("path", type=Path)
         load.add_argument("--name", required=True, help="dataset name (a slug)")
         load.add_argument("--description", default="")
+
+        build = sub.add_parser("build-suite", help="rebuild a bundled suite's dataset from its sources")
+        build.add_argument("suite", help="e.g. swe_mini")
+
+        gold = sub.add_parser("validate", help="gold-check every task of a dataset in real sandboxes")
+        gold.add_argument("dataset", help="dataset name; a bundled suite (e.g. swe_mini) is loaded if needed")
+        gold.add_argument("--parallel", type=int, default=4, help="sandboxes at once (default 4)")
+        gold.add_argument("--only", nargs="+", metavar="INSTANCE_ID", help="check only these tasks")
+
+        swe = sub.add_parser("import-swebench", help="convert SWE-bench JSONL into the task format")
+        swe.add_argument("source", type=Path, help="SWE-bench instances, one JSON object per line")
+        swe.add_argument("--out", type=Path, required=True, help="where to write the task-format JSONL")
+        swe.add_argument("--name", help="also load the result as this dataset")
+        swe.add_argument("--namespace", default="swebench", help='image namespace ("" for locally built images)')
+        swe.add_argument("--arch", default="x86_64")
+        swe.add_argument("--skip-image-check", action="store_true", help="do not require the images locally")
+
+        reap = sub.add_parser("reap", help="remove orphaned sandbox containers now")
+        reap.add_argument("--grace", type=float, default=None, help="seconds a new container is left alone")
 
         sub.add_parser("demo", help="the embedded demo (make demo)")
 
@@ -88,6 +115,63 @@ class Command(BaseCommand):
         except TaskFormatError as exc:
             raise CommandError(f"{path}: {exc}") from None
         self.stdout.write(f"dataset {dataset.name}: {dataset.tasks.count()} tasks")
+
+    def handle_build_suite(self, suite, **_):
+        try:
+            path = build_suite(suite)
+        except SuiteError as exc:
+            raise CommandError(str(exc)) from None
+        count = sum(1 for line in path.read_text().splitlines() if line.strip())
+        self.stdout.write(f"suite {suite}: {count} tasks written to {path}")
+
+    def dataset_named(self, name: str) -> Dataset:
+        """The stored dataset ``name``; a bundled suite of that name is loaded on first use."""
+        if dataset := Dataset.objects.filter(name=name).first():
+            return dataset
+        bundled = SUITES_DIR / name / "dataset" / "tasks.jsonl"
+        if not bundled.is_file():
+            raise CommandError(f"no dataset named {name!r} (load one with: megaflow load-dataset FILE --name {name})")
+        return load_dataset(bundled, name, f"the bundled {name} suite")
+
+    def handle_validate(self, dataset, parallel=4, only=None, **_):
+        preflight.check_docker()
+        tasks = self.dataset_named(dataset).tasks.all()
+        if only:
+            tasks = tasks.filter(instance_id__in=only)
+        with tqdm(total=tasks.count(), desc=f"validating {dataset}", unit="task") as bar:
+            results = gold_check.check_tasks(get_backend(), list(tasks), parallel, on_done=lambda _: bar.update())
+        failed = [result for result in results if not result.ok]
+        for result in failed:
+            self.stdout.write(f"FAIL {result.instance_id}: " + "; ".join(result.problems))
+        self.stdout.write(f"validate {dataset}: {len(results) - len(failed)} of {len(results)} tasks valid")
+        if failed:
+            raise CommandError(f"{len(failed)} task(s) failed gold validation")
+
+    def handle_import_swebench(self, source, out, name=None, namespace="swebench", arch="x86_64",
+                               skip_image_check=False, **_):  # fmt: skip
+        if not source.is_file():
+            raise CommandError(f"no such file: {source}")
+        try:
+            tasks = swebench_import.convert_file(source, out, namespace, arch)
+        except TaskFormatError as exc:
+            raise CommandError(f"{source}: {exc}") from None
+        if not skip_image_check:
+            missing = swebench_import.missing_images({task["image"] for task in tasks}, preflight.docker_client())
+            if missing:
+                more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+                raise CommandError(
+                    f"image not present locally: {missing[0]}{more} -- build it with the SWE-bench harness or load "
+                    "it with docker load; --skip-image-check imports anyway"
+                )
+        self.stdout.write(f"{len(tasks)} SWE-bench tasks written to {out}")
+        if name:
+            self.handle_load_dataset(out, name, f"imported from {source}")
+
+    def handle_reap(self, grace=None, **_):
+        reaped = reaper.reap_orphans(get_backend("docker"), settings.MEGAFLOW_REAPER_GRACE_S if grace is None else grace)
+        for container_id, reason in reaped.items():
+            self.stdout.write(f"reaped {container_id[:12]}: {reason}")
+        self.stdout.write(f"{len(reaped)} orphaned container(s) removed")
 
     def handle_demo(self, **_):
         preflight.run_all()
