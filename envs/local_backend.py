@@ -69,9 +69,16 @@ class LocalBackend(EnvironmentBackend):
         return argv, self._dir(sandbox_id)
 
     def _environment(self, sandbox_id: str) -> dict[str, str]:
-        # The worker's own Python first on PATH: "python3" in a task command means the worker's interpreter.
-        path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
-        return {**os.environ, "PATH": path, "HOME": str(self._dir(sandbox_id) / "tmp"), "PYTHONDONTWRITEBYTECODE": "1"}
+        """A minimal environment: nothing of the worker's (its DATABASE_URL, its secrets) reaches a task. The
+        worker's own Python comes first on PATH, so "python3" in a task command is the worker's interpreter."""
+        home = str(self._dir(sandbox_id) / "tmp")
+        return {
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}/usr/local/bin:/usr/bin:/bin",
+            "HOME": home,
+            "TMPDIR": home,
+            "LANG": "C.UTF-8",
+            "PYTHONDONTWRITEBYTECODE": "1",
+        }
 
     def exec(
         self, sandbox_id: str, command: str, timeout_s: float, workdir: str | None = None, output_limit: int | None = None

@@ -1,0 +1,62 @@
+"""Start-up control: a fleet-wide cap on starting containers and a creation rate, both in Redis."""
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from envs import startup_control
+
+
+@pytest.fixture(autouse=True)
+def fresh_limits(settings, broker):
+    startup_control._rate_limiter.cache_clear()
+    broker.delete(startup_control.SLOTS_KEY)
+    yield
+    startup_control._rate_limiter.cache_clear()
+    for key in broker.keys("LIMITS*"):
+        broker.delete(key)
+
+
+def run_through_gate(count: int, hold_s: float) -> tuple[int, list[float]]:
+    """Pass ``count`` threads through the gate; returns the most that held it at once and their entry times."""
+    lock, holding, most, entered = threading.Lock(), [0], [0], []
+
+    def start():
+        with startup_control.start_gate():
+            with lock:
+                holding[0] += 1
+                most[0] = max(most[0], holding[0])
+                entered.append(time.monotonic())
+            time.sleep(hold_s)
+            with lock:
+                holding[0] -= 1
+
+    with ThreadPoolExecutor(max_workers=count) as pool:
+        list(pool.map(lambda _: start(), range(count)))
+    return most[0], sorted(entered)
+
+
+def test_no_more_than_the_cap_start_at_once(settings):
+    settings.MEGAFLOW_START_CONCURRENCY = 2
+    settings.MEGAFLOW_START_RATE = "1000/second"
+    most, entered = run_through_gate(8, hold_s=0.1)
+    assert most == 2 and len(entered) == 8
+    assert startup_control.starting_now() == 0, "every slot was given back"
+
+
+def test_the_creation_rate_holds_in_every_window(settings):
+    settings.MEGAFLOW_START_CONCURRENCY = 100
+    settings.MEGAFLOW_START_RATE = "4/second"
+    _, entered = run_through_gate(12, hold_s=0)
+    assert len(entered) == 12
+    # A moving window: no second-long span saw more than four starts.
+    assert max(sum(1 for t in entered if start <= t < start + 0.98) for start in entered) <= 4
+
+
+def test_a_slot_held_by_a_dead_worker_expires(settings, broker):
+    settings.MEGAFLOW_START_CONCURRENCY = 1
+    broker.zadd(startup_control.SLOTS_KEY, {"crashed-worker": time.time() - 1})
+    most, _ = run_through_gate(1, hold_s=0)
+    assert most == 1
