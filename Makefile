@@ -3,15 +3,16 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export MEGAFLOW_VENV := $(abspath $(VENV))
 
-.PHONY: help bootstrap up down status demo test workers
+.PHONY: help bootstrap up down status demo test lint workers bench-env
 
 help:
 	@echo "make demo    run the demo on the embedded default (SQLite, local Redis, local Docker)"
-	@echo "make test    run the whole test suite"
+	@echo "make test    run the whole test suite (after make lint: ruff check and ruff format --check)"
 	@echo "make up      start what is missing: Redis, dockerd, base image, migrations, workers, Flower, web"
 	@echo "make down    stop what make up started"
 	@echo "make status  show the local stack"
 	@echo "make workers print the worker command of every queue"
+	@echo "make bench-env  Environment Service vs the raw docker SDK (writes bench-env-results.json)"
 
 bootstrap:
 	@deploy/bootstrap.sh
@@ -31,5 +32,11 @@ workers:
 demo: up
 	@$(PY) manage.py megaflow demo
 
-test: bootstrap
+lint: bootstrap
+	@$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+test: lint
 	@$(PY) -m pytest $(PYTEST_ARGS)
+
+bench-env: bootstrap
+	@$(PY) -m envs.bench

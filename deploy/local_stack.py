@@ -1,10 +1,11 @@
 """``make up`` / ``make down`` / ``make status``: the one-machine MegaFlow stack, supervised by pid files.
 
 ``up`` starts whatever of the stack is not already running: migrations, one Celery worker per declared queue
-(topology.all_worker_specs), celery beat (the reaper's schedule), Flower and the web app, then waits until each answers. Every process it starts
-gets ``<data dir>/run/<name>.pid`` (pid, then a word of its command line, so a recycled pid is never mistaken
-for ours) and ``<data dir>/log/<name>.log``. ``down`` stops exactly the processes that have pid files there,
-including Redis and dockerd when deploy/bootstrap.sh started them, and nothing else.
+(topology.all_worker_specs), celery beat (the reaper's schedule), Flower and the web app, then waits until
+each answers. Every process it starts gets ``<data dir>/run/<name>.pid`` (pid, then a word of its command
+line, so a recycled pid is never mistaken for ours) and ``<data dir>/log/<name>.log``. ``down`` stops exactly
+the processes that have pid files there, including Redis and dockerd when deploy/bootstrap.sh started them,
+and nothing else.
 
 Run as ``python -m deploy.local_stack {up,down,status}``.
 """

@@ -13,6 +13,7 @@ from __future__ import annotations
 import abc
 import functools
 import importlib
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -89,6 +90,21 @@ class ExecResult:
     def as_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def from_capture(cls, capture: OutputCapture, exit_code: int | None, started: float, timed_out: bool,
+                     killed_reason: str) -> ExecResult:  # fmt: skip
+        """The result of a command whose output went through ``capture`` and that began at ``started``
+        (``time.monotonic()``)."""
+        return cls(
+            exit_code=exit_code,
+            output=capture.text(),
+            duration_s=time.monotonic() - started,
+            timed_out=timed_out,
+            truncated=capture.truncated,
+            output_bytes=capture.total,
+            killed_reason=killed_reason,
+        )
+
 
 class OutputCapture:
     """Keeps the first and last ``limit // 2`` bytes of a stream and counts the rest: bounded memory."""
@@ -133,7 +149,12 @@ class EnvironmentBackend(abc.ABC):
 
     @abc.abstractmethod
     def exec(
-        self, sandbox_id: str, command: str, timeout_s: float, workdir: str | None = None, output_limit: int | None = None
+        self,
+        sandbox_id: str,
+        command: str,
+        timeout_s: float,
+        workdir: str | None = None,
+        output_limit: int | None = None,
     ) -> ExecResult:
         """Run ``command`` with ``sh -c``; at ``timeout_s`` every process it started is killed. The output keeps
         ``output_limit`` bytes (default ``MEGAFLOW_OUTPUT_LIMIT_BYTES``), head and tail."""

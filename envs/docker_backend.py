@@ -57,7 +57,9 @@ KEEPALIVE = ["/bin/sh", "-c", "trap 'exit 0' TERM; while :; do sleep 3600 & wait
 GZIP_MAGIC = b"\x1f\x8b"
 _FRAME_HEADER = struct.Struct(">BxxxL")
 # What shells and Python print when fork() fails with EAGAIN (the pids limit).
-_FORK_FAILED = re.compile(r"Cannot fork|fork: (retry: )?Resource temporarily unavailable|\[Errno 11\] Resource temporarily")
+_FORK_FAILED = re.compile(
+    r"Cannot fork|fork: (retry: )?Resource temporarily unavailable|\[Errno 11\] Resource temporarily"
+)
 # After a kill, how long to keep reading for the output the command printed before it died.
 _DRAIN_AFTER_KILL_S = 2.0
 
@@ -149,7 +151,12 @@ class DockerBackend(EnvironmentBackend):
     # --- commands ----------------------------------------------------------------------------------------
 
     def exec(
-        self, sandbox_id: str, command: str, timeout_s: float, workdir: str | None = None, output_limit: int | None = None
+        self,
+        sandbox_id: str,
+        command: str,
+        timeout_s: float,
+        workdir: str | None = None,
+        output_limit: int | None = None,
     ) -> ExecResult:
         return self._run(sandbox_id, ["/bin/sh", "-c", command], timeout_s, workdir=workdir, output_limit=output_limit)
 
@@ -221,15 +228,7 @@ class DockerBackend(EnvironmentBackend):
             # The sandbox is at its pid limit (a fork bomb, or too many background jobs) and would stay unusable.
             self._kill_all(sandbox_id)
             killed_reason = "the sandbox reached its process limit; every process in it was killed"
-        return ExecResult(
-            exit_code=self._exit_code(exec_id),
-            output=capture.text(),
-            duration_s=time.monotonic() - started,
-            timed_out=timed_out,
-            truncated=capture.truncated,
-            output_bytes=capture.total,
-            killed_reason=killed_reason,
-        )
+        return ExecResult.from_capture(capture, self._exit_code(exec_id), started, timed_out, killed_reason)
 
     def _exit_code(self, exec_id: str) -> int | None:
         for _ in range(20):

@@ -81,7 +81,12 @@ class LocalBackend(EnvironmentBackend):
         }
 
     def exec(
-        self, sandbox_id: str, command: str, timeout_s: float, workdir: str | None = None, output_limit: int | None = None
+        self,
+        sandbox_id: str,
+        command: str,
+        timeout_s: float,
+        workdir: str | None = None,
+        output_limit: int | None = None,
     ) -> ExecResult:
         argv, cwd = self._argv(sandbox_id, command, workdir)
         cwd.mkdir(parents=True, exist_ok=True)
@@ -116,15 +121,7 @@ class LocalBackend(EnvironmentBackend):
                 pass
         process.stdout.close()
         exit_code = process.wait()
-        return ExecResult(
-            exit_code=exit_code,
-            output=capture.text(),
-            duration_s=time.monotonic() - started,
-            timed_out=timed_out,
-            truncated=capture.truncated,
-            output_bytes=capture.total,
-            killed_reason=killed_reason,
-        )
+        return ExecResult.from_capture(capture, exit_code, started, timed_out, killed_reason)
 
     def copy_in(self, sandbox_id: str, directory: str, tar_bytes: bytes) -> None:
         target = self._host_path(sandbox_id, directory)

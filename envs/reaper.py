@@ -1,10 +1,11 @@
 """The orphan reaper: removes MegaFlow containers that no live episode owns.
 
 It runs at env-worker start and every ``MEGAFLOW_REAPER_INTERVAL_S`` (Celery beat), on the daemon its worker
-uses, and decides from the database, which every worker shares. A container is kept while it is younger than
-``MEGAFLOW_REAPER_GRACE_S`` (its episode row may not show it yet), while it is an idle warm container, or
-while a non-terminal episode holds it. Everything else labelled ``megaflow.managed`` and with this deployment's ``megaflow.deployment`` goes: containers of
-finished, cancelled or unknown episodes, stopped containers, warm containers nobody returned.
+uses, and decides from the database, which every worker shares. Only this deployment's containers (label
+``megaflow.deployment``) are judged. A container is kept while it is younger than ``MEGAFLOW_REAPER_GRACE_S``
+(its episode row may not show it yet), while it is an idle warm container, or while a non-terminal episode
+holds it. Everything else labelled ``megaflow.managed`` goes: containers of finished, cancelled or unknown
+episodes, stopped containers, warm containers nobody returned.
 """
 
 from __future__ import annotations
@@ -47,7 +48,9 @@ def orphan_reasons(containers: list[dict], grace_s: float, now: float | None = N
         created = float(labels.get(LABEL_CREATED) or entry.get("Created") or now)
         if now - created >= grace_s:
             candidates.append((entry, labels))
-    episode_ids = {int(labels[LABEL_EPISODE]) for _, labels in candidates if (labels.get(LABEL_EPISODE) or "").isdigit()}
+    episode_ids = {
+        int(labels[LABEL_EPISODE]) for _, labels in candidates if (labels.get(LABEL_EPISODE) or "").isdigit()
+    }
     live_episodes = _live_episode_ids(episode_ids)
     held = _held_by_live_episode({entry["Id"] for entry, _ in candidates})
 

@@ -65,7 +65,9 @@ def start_sandbox(episode_id: int, pool: str) -> dict:
     if episode.container_id and backend.is_alive(episode.container_id):
         return {"ok": True, "episode_id": episode_id, "container_id": episode.container_id, "reused": True}
 
-    _update(episode_id, status=Episode.Status.STARTING, worker=WORKER_NAME, failure_reason="")
+    _update(
+        episode_id, status=Episode.Status.STARTING, worker=WORKER_NAME, failure_reason="", started_at=timezone.now()
+    )
     spec = task_sandbox.sandbox_spec(episode.task, episode.id, episode.run_id, pool=pool)
     try:
         if warm_pool.pool_size(pool) > 0:
@@ -76,7 +78,7 @@ def start_sandbox(episode_id: int, pool: str) -> dict:
         task_sandbox.prepare(backend, container_id, episode.task)
     except SandboxError as error:
         return fail_episode(episode_id, error.reason, pool)
-    _update(episode_id, status=Episode.Status.RUNNING, started_at=timezone.now())
+    _update(episode_id, status=Episode.Status.RUNNING)
     return {"ok": True, "episode_id": episode_id, "container_id": container_id, "warm": warm}
 
 
@@ -107,7 +109,10 @@ def evaluate_episode(episode_id: int, pool: str) -> dict:
         return fail_episode(episode_id, f"evaluation failed: {error.reason}", pool)
     finished = Episode.objects.filter(pk=episode_id, status=Episode.Status.EVALUATING)
     finished.update(
-        status=Episode.Status.SUCCEEDED, reward=evaluation.reward, finished_at=timezone.now(), updated_at=timezone.now(),
+        status=Episode.Status.SUCCEEDED,
+        reward=evaluation.reward,
+        finished_at=timezone.now(),
+        updated_at=timezone.now(),
         failure_reason=evaluation.error,
     )  # fmt: skip
     _release(episode.container_id, pool)
@@ -119,4 +124,3 @@ def stop_sandbox(episode_id: int, pool: str) -> dict:
     container_id = Episode.objects.filter(pk=episode_id).values_list("container_id", flat=True).first() or ""
     _release(container_id, pool)
     return {"ok": True, "episode_id": episode_id, "container_id": container_id}
-

@@ -62,7 +62,11 @@ def test_ids(root: Path, files: list[Path]) -> list[str]:
     for path in files:
         tree = ast.parse(path.read_text())
         relative = path.relative_to(root).as_posix()
-        ids += [f"{relative}::{node.name}" for node in tree.body if isinstance(node, ast.FunctionDef) and node.name.startswith("test_")]
+        ids += [
+            f"{relative}::{node.name}"
+            for node in tree.body
+            if isinstance(node, ast.FunctionDef) and node.name.startswith("test_")
+        ]
     return ids
 
 

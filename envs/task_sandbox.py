@@ -122,7 +122,7 @@ def evaluate(backend: EnvironmentBackend, sandbox_id: str, task: Task) -> Evalua
     if task.test_patch:
         paths = " ".join(shlex.quote(path) for path in patched_paths(task.test_patch))
         # Files the test patch touches go back to the base first, so an agent cannot edit the tests it is graded on.
-        restore = f"for f in {paths}; do {GIT} checkout -q {BASE_TAG} -- \"$f\" 2>/dev/null || rm -f \"$f\"; done"
+        restore = f'for f in {paths}; do {GIT} checkout -q {BASE_TAG} -- "$f" 2>/dev/null || rm -f "$f"; done'
         backend.exec(sandbox_id, restore, 120, workdir=workdir)
         applied = apply_patch(backend, sandbox_id, task, task.test_patch)
         if applied.exit_code != 0:

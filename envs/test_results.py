@@ -14,7 +14,9 @@ FAILED = "failed"
 
 _PYTEST_SUMMARY = re.compile(r"^(PASSED|FAILED|ERROR|XPASS|XFAIL) (\S+::\S.*?)(?: - .*)?$")
 _PYTEST_VERBOSE = re.compile(r"^(\S+::\S.*?) (PASSED|FAILED|ERROR|XPASS|XFAIL)(?: +\[ *\d+%\])?$")
-_DJANGO = re.compile(r"^(\w+ \([\w.]+\))(?:\n.*)? \.\.\. (ok|FAIL|ERROR|skipped.*|expected failure|unexpected success)$")
+_DJANGO = re.compile(
+    r"^(\w+ \([\w.]+\))(?:\n.*)? \.\.\. (ok|FAIL|ERROR|skipped.*|expected failure|unexpected success)$"
+)
 
 _PYTEST_STATUS = {"PASSED": PASSED, "XPASS": PASSED, "FAILED": FAILED, "ERROR": FAILED, "XFAIL": FAILED}
 

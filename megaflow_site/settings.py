@@ -21,24 +21,22 @@ def env_str(name: str, default: str) -> str:
     return os.environ.get(name, "").strip() or default
 
 
-def env_int(name: str, default: int) -> int:
+def _env_number(name: str, default, cast, example: str):
     raw = os.environ.get(name, "").strip()
     if not raw:
         return default
     try:
-        return int(raw)
+        return cast(raw)
     except ValueError:
-        raise ConfigError(f"{name}={raw!r} is not an integer", f"set {name} to a whole number") from None
+        raise ConfigError(f"{name}={raw!r} is not {example}", f"set {name} to {example}") from None
+
+
+def env_int(name: str, default: int) -> int:
+    return _env_number(name, default, int, "a whole number")
 
 
 def env_float(name: str, default: float) -> float:
-    raw = os.environ.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        return float(raw)
-    except ValueError:
-        raise ConfigError(f"{name}={raw!r} is not a number", f"set {name} to a number such as 1.5") from None
+    return _env_number(name, default, float, "a number such as 1.5")
 
 
 def env_sizes(name: str) -> dict[str, int]:

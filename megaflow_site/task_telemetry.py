@@ -22,9 +22,7 @@ _BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 
 QUEUE_WAIT = Histogram(
     "megaflow_task_queue_wait_seconds", "Time from publish to start of a task.", ["task", "queue"], buckets=_BUCKETS
 )
-RUN_TIME = Histogram(
-    "megaflow_task_run_seconds", "Time a task body ran.", ["task", "queue", "state"], buckets=_BUCKETS
-)
+RUN_TIME = Histogram("megaflow_task_run_seconds", "Time a task body ran.", ["task", "queue", "state"], buckets=_BUCKETS)
 
 
 @signals.before_task_publish.connect

@@ -10,5 +10,5 @@ from django.conf import settings
 def redis_client() -> redis.Redis:
     """The process-wide client for ``MEGAFLOW_REDIS_URL``; thread-safe, pooled connections."""
     return redis.Redis.from_url(
-        settings.REDIS_URL, decode_responses=True, socket_connect_timeout=5, health_check_interval=30
+        settings.REDIS_URL, decode_responses=True, socket_connect_timeout=5, socket_timeout=30, health_check_interval=30
     )

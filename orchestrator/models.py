@@ -84,7 +84,9 @@ class Run(models.Model):
     )
     dataset = models.ForeignKey(Dataset, null=True, blank=True, on_delete=models.PROTECT, related_name="runs")
     tasks = models.ManyToManyField(Task, related_name="runs")
-    samples_per_task = models.PositiveIntegerField(default=1, validators=[MinValueValidator(1), MaxValueValidator(1024)])
+    samples_per_task = models.PositiveIntegerField(
+        default=1, validators=[MinValueValidator(1), MaxValueValidator(1024)]
+    )
     agent_name = models.CharField(max_length=100, default="bash")
     agent_config = models.JSONField(default=dict, blank=True, help_text="Agent parameters, e.g. prompt templates.")
     model_name = models.CharField(max_length=200)

@@ -2,8 +2,9 @@
 
 ``start_probe(["agent", "model.replay", "env.default"])`` publishes to the first queue; each service's
 ``probe`` task records its hop and publishes to the next (event-driven, nobody waits on a result); the last
-hop delivers the trace to a reply inbox (orchestrator/replies.py), where ``wait_for_probe`` picks it up. The test suite uses it to prove that a
-task sent to a queue runs on that queue's worker and no other's; ``megaflow probe`` shows operators the same.
+hop delivers the trace to a reply inbox (orchestrator/replies.py), where ``wait_for_probe`` picks it up. The
+test suite uses it to prove that a task sent to a queue runs on that queue's worker and no other's;
+``megaflow probe`` shows operators the same.
 """
 
 from __future__ import annotations

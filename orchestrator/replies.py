@@ -10,11 +10,13 @@ chains tasks and never waits.
 """
 
 import json
+import time
 import uuid
 
 from orchestrator.hot_state import redis_client
 
 INBOX_TTL_S = 600
+BLOCK_SLICE_S = 5
 
 
 def new_inbox() -> str:
@@ -29,5 +31,12 @@ def deliver(inbox: str, payload) -> None:
 
 def wait_for_reply(inbox: str, timeout_s: float):
     """The payload delivered to ``inbox``, or None if nothing arrived within ``timeout_s``."""
-    popped = redis_client().blpop([inbox], timeout=max(1, round(timeout_s)))
-    return json.loads(popped[1]) if popped else None
+    deadline = time.monotonic() + timeout_s
+    while True:
+        # Short blocking slices stay inside the client's socket timeout however long the caller waits.
+        remaining = deadline - time.monotonic()
+        popped = redis_client().blpop([inbox], timeout=max(1, min(BLOCK_SLICE_S, round(remaining))))
+        if popped:
+            return json.loads(popped[1])
+        if deadline - time.monotonic() <= 0:
+            return None

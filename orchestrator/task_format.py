@@ -144,7 +144,9 @@ def read_jsonl(path: Path) -> Iterator[tuple[int, object]]:
             try:
                 yield number, json.loads(line)
             except json.JSONDecodeError as exc:
-                raise TaskFormatError("(line)", f"not valid JSON ({exc.msg} at column {exc.colno})", line=number)
+                raise TaskFormatError(
+                    "(line)", f"not valid JSON ({exc.msg} at column {exc.colno})", line=number
+                ) from None
 
 
 def parse_file(path: Path) -> list[TaskSpec]:

@@ -66,7 +66,7 @@ BAD_CONFIGURATIONS = {
     "time limit that is not a number": (
         {"MEGAFLOW_TASK_TIME_LIMIT_S": "ten"},
         ["check"],
-        "MEGAFLOW_TASK_TIME_LIMIT_S='ten' is not an integer",
+        "MEGAFLOW_TASK_TIME_LIMIT_S='ten' is not a whole number",
     ),
     "time limit above the visibility timeout": (
         {"MEGAFLOW_TASK_TIME_LIMIT_S": "3000", "MEGAFLOW_VISIBILITY_TIMEOUT_S": "3600"},

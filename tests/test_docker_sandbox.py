@@ -48,7 +48,9 @@ def test_sandbox_defaults(docker_backend, sandbox):
 def test_inside_the_sandbox_there_is_no_network_no_socket_and_no_writable_root(docker_backend, sandbox):
     sandbox_id = sandbox(limits=SMALL)
     assert docker_backend.exec(sandbox_id, "ls /sys/class/net", 10).output.split() == ["lo"]
-    reach = docker_backend.exec(sandbox_id, "python3 -c \"import socket; socket.create_connection(('1.1.1.1', 80), 3)\"", 10)
+    reach = docker_backend.exec(
+        sandbox_id, "python3 -c \"import socket; socket.create_connection(('1.1.1.1', 80), 3)\"", 10
+    )
     assert reach.exit_code != 0 and "unreachable" in reach.output
     assert docker_backend.exec(sandbox_id, "ls /var/run/docker.sock /run/docker.sock", 10).exit_code != 0
     assert "Read-only file system" in docker_backend.exec(sandbox_id, "touch /usr/x", 10).output

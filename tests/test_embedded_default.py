@@ -19,7 +19,9 @@ def test_sqlite_default_migrates_and_stores_a_dataset(tmp_path):
 
     migrate = run_manage("migrate", "--no-input", env=env)
     assert migrate.returncode == 0, migrate.stderr
-    assert run_manage("makemigrations", "--check", "--dry-run", env=env).returncode == 0, "models changed without a migration"
+    assert run_manage("makemigrations", "--check", "--dry-run", env=env).returncode == 0, (
+        "models changed without a migration"
+    )
     load = run_manage("megaflow", "load-dataset", str(dataset), "--name", "embedded", env=env)
     assert load.returncode == 0, load.stderr
     assert load.stdout.strip() == "dataset embedded: 3 tasks"

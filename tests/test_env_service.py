@@ -50,7 +50,12 @@ def test_an_episode_is_started_driven_and_graded_by_the_env_workers(celery_worke
     encoded = base64.b64encode(task.patch.encode()).decode()
     edit = call(env_tasks.exec_command, episode_id=solved.pk, pool="heavy",
                 command=f"echo {encoded} | base64 -d | git apply && git status --short")  # fmt: skip
-    assert edit["exit_code"] == 0 and sorted(edit["observation"].split()) == ["M", "M", "ledger/account.py", "ledger/money.py"]
+    assert edit["exit_code"] == 0 and sorted(edit["observation"].split()) == [
+        "M",
+        "M",
+        "ledger/account.py",
+        "ledger/money.py",
+    ]
 
     graded = call(env_tasks.evaluate, episode_id=solved.pk, pool="heavy")
     assert graded["reward"] == 1.0 and graded["failing"] == []
@@ -90,6 +95,8 @@ def test_a_hanging_command_comes_back_as_an_observation(celery_workers, swe_mini
 def test_commands_for_a_finished_episode_are_refused(celery_workers, swe_mini):
     [episode] = episodes_for(swe_mini.tasks.get(instance_id="textkit-2"), 1, pool="default")
     Episode.objects.filter(pk=episode.pk).update(status=Episode.Status.CANCELLED)
-    assert call(env_tasks.start_sandbox, episode_id=episode.pk, pool="default")["error"] == "episode is already cancelled"
+    assert (
+        call(env_tasks.start_sandbox, episode_id=episode.pk, pool="default")["error"] == "episode is already cancelled"
+    )
     reply = call(env_tasks.exec_command, episode_id=episode.pk, pool="default", command="ls")
     assert reply["ok"] is False and containers_of(episode) == []

@@ -15,7 +15,9 @@ pytestmark = [pytest.mark.integration, pytest.mark.django_db]
 @pytest.fixture
 def episodes():
     dataset = Dataset.objects.create(name="reaper")
-    task = Task.objects.create(dataset=dataset, instance_id="t", problem_statement="p", test_command="true", fail_to_pass=["t"])
+    task = Task.objects.create(
+        dataset=dataset, instance_id="t", problem_statement="p", test_command="true", fail_to_pass=["t"]
+    )
     run = Run.objects.create(model_name="replay")
     make = lambda index, status: Episode.objects.create(run=run, task=task, sample_index=index, status=status)  # noqa: E731
     return {

@@ -23,7 +23,11 @@ def test_the_committed_dataset_is_exactly_what_its_sources_build(tmp_path):
 def test_at_least_twenty_varied_tasks():
     assert len(TASKS) >= 20
     assert len(Counter(task["repo"] for task in TASKS)) >= 5, "several repositories"
-    multi_file = [task["instance_id"] for task in TASKS if len([p for p in patched_paths(task["patch"]) if p.endswith(".py")]) >= 2]
+    multi_file = [
+        task["instance_id"]
+        for task in TASKS
+        if len([p for p in patched_paths(task["patch"]) if p.endswith(".py")]) >= 2
+    ]
     assert len(multi_file) >= 2, "some fixes span several files"
     for task in TASKS:
         assert task["FAIL_TO_PASS"] and task["PASS_TO_PASS"] and task["problem_statement"].strip()
@@ -35,4 +39,7 @@ def test_at_least_twenty_varied_tasks():
 @pytest.mark.django_db
 def test_every_task_passes_gold_validation_in_real_containers(capsys):
     call_command("megaflow", "validate", "swe_mini", "--parallel", "4")
-    assert capsys.readouterr().out.strip().splitlines()[-1] == f"validate swe_mini: {len(TASKS)} of {len(TASKS)} tasks valid"
+    assert (
+        capsys.readouterr().out.strip().splitlines()[-1]
+        == f"validate swe_mini: {len(TASKS)} of {len(TASKS)} tasks valid"
+    )

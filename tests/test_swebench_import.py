@@ -19,7 +19,7 @@ ASTROPY = {
         "diff --git a/astropy/modeling/tests/test_separable.py b/astropy/modeling/tests/test_separable.py\n"
         "--- a/astropy/modeling/tests/test_separable.py\n+++ b/astropy/modeling/tests/test_separable.py\n"
     ),
-    "problem_statement": "Modeling's `separability_matrix` does not compute separability correctly for nested CompoundModels",
+    "problem_statement": "`separability_matrix` does not compute separability correctly for nested CompoundModels",
     "hints_text": "",
     "created_at": "2022-03-03T15:14:54Z",
     "version": "4.3",
@@ -51,7 +51,10 @@ def test_an_instance_becomes_a_task():
     assert task["workdir"] == "/testbed" and "repo_archive" not in task
     assert task["base_commit"] == ASTROPY["base_commit"] and task["version"] == "4.3"
     assert "conda activate testbed" in task["test_command"]
-    assert "pytest --no-header -rA --tb=no -p no:cacheprovider astropy/modeling/tests/test_separable.py" in task["test_command"]
+    assert (
+        "pytest --no-header -rA --tb=no -p no:cacheprovider astropy/modeling/tests/test_separable.py"
+        in task["test_command"]
+    )
 
 
 def test_django_runs_its_own_runner_on_the_touched_modules():
@@ -70,7 +73,9 @@ def swebench_file(tmp_path):
 @pytest.mark.django_db
 def test_import_refuses_naming_the_missing_image(swebench_file, tmp_path):
     with pytest.raises(CommandError) as caught:
-        call_command("megaflow", "import-swebench", str(swebench_file), "--out", str(tmp_path / "t.jsonl"), "--name", "swe")
+        call_command(
+            "megaflow", "import-swebench", str(swebench_file), "--out", str(tmp_path / "t.jsonl"), "--name", "swe"
+        )
     assert str(caught.value).startswith(
         "image not present locally: swebench/sweb.eval.x86_64.astropy_1776_astropy-12907:latest (and 1 more)"
     )
@@ -87,7 +92,9 @@ def test_import_loads_when_the_images_are_present(swebench_file, tmp_path, setti
         repository, tag = name.rsplit(":", 1)
         base.tag(repository, tag)
     try:
-        call_command("megaflow", "import-swebench", str(swebench_file), "--out", str(tmp_path / "t.jsonl"), "--name", "swe")
+        call_command(
+            "megaflow", "import-swebench", str(swebench_file), "--out", str(tmp_path / "t.jsonl"), "--name", "swe"
+        )
     finally:
         for name in names:
             client.images.remove(name)
@@ -98,5 +105,7 @@ def test_import_loads_when_the_images_are_present(swebench_file, tmp_path, setti
 def test_a_bad_instance_is_reported_by_line(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text(json.dumps(ASTROPY) + "\n" + json.dumps({**ASTROPY, "FAIL_TO_PASS": "[]"}) + "\n")
-    with pytest.raises(CommandError, match="line 2: task 'astropy__astropy-12907': FAIL_TO_PASS: must list at least one test"):
+    with pytest.raises(
+        CommandError, match="line 2: task 'astropy__astropy-12907': FAIL_TO_PASS: must list at least one test"
+    ):
         call_command("megaflow", "import-swebench", str(path), "--out", str(tmp_path / "t.jsonl"), "--skip-image-check")

@@ -136,7 +136,10 @@ def test_whole_file_errors_are_reported_by_line(tmp_path):
     cases = {
         '{"instance_id": "x",\n': "not valid JSON",
         "[1, 2]\n": "must be a JSON object",
-        json.dumps(full_task(repo_archive="")) + "\n" + json.dumps(full_task(repo_archive="")) + "\n": "duplicates line 1",
+        json.dumps(full_task(repo_archive=""))
+        + "\n"
+        + json.dumps(full_task(repo_archive=""))
+        + "\n": "duplicates line 1",
         "\n\n": "holds no tasks",
     }
     for text, reason in cases.items():
@@ -160,4 +163,7 @@ def test_load_dataset_command_reports_one_line(dataset_file, capsys):
     path.write_text(json.dumps(full_task(timeout_s=-1, repo_archive="")) + "\n")
     with pytest.raises(CommandError) as caught:
         call_command("megaflow", "load-dataset", str(path), "--name", "other")
-    assert str(caught.value) == f"{path}: line 1: task 'calc__add-1': timeout_s: must be a positive whole number of seconds, not -1"
+    assert (
+        str(caught.value)
+        == f"{path}: line 1: task 'calc__add-1': timeout_s: must be a positive whole number of seconds, not -1"
+    )

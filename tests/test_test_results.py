@@ -35,7 +35,10 @@ def test_pytest_short_summary():
 
 
 def test_pytest_verbose_lines():
-    assert parse_test_log(PYTEST_VERBOSE) == {"tests/test_a.py::test_ok": "passed", "tests/test_a.py::test_bad": "failed"}
+    assert parse_test_log(PYTEST_VERBOSE) == {
+        "tests/test_a.py::test_ok": "passed",
+        "tests/test_a.py::test_bad": "failed",
+    }
 
 
 def test_django_runner():

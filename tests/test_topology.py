@@ -38,7 +38,9 @@ def test_router_leaves_tasks_of_other_packages_to_the_default_queue():
     assert app.conf.task_default_queue == AGENT_QUEUE
 
 
-@pytest.mark.parametrize(("task_name", "kwargs"), [("modelserving.probe", {"model": "gpt-nope"}), ("envs.probe", {"pool": "nope"})])
+@pytest.mark.parametrize(
+    ("task_name", "kwargs"), [("modelserving.probe", {"model": "gpt-nope"}), ("envs.probe", {"pool": "nope"})]
+)
 def test_unknown_model_or_pool_is_refused_at_publish(task_name, kwargs, broker):
     with pytest.raises(UnknownQueue, match="nope"):
         current_app.send_task(task_name, kwargs=kwargs)

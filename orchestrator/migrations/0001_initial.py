@@ -2,13 +2,13 @@
 
 import django.core.validators
 import django.db.models.deletion
-import orchestrator.models
 from django.conf import settings
 from django.db import migrations, models
 
+import orchestrator.models
+
 
 class Migration(migrations.Migration):
-
     initial = True
 
     dependencies = [
@@ -17,137 +17,266 @@ class Migration(migrations.Migration):
 
     operations = [
         migrations.CreateModel(
-            name='Dataset',
+            name="Dataset",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('name', models.SlugField(max_length=100, unique=True)),
-                ('description', models.TextField(blank=True)),
-                ('source', models.CharField(blank=True, help_text='File or URL the tasks were loaded from.', max_length=500)),
-                ('created_at', models.DateTimeField(auto_now_add=True)),
-                ('owner', models.ForeignKey(blank=True, null=True, on_delete=django.db.models.deletion.SET_NULL, related_name='datasets', to=settings.AUTH_USER_MODEL)),
+                ("id", models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name="ID")),
+                ("name", models.SlugField(max_length=100, unique=True)),
+                ("description", models.TextField(blank=True)),
+                (
+                    "source",
+                    models.CharField(blank=True, help_text="File or URL the tasks were loaded from.", max_length=500),
+                ),
+                ("created_at", models.DateTimeField(auto_now_add=True)),
+                (
+                    "owner",
+                    models.ForeignKey(
+                        blank=True,
+                        null=True,
+                        on_delete=django.db.models.deletion.SET_NULL,
+                        related_name="datasets",
+                        to=settings.AUTH_USER_MODEL,
+                    ),
+                ),
             ],
             options={
-                'ordering': ['name'],
+                "ordering": ["name"],
             },
         ),
         migrations.CreateModel(
-            name='Task',
+            name="Task",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('instance_id', models.CharField(max_length=200)),
-                ('problem_statement', models.TextField()),
-                ('image', models.CharField(blank=True, help_text='Docker image; blank means the base image.', max_length=300)),
-                ('repo_archive', models.FileField(blank=True, upload_to=orchestrator.models._archive_path)),
-                ('repo_archive_sha256', models.CharField(blank=True, max_length=64)),
-                ('workdir', models.CharField(default='/testbed', max_length=300)),
-                ('setup_commands', models.JSONField(blank=True, default=list)),
-                ('patch', models.TextField(blank=True, help_text='Reference solution, unified diff.')),
-                ('test_patch', models.TextField(blank=True)),
-                ('test_command', models.TextField()),
-                ('fail_to_pass', models.JSONField(default=list)),
-                ('pass_to_pass', models.JSONField(blank=True, default=list)),
-                ('timeout_s', models.PositiveIntegerField(default=1800, validators=[django.core.validators.MinValueValidator(1)])),
-                ('extra', models.JSONField(blank=True, default=dict, help_text='Fields beyond the task format, kept verbatim.')),
-                ('spec_sha256', models.CharField(editable=False, max_length=64)),
-                ('created_at', models.DateTimeField(auto_now_add=True)),
-                ('dataset', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='tasks', to='orchestrator.dataset')),
+                ("id", models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name="ID")),
+                ("instance_id", models.CharField(max_length=200)),
+                ("problem_statement", models.TextField()),
+                (
+                    "image",
+                    models.CharField(blank=True, help_text="Docker image; blank means the base image.", max_length=300),
+                ),
+                ("repo_archive", models.FileField(blank=True, upload_to=orchestrator.models._archive_path)),
+                ("repo_archive_sha256", models.CharField(blank=True, max_length=64)),
+                ("workdir", models.CharField(default="/testbed", max_length=300)),
+                ("setup_commands", models.JSONField(blank=True, default=list)),
+                ("patch", models.TextField(blank=True, help_text="Reference solution, unified diff.")),
+                ("test_patch", models.TextField(blank=True)),
+                ("test_command", models.TextField()),
+                ("fail_to_pass", models.JSONField(default=list)),
+                ("pass_to_pass", models.JSONField(blank=True, default=list)),
+                (
+                    "timeout_s",
+                    models.PositiveIntegerField(default=1800, validators=[django.core.validators.MinValueValidator(1)]),
+                ),
+                (
+                    "extra",
+                    models.JSONField(
+                        blank=True, default=dict, help_text="Fields beyond the task format, kept verbatim."
+                    ),
+                ),
+                ("spec_sha256", models.CharField(editable=False, max_length=64)),
+                ("created_at", models.DateTimeField(auto_now_add=True)),
+                (
+                    "dataset",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE, related_name="tasks", to="orchestrator.dataset"
+                    ),
+                ),
             ],
             options={
-                'ordering': ['dataset', 'instance_id'],
+                "ordering": ["dataset", "instance_id"],
             },
         ),
         migrations.CreateModel(
-            name='Run',
+            name="Run",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('name', models.CharField(blank=True, max_length=200)),
-                ('samples_per_task', models.PositiveIntegerField(default=1, validators=[django.core.validators.MinValueValidator(1), django.core.validators.MaxValueValidator(1024)])),
-                ('agent_name', models.CharField(default='bash', max_length=100)),
-                ('agent_config', models.JSONField(blank=True, default=dict, help_text='Agent parameters, e.g. prompt templates.')),
-                ('model_name', models.CharField(max_length=200)),
-                ('env_pool', models.CharField(default='default', max_length=100)),
-                ('max_concurrent_episodes', models.PositiveIntegerField(default=64, validators=[django.core.validators.MinValueValidator(1)])),
-                ('max_steps', models.PositiveIntegerField(default=30, validators=[django.core.validators.MinValueValidator(1)])),
-                ('episode_time_limit_s', models.PositiveIntegerField(default=1800, validators=[django.core.validators.MinValueValidator(1)])),
-                ('max_attempts', models.PositiveSmallIntegerField(default=3, validators=[django.core.validators.MinValueValidator(1)])),
-                ('status', models.CharField(choices=[('queued', 'Queued'), ('running', 'Running'), ('completed', 'Completed'), ('failed', 'Failed'), ('cancelled', 'Cancelled')], db_index=True, default='queued', max_length=16)),
-                ('created_at', models.DateTimeField(auto_now_add=True)),
-                ('updated_at', models.DateTimeField(auto_now=True)),
-                ('started_at', models.DateTimeField(blank=True, null=True)),
-                ('finished_at', models.DateTimeField(blank=True, null=True)),
-                ('dataset', models.ForeignKey(blank=True, null=True, on_delete=django.db.models.deletion.PROTECT, related_name='runs', to='orchestrator.dataset')),
-                ('owner', models.ForeignKey(blank=True, null=True, on_delete=django.db.models.deletion.SET_NULL, related_name='runs', to=settings.AUTH_USER_MODEL)),
-                ('tasks', models.ManyToManyField(related_name='runs', to='orchestrator.task')),
+                ("id", models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name="ID")),
+                ("name", models.CharField(blank=True, max_length=200)),
+                (
+                    "samples_per_task",
+                    models.PositiveIntegerField(
+                        default=1,
+                        validators=[
+                            django.core.validators.MinValueValidator(1),
+                            django.core.validators.MaxValueValidator(1024),
+                        ],
+                    ),
+                ),
+                ("agent_name", models.CharField(default="bash", max_length=100)),
+                (
+                    "agent_config",
+                    models.JSONField(blank=True, default=dict, help_text="Agent parameters, e.g. prompt templates."),
+                ),
+                ("model_name", models.CharField(max_length=200)),
+                ("env_pool", models.CharField(default="default", max_length=100)),
+                (
+                    "max_concurrent_episodes",
+                    models.PositiveIntegerField(default=64, validators=[django.core.validators.MinValueValidator(1)]),
+                ),
+                (
+                    "max_steps",
+                    models.PositiveIntegerField(default=30, validators=[django.core.validators.MinValueValidator(1)]),
+                ),
+                (
+                    "episode_time_limit_s",
+                    models.PositiveIntegerField(default=1800, validators=[django.core.validators.MinValueValidator(1)]),
+                ),
+                (
+                    "max_attempts",
+                    models.PositiveSmallIntegerField(
+                        default=3, validators=[django.core.validators.MinValueValidator(1)]
+                    ),
+                ),
+                (
+                    "status",
+                    models.CharField(
+                        choices=[
+                            ("queued", "Queued"),
+                            ("running", "Running"),
+                            ("completed", "Completed"),
+                            ("failed", "Failed"),
+                            ("cancelled", "Cancelled"),
+                        ],
+                        db_index=True,
+                        default="queued",
+                        max_length=16,
+                    ),
+                ),
+                ("created_at", models.DateTimeField(auto_now_add=True)),
+                ("updated_at", models.DateTimeField(auto_now=True)),
+                ("started_at", models.DateTimeField(blank=True, null=True)),
+                ("finished_at", models.DateTimeField(blank=True, null=True)),
+                (
+                    "dataset",
+                    models.ForeignKey(
+                        blank=True,
+                        null=True,
+                        on_delete=django.db.models.deletion.PROTECT,
+                        related_name="runs",
+                        to="orchestrator.dataset",
+                    ),
+                ),
+                (
+                    "owner",
+                    models.ForeignKey(
+                        blank=True,
+                        null=True,
+                        on_delete=django.db.models.deletion.SET_NULL,
+                        related_name="runs",
+                        to=settings.AUTH_USER_MODEL,
+                    ),
+                ),
+                ("tasks", models.ManyToManyField(related_name="runs", to="orchestrator.task")),
             ],
             options={
-                'ordering': ['-created_at'],
+                "ordering": ["-created_at"],
             },
         ),
         migrations.CreateModel(
-            name='Episode',
+            name="Episode",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('sample_index', models.PositiveIntegerField()),
-                ('attempt', models.PositiveSmallIntegerField(default=1)),
-                ('status', models.CharField(choices=[('queued', 'Queued'), ('starting', 'Starting'), ('running', 'Running'), ('evaluating', 'Evaluating'), ('succeeded', 'Succeeded'), ('failed', 'Failed'), ('timed_out', 'Timed Out'), ('cancelled', 'Cancelled')], default='queued', max_length=16)),
-                ('reward', models.FloatField(blank=True, null=True)),
-                ('failure_reason', models.TextField(blank=True)),
-                ('step_count', models.PositiveIntegerField(default=0)),
-                ('prompt_tokens', models.PositiveBigIntegerField(default=0)),
-                ('completion_tokens', models.PositiveBigIntegerField(default=0)),
-                ('worker', models.CharField(blank=True, help_text='Celery node that last moved the episode.', max_length=200)),
-                ('container_id', models.CharField(blank=True, max_length=80)),
-                ('created_at', models.DateTimeField(auto_now_add=True)),
-                ('updated_at', models.DateTimeField(auto_now=True)),
-                ('started_at', models.DateTimeField(blank=True, null=True)),
-                ('finished_at', models.DateTimeField(blank=True, null=True)),
-                ('run', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='episodes', to='orchestrator.run')),
-                ('task', models.ForeignKey(on_delete=django.db.models.deletion.PROTECT, related_name='episodes', to='orchestrator.task')),
+                ("id", models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name="ID")),
+                ("sample_index", models.PositiveIntegerField()),
+                ("attempt", models.PositiveSmallIntegerField(default=1)),
+                (
+                    "status",
+                    models.CharField(
+                        choices=[
+                            ("queued", "Queued"),
+                            ("starting", "Starting"),
+                            ("running", "Running"),
+                            ("evaluating", "Evaluating"),
+                            ("succeeded", "Succeeded"),
+                            ("failed", "Failed"),
+                            ("timed_out", "Timed Out"),
+                            ("cancelled", "Cancelled"),
+                        ],
+                        default="queued",
+                        max_length=16,
+                    ),
+                ),
+                ("reward", models.FloatField(blank=True, null=True)),
+                ("failure_reason", models.TextField(blank=True)),
+                ("step_count", models.PositiveIntegerField(default=0)),
+                ("prompt_tokens", models.PositiveBigIntegerField(default=0)),
+                ("completion_tokens", models.PositiveBigIntegerField(default=0)),
+                (
+                    "worker",
+                    models.CharField(blank=True, help_text="Celery node that last moved the episode.", max_length=200),
+                ),
+                ("container_id", models.CharField(blank=True, max_length=80)),
+                ("created_at", models.DateTimeField(auto_now_add=True)),
+                ("updated_at", models.DateTimeField(auto_now=True)),
+                ("started_at", models.DateTimeField(blank=True, null=True)),
+                ("finished_at", models.DateTimeField(blank=True, null=True)),
+                (
+                    "run",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE, related_name="episodes", to="orchestrator.run"
+                    ),
+                ),
+                (
+                    "task",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.PROTECT, related_name="episodes", to="orchestrator.task"
+                    ),
+                ),
             ],
             options={
-                'ordering': ['run', 'task', 'sample_index'],
+                "ordering": ["run", "task", "sample_index"],
             },
         ),
         migrations.CreateModel(
-            name='Step',
+            name="Step",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('index', models.PositiveIntegerField()),
-                ('model_input', models.JSONField(default=list, help_text='Messages sent to the model for this turn.')),
-                ('model_output', models.TextField(blank=True)),
-                ('action', models.TextField(blank=True, help_text='The bash command parsed from the reply; blank if malformed.')),
-                ('observation', models.TextField(blank=True)),
-                ('exit_code', models.IntegerField(blank=True, null=True)),
-                ('model_latency_s', models.FloatField(blank=True, null=True)),
-                ('env_latency_s', models.FloatField(blank=True, null=True)),
-                ('prompt_tokens', models.PositiveIntegerField(default=0)),
-                ('completion_tokens', models.PositiveIntegerField(default=0)),
-                ('created_at', models.DateTimeField(auto_now_add=True)),
-                ('episode', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='steps', to='orchestrator.episode')),
+                ("id", models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name="ID")),
+                ("index", models.PositiveIntegerField()),
+                ("model_input", models.JSONField(default=list, help_text="Messages sent to the model for this turn.")),
+                ("model_output", models.TextField(blank=True)),
+                (
+                    "action",
+                    models.TextField(
+                        blank=True, help_text="The bash command parsed from the reply; blank if malformed."
+                    ),
+                ),
+                ("observation", models.TextField(blank=True)),
+                ("exit_code", models.IntegerField(blank=True, null=True)),
+                ("model_latency_s", models.FloatField(blank=True, null=True)),
+                ("env_latency_s", models.FloatField(blank=True, null=True)),
+                ("prompt_tokens", models.PositiveIntegerField(default=0)),
+                ("completion_tokens", models.PositiveIntegerField(default=0)),
+                ("created_at", models.DateTimeField(auto_now_add=True)),
+                (
+                    "episode",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE, related_name="steps", to="orchestrator.episode"
+                    ),
+                ),
             ],
             options={
-                'ordering': ['episode', 'index'],
-                'constraints': [models.UniqueConstraint(fields=('episode', 'index'), name='step_unique_index')],
+                "ordering": ["episode", "index"],
+                "constraints": [models.UniqueConstraint(fields=("episode", "index"), name="step_unique_index")],
             },
         ),
         migrations.AddConstraint(
-            model_name='task',
-            constraint=models.UniqueConstraint(fields=('dataset', 'instance_id'), name='task_unique_per_dataset'),
+            model_name="task",
+            constraint=models.UniqueConstraint(fields=("dataset", "instance_id"), name="task_unique_per_dataset"),
         ),
         migrations.AddConstraint(
-            model_name='run',
-            constraint=models.CheckConstraint(condition=models.Q(('samples_per_task__gte', 1)), name='run_samples_positive'),
+            model_name="run",
+            constraint=models.CheckConstraint(
+                condition=models.Q(("samples_per_task__gte", 1)), name="run_samples_positive"
+            ),
         ),
         migrations.AddConstraint(
-            model_name='run',
-            constraint=models.CheckConstraint(condition=models.Q(('max_concurrent_episodes__gte', 1)), name='run_concurrency_positive'),
+            model_name="run",
+            constraint=models.CheckConstraint(
+                condition=models.Q(("max_concurrent_episodes__gte", 1)), name="run_concurrency_positive"
+            ),
         ),
         migrations.AddIndex(
-            model_name='episode',
-            index=models.Index(fields=['run', 'status'], name='episode_run_status'),
+            model_name="episode",
+            index=models.Index(fields=["run", "status"], name="episode_run_status"),
         ),
         migrations.AddConstraint(
-            model_name='episode',
-            constraint=models.UniqueConstraint(fields=('run', 'task', 'sample_index'), name='episode_unique_sample'),
+            model_name="episode",
+            constraint=models.UniqueConstraint(fields=("run", "task", "sample_index"), name="episode_unique_sample"),
         ),
     ]

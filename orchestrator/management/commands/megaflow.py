@@ -1,13 +1,13 @@
 """``python manage.py megaflow <subcommand>``: the operator's command line.
 
-    preflight      check the database, Redis and the Docker daemon; one line per problem
-    probe          relay messages through the service queues and show which worker ran each hop
-    load-dataset   validate a task-format JSONL file and store it as a dataset
-    build-suite    rebuild a bundled suite's dataset (envs/suites/<name>/dataset/) from its sources
-    validate       gold-check a dataset's tasks in real sandboxes, in parallel
-    import-swebench  convert SWE-bench JSONL into the task format (and optionally load it)
-    reap           remove orphaned sandbox containers now
-    demo           what ``make demo`` runs after ``make up``
+preflight      check the database, Redis and the Docker daemon; one line per problem
+probe          relay messages through the service queues and show which worker ran each hop
+load-dataset   validate a task-format JSONL file and store it as a dataset
+build-suite    rebuild a bundled suite's dataset (envs/suites/<name>/dataset/) from its sources
+validate       gold-check a dataset's tasks in real sandboxes, in parallel
+import-swebench  convert SWE-bench JSONL into the task format (and optionally load it)
+reap           remove orphaned sandbox containers now
+demo           what ``make demo`` runs after ``make up``
 """
 
 import statistics
@@ -17,13 +17,13 @@ from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 from tqdm import tqdm
 
-from megaflow_site import preflight
-from megaflow_site.topology import AGENT_QUEUE, Service, UnknownQueue, queue_name
 from envs import gold_check, reaper, swebench_import
 from envs.backend import get_backend
 from envs.suite_builder import SUITES_DIR, SuiteError, build_suite
-from orchestrator import probe
-from orchestrator.models import Dataset
+from megaflow_site import preflight
+from megaflow_site.topology import AGENT_QUEUE, Service, UnknownQueue, default_key, queue_name
+from orchestrator import demo, probe
+from orchestrator.models import Dataset, Episode
 from orchestrator.task_format import TaskFormatError, load_dataset
 
 
@@ -168,7 +168,9 @@ class Command(BaseCommand):
             self.handle_load_dataset(out, name, f"imported from {source}")
 
     def handle_reap(self, grace=None, **_):
-        reaped = reaper.reap_orphans(get_backend("docker"), settings.MEGAFLOW_REAPER_GRACE_S if grace is None else grace)
+        reaped = reaper.reap_orphans(
+            get_backend("docker"), settings.MEGAFLOW_REAPER_GRACE_S if grace is None else grace
+        )
         for container_id, reason in reaped.items():
             self.stdout.write(f"reaped {container_id[:12]}: {reason}")
         self.stdout.write(f"{len(reaped)} orphaned container(s) removed")
@@ -176,13 +178,39 @@ class Command(BaseCommand):
     def handle_demo(self, **_):
         preflight.run_all()
         route = full_route()
-        self.stdout.write(f"Relaying 20 messages through {' -> '.join(route)} on the running workers:")
+        self.stdout.write(f"1. Relaying 20 messages through {' -> '.join(route)} on the running workers:")
         self.print_probe_table(route, self.run_probes(route, 20, 15.0))
+
+        dataset = self.dataset_named("swe_mini")
+        pool = default_key(Service.ENV)
+        samples = 2
+        total = dataset.tasks.count() * samples
+        self.stdout.write(
+            f"\n2. Replaying the reference patch of each of the {dataset.tasks.count()} swe_mini tasks, "
+            f"{samples} samples "
+            f"each, through the Environment Service (queue env.{pool}): real containers, real evaluation."
+        )
+        with tqdm(total=total, desc="episodes", unit="episode") as bar:
+            run = demo.replay_through_env(dataset, samples, pool, on_done=bar.update)
+        rows = demo.summarize(run)
+        self.stdout.write(f"\n{'task':<14} {'sample':>6} {'reward':>7} {'steps':>5} {'seconds':>8}  status")
+        for row in rows:
+            reward = "-" if row.reward is None else f"{row.reward:.1f}"
+            note = f"  {row.reason}" if row.reason else ""
+            self.stdout.write(
+                f"{row.instance_id:<14} {row.sample:>6} {reward:>7} {1:>5} {row.seconds:>8.1f}  {row.status}{note}"
+            )
+
         web, flower = settings.MEGAFLOW_WEB_PORT, settings.MEGAFLOW_FLOWER_PORT
         self.stdout.write(
-            "\nThe three services are up and routed. The episode loop (agent -> model -> environment) is not\n"
-            "built yet, so this demo runs no episodes; it grows into the full demo as the services land.\n"
-            f"Look around: admin http://127.0.0.1:{web}/admin/ (python manage.py createsuperuser), "
+            "\nWhat ran: the Environment Service and the queue topology. The agent and model services are not in\n"
+            "the loop yet (the episode loop is still to come), so each episode applied its task's reference patch in\n"
+            "one step instead of an agent finding it.\n"
+            f"Look around: admin http://127.0.0.1:{web}/admin/ (python manage.py createsuperuser; run {run.pk}), "
             f"Flower http://127.0.0.1:{flower}/"
         )
-        self.stdout.write("demo: 0 episodes, 0 succeeded, 0 failed, mean reward n/a")
+        succeeded = sum(row.status == Episode.Status.SUCCEEDED for row in rows)
+        failed = sum(row.status in (Episode.Status.FAILED, Episode.Status.TIMED_OUT) for row in rows)
+        rewards = [row.reward for row in rows if row.reward is not None]
+        mean = f"{statistics.fmean(rewards):.3f}" if rewards else "n/a"
+        self.stdout.write(f"demo: {len(rows)} episodes, {succeeded} succeeded, {failed} failed, mean reward {mean}")
