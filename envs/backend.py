@@ -1,8 +1,9 @@
 """The Environment Service's one backend interface, its value types, and the registry that picks a backend.
 
 A backend runs sandboxes: ``create`` one for an episode, ``exec`` commands in it with a timeout that kills
-the whole process tree, ``copy_in`` files, ``destroy`` it. Task-level work (unpacking the repository,
-evaluating the tests) is written once over this interface in ``envs/task_sandbox.py``.
+the whole process tree, ``copy_in`` files, ``evaluate`` the task's tree, ``destroy`` it. Task-level work
+(unpacking the repository, grading the tests) is written once over exec and copy_in in
+``envs/task_sandbox.py``; ``evaluate`` defaults to it.
 
 Adding a backend is adding one module that subclasses ``EnvironmentBackend`` and decorates it with
 ``@register_backend("name")`` in ``envs/<name>_backend.py``; ``MEGAFLOW_ENV_BACKEND`` selects it by name.
@@ -16,8 +17,12 @@ import importlib
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from django.conf import settings
+
+if TYPE_CHECKING:
+    from envs.task_sandbox import Evaluation
 
 
 class SandboxError(Exception):
@@ -166,6 +171,13 @@ class EnvironmentBackend(abc.ABC):
     @abc.abstractmethod
     def destroy(self, sandbox_id: str) -> None:
         """Remove the sandbox and everything in it; a sandbox that is already gone is not an error."""
+
+    def evaluate(self, sandbox_id: str, task) -> Evaluation:
+        """Grade the task's tree in the sandbox (see envs/task_sandbox.py); written once over exec and copy_in,
+        and open to a backend with a faster native way."""
+        from envs import task_sandbox
+
+        return task_sandbox.evaluate(self, sandbox_id, task)
 
     def is_alive(self, sandbox_id: str) -> bool:
         """Whether the sandbox still runs (the warm pool checks before lending one)."""

@@ -104,7 +104,7 @@ def evaluate_episode(episode_id: int, pool: str) -> dict:
         return fail_episode(episode_id, "no sandbox to evaluate", pool)
     _update(episode_id, status=Episode.Status.EVALUATING)
     try:
-        evaluation = task_sandbox.evaluate(get_backend(), episode.container_id, episode.task)
+        evaluation = get_backend().evaluate(episode.container_id, episode.task)
     except SandboxError as error:
         return fail_episode(episode_id, f"evaluation failed: {error.reason}", pool)
     finished = Episode.objects.filter(pk=episode_id, status=Episode.Status.EVALUATING)

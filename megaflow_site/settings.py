@@ -146,6 +146,9 @@ if _database["ENGINE"] == "django.db.backends.sqlite3":
     _database["OPTIONS"] = {"timeout": 30, "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;"}
     # Tests hand the database to worker subprocesses, so the SQLite test database must be a file.
     _database["TEST"] = {"NAME": str(DATA_DIR / "test-megaflow.sqlite3")}
+elif test_slot := env_str("MEGAFLOW_TEST_SLOT", ""):
+    # Concurrent test sessions (tests/session_env.py) each get their own PostgreSQL test database.
+    _database["TEST"] = {"NAME": f"test_{_database['NAME']}_{test_slot}"}
 DATABASES = {"default": _database}
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 

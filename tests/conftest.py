@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import subprocess
@@ -103,6 +104,13 @@ class CeleryWorkers:
             if pending and time.monotonic() > deadline:
                 raise RuntimeError(f"workers {sorted(pending)} did not answer within {WORKER_START_TIMEOUT_S} s")
 
+    def restart(self, queue: str) -> WorkerProcess:
+        """Stop the queue's worker and start a new one in its place (worker start-up hooks run again)."""
+        self.stop(self.by_queue[queue])
+        worker = self.start(self.by_queue[queue].spec)
+        self.wait_ready([worker])
+        return worker
+
     def stop(self, worker: WorkerProcess, sig: int = signal.SIGTERM, timeout: float = 20) -> None:
         if worker.process.poll() is None:
             worker.process.send_signal(sig)
@@ -142,15 +150,27 @@ def celery_workers(django_db_setup, django_db_blocker, broker) -> CeleryWorkers:
 SESSION_STARTED = time.time()
 
 
+def deployment_of(database: str) -> str:
+    """The ``megaflow.deployment`` label of processes using ``database`` (settings.MEGAFLOW_DEPLOYMENT)."""
+    return hashlib.sha256(database.encode()).hexdigest()[:12]
+
+
 @pytest.fixture(scope="session", autouse=True)
-def _remove_this_sessions_containers():
-    """Whatever a test left behind, no container this session created outlives it."""
+def _remove_this_sessions_containers(django_db_setup, django_db_blocker):
+    """Whatever a test left behind, no container this session created outlives it (and no other session's
+    container is touched: the test process and its workers have deployment labels of their own)."""
+    from django.db import connection
+
+    with django_db_blocker.unblock():
+        ours = {settings.MEGAFLOW_DEPLOYMENT, deployment_of(database_url(connection.settings_dict))}
     yield
     import docker
 
     client = docker.from_env()
     for container in client.containers.list(all=True, filters={"label": "megaflow.managed=1"}):
-        if float(container.labels.get("megaflow.created") or 0) >= SESSION_STARTED - 1:
+        labels = container.labels
+        created = float(labels.get("megaflow.created") or 0)
+        if labels.get("megaflow.deployment") in ours and created >= SESSION_STARTED - 1:
             container.remove(force=True)
 
 

@@ -3,12 +3,31 @@
 The test session gets its own Redis database and data directory, so `make test` never touches the queues or
 the SQLite file of a stack that `make up` started on the same machine. Two models and two pools are declared
 so the routing tests can tell queues of the same service apart.
+
+Sessions running at the same time on one machine (a fresh-clone check beside a working tree) would steal each
+other's Celery messages and share a PostgreSQL test database; each session therefore holds one of a few
+isolation slots (an flock, released when the process ends) that picks its Redis database, its test database
+name and the ports of the stack it starts.
 """
 
+import fcntl
 import os
 from pathlib import Path
 
-os.environ.setdefault("MEGAFLOW_REDIS_URL", "redis://127.0.0.1:6379/15")
+SLOTS = (15, 13, 11, 9)
+
+for slot in SLOTS:
+    _lock = open(f"/tmp/megaflow-test-slot-{slot}.lock", "w")  # held for the whole session
+    try:
+        fcntl.flock(_lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        break
+    except BlockingIOError:
+        _lock.close()
+else:
+    raise SystemExit(f"megaflow: {len(SLOTS)} test sessions already run on this machine -- wait for one to end")
+
+os.environ.setdefault("MEGAFLOW_REDIS_URL", f"redis://127.0.0.1:6379/{slot}")
+os.environ.setdefault("MEGAFLOW_TEST_SLOT", str(slot))
 os.environ.setdefault("MEGAFLOW_DATA_DIR", str(Path(__file__).resolve().parent.parent / "var" / "test"))
 os.environ.setdefault("MEGAFLOW_MODELS", "replay,sim")
 os.environ.setdefault("MEGAFLOW_ENV_POOLS", "default,heavy")

@@ -30,15 +30,17 @@ def alive(pid: int) -> bool:
 
 @pytest.mark.integration
 def test_up_is_idempotent_and_down_stops_only_what_up_started(tmp_path):
-    redis_url = "redis://127.0.0.1:6379/14"
+    slot = int(os.environ["MEGAFLOW_TEST_SLOT"])  # tests/session_env.py: this session's own Redis db and ports
+    redis_url = f"redis://127.0.0.1:6379/{slot - 1}"
+    web_port, flower_port = 18700 + 2 * slot, 18701 + 2 * slot
     env = {
         "MEGAFLOW_DATA_DIR": str(tmp_path / "var"),
         "DATABASE_URL": "",
         "MEGAFLOW_REDIS_URL": redis_url,
         "MEGAFLOW_MODELS": "replay",
         "MEGAFLOW_ENV_POOLS": "default",
-        "MEGAFLOW_WEB_PORT": "18731",
-        "MEGAFLOW_FLOWER_PORT": "18732",
+        "MEGAFLOW_WEB_PORT": str(web_port),
+        "MEGAFLOW_FLOWER_PORT": str(flower_port),
     }
     run_dir = tmp_path / "var" / "run"
     bystander = subprocess.Popen(["sleep", "300"])  # running before `up`, not started by it
@@ -49,7 +51,7 @@ def test_up_is_idempotent_and_down_stops_only_what_up_started(tmp_path):
         assert all(alive(pid) for pid in pids.values())
         for name in STACK:
             assert f"{name}: started" in first.stdout
-        with urllib.request.urlopen("http://127.0.0.1:18731/healthz", timeout=5) as response:
+        with urllib.request.urlopen(f"http://127.0.0.1:{web_port}/healthz", timeout=5) as response:
             assert response.status == 200
 
         second = stack("up", env)

@@ -78,3 +78,23 @@ def test_orphan_reasons_respect_the_grace_period():
     entry = {"Id": "c1", "State": "running", "Labels": {"megaflow.created": str(int(now - 10)), "megaflow.episode": ""}}
     assert reaper.orphan_reasons([entry], grace_s=60, now=now) == {}
     assert reaper.orphan_reasons([entry], grace_s=5, now=now) == {"c1": "container names no episode"}
+
+
+@pytest.mark.django_db(transaction=True)
+def test_an_env_worker_reaps_orphans_when_it_starts(celery_workers, docker_backend, settings):
+    from django.db import connection
+
+    from tests.conftest import database_url, deployment_of
+
+    # An orphan of the workers' deployment (they use the test database), created long before the grace period.
+    deployment = deployment_of(database_url(connection.settings_dict))
+    orphan = docker.from_env().containers.run(
+        settings.MEGAFLOW_BASE_IMAGE, ["sleep", "600"], detach=True, network_mode="none",
+        labels={"megaflow.managed": "1", "megaflow.episode": "424242", "megaflow.deployment": deployment,
+                "megaflow.created": str(int(time.time()) - 3600)},
+    )  # fmt: skip
+    celery_workers.restart("env.default")
+    deadline = time.monotonic() + 30
+    while docker_backend.is_alive(orphan.id) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not docker_backend.is_alive(orphan.id), "the restarted env worker reaped the orphan"
