@@ -46,13 +46,25 @@ def test_no_more_than_the_cap_start_at_once(settings):
     assert startup_control.starting_now() == 0, "every slot was given back"
 
 
-def test_the_creation_rate_holds_in_every_window(settings):
+def test_the_creation_rate_holds_in_every_window(settings, monkeypatch):
     settings.MEGAFLOW_START_CONCURRENCY = 100
     settings.MEGAFLOW_START_RATE = "4/second"
+    limiter, rate = startup_control._rate_limiter()
+    admitted, real_hit = [], limiter.hit
+
+    def hit(*args, **kwargs):
+        allowed = real_hit(*args, **kwargs)
+        if allowed:
+            admitted.append(time.monotonic())  # when the limiter let a start through, not when its thread ran on
+        return allowed
+
+    monkeypatch.setattr(limiter, "hit", hit)
     _, entered = run_through_gate(12, hold_s=0)
-    assert len(entered) == 12
-    # A moving window: no second-long span saw more than four starts.
-    assert max(sum(1 for t in entered if start <= t < start + 0.98) for start in entered) <= 4
+    assert len(entered) == len(admitted) == 12
+    # A moving window: no second-long span admitted more than four starts.
+    admitted.sort()
+    assert max(sum(1 for t in admitted if start <= t < start + 0.9) for start in admitted) <= 4
+    assert admitted[-1] - admitted[0] >= 2.0, "12 starts at 4/second span at least two full windows"
 
 
 def test_a_slot_held_by_a_dead_worker_expires(settings, broker):
