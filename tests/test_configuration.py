@@ -110,3 +110,13 @@ def test_preflight_passes_on_the_test_machine():
     result = run_manage("megaflow", "preflight", env={"DATABASE_URL": settings.DATABASE_URL})
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["ok:", "database", "ok:", "redis", "ok:", "docker"]
+
+
+def test_beat_runs_the_reaper_on_every_pools_queue():
+    from megaflow_site.topology import route_task
+
+    schedule = app.conf.beat_schedule
+    for pool in settings.MEGAFLOW_ENV_POOLS:
+        entry = schedule[f"reap-orphans-{pool}"]
+        assert entry["task"] == "envs.reap_orphans" and entry["schedule"] == settings.MEGAFLOW_REAPER_INTERVAL_S
+        assert route_task(entry["task"], (), entry["kwargs"], {}) == {"queue": f"env.{pool}"}
