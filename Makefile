@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export MEGAFLOW_VENV := $(abspath $(VENV))
 
-.PHONY: help bootstrap up down status demo test lint workers bench-env
+.PHONY: help bootstrap up down status demo test lint workers bench-env bench-model
 
 help:
 	@echo "make demo    run the demo on the embedded default (SQLite, local Redis, local Docker)"
@@ -13,6 +13,7 @@ help:
 	@echo "make status  show the local stack"
 	@echo "make workers print the worker command of every queue"
 	@echo "make bench-env  Environment Service vs the raw docker SDK (writes bench-env-results.json)"
+	@echo "make bench-model  gateway overhead and server batch sizes (writes bench-model-results.json)"
 
 bootstrap:
 	@deploy/bootstrap.sh
@@ -40,3 +41,6 @@ test: lint
 
 bench-env: bootstrap
 	@$(PY) -m envs.bench
+
+bench-model: bootstrap
+	@$(PY) -m modelserving.bench

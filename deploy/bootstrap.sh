@@ -79,12 +79,14 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PYTHON" -m venv "$VENV"
 fi
 stamp="$VENV/.requirements.sha256"
-wanted=$(sha256sum <"$ROOT/requirements.txt" | cut -d" " -f1)
+# requirements-model.txt (CPU torch + transformers) serves the hf backend and the tiny-model tests.
+wanted=$(cat "$ROOT/requirements.txt" "$ROOT/requirements-model.txt" | sha256sum | cut -d" " -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" = "$wanted" ]; then
-  step "Virtualenv: requirements.txt already installed"
+  step "Virtualenv: requirements.txt and requirements-model.txt already installed"
 else
-  step "Virtualenv: installing requirements.txt"
-  "$VENV/bin/pip" install -q --disable-pip-version-check -r "$ROOT/requirements.txt" >"$LOG_DIR/pip.log" 2>&1 \
-    || fail "pip could not install requirements.txt -- see $LOG_DIR/pip.log"
+  step "Virtualenv: installing requirements.txt and requirements-model.txt (CPU torch: a minute or two, once)"
+  "$VENV/bin/pip" install -q --disable-pip-version-check -r "$ROOT/requirements.txt" \
+    -r "$ROOT/requirements-model.txt" >"$LOG_DIR/pip.log" 2>&1 \
+    || fail "pip could not install the requirements -- see $LOG_DIR/pip.log"
   printf '%s\n' "$wanted" >"$stamp"
 fi

@@ -16,6 +16,7 @@ from django.utils import timezone
 
 from envs import task_sandbox, warm_pool
 from envs.backend import SandboxError, get_backend
+from orchestrator import episodes
 from orchestrator.models import Episode
 
 logger = logging.getLogger("megaflow.envs")
@@ -47,7 +48,7 @@ def _release(container_id: str, pool: str) -> None:
 def fail_episode(episode_id: int, reason: str, pool: str, status: str = Episode.Status.FAILED) -> dict:
     """Record a failure with its reason and release the episode's sandbox."""
     container_id = Episode.objects.filter(pk=episode_id).values_list("container_id", flat=True).first() or ""
-    _update(episode_id, status=status, failure_reason=reason[:4000], finished_at=timezone.now())
+    episodes.record_failure(episode_id, reason, status)
     _release(container_id, pool)
     logger.info("episode %s %s: %s", episode_id, status, reason)
     return {"ok": False, "episode_id": episode_id, "error": reason}

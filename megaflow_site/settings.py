@@ -5,6 +5,7 @@ Docker daemon. Every knob is an environment variable; README.md lists them.
 """
 
 import hashlib
+import json
 import os
 import secrets
 from pathlib import Path
@@ -94,6 +95,7 @@ INSTALLED_APPS = [
     "django.contrib.messages",
     "django.contrib.staticfiles",
     "rest_framework",
+    "rest_framework.authtoken",
     "orchestrator",
     # The three services: each package's tasks.py is found by Celery's autodiscovery.
     "agents",
@@ -173,6 +175,8 @@ LOGGING = {
     "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
     "root": {"handlers": ["console"], "level": env_str("MEGAFLOW_LOG_LEVEL", "INFO")},
+    # One line per HTTP request to an inference server is noise at hundreds of requests per second.
+    "loggers": {"httpx": {"level": "WARNING"}},
 }
 
 # --- Services ------------------------------------------------------------------------------------------------
@@ -187,6 +191,24 @@ MEGAFLOW_WEB_PORT = env_int("MEGAFLOW_WEB_PORT", 8000)
 MEGAFLOW_FLOWER_PORT = env_int("MEGAFLOW_FLOWER_PORT", 5555)
 # Docker daemon address for the preflight check; the docker SDK itself also honours DOCKER_HOST.
 DOCKER_HOST = env_str("DOCKER_HOST", "unix:///var/run/docker.sock")
+
+# --- Model service ------------------------------------------------------------------------------------------
+# Per-model backend configuration, JSON: {"qwen3-8b": {"backend": "vllm", "model_path": "...", "gpus": "0"}}.
+# A model without an entry uses the backend of its own name (replay, sim) or else "openai" at MEGAFLOW_MODEL_URL.
+MEGAFLOW_MODEL_URL = env_str("MEGAFLOW_MODEL_URL", "http://127.0.0.1:8001/v1")
+try:
+    MEGAFLOW_MODEL_CONFIG = json.loads(env_str("MEGAFLOW_MODEL_CONFIG", "{}"))
+    if not isinstance(MEGAFLOW_MODEL_CONFIG, dict) or not all(
+        isinstance(entry, dict) and "backend" in entry for entry in MEGAFLOW_MODEL_CONFIG.values()
+    ):
+        raise ValueError
+except ValueError:
+    raise ConfigError(
+        "MEGAFLOW_MODEL_CONFIG is not a JSON object of model configs",
+        'write it as {"model-name": {"backend": "openai", "base_url": "http://host:8000/v1"}}',
+    ) from None
+# The gateway waits this long for a model worker's answer before replying 504.
+MEGAFLOW_GATEWAY_TIMEOUT_S = env_int("MEGAFLOW_GATEWAY_TIMEOUT_S", 300)
 
 # --- Environment service --------------------------------------------------------------------------------------
 # "docker" runs each episode in a locked-down container; "local" (a temp dir, bubblewrap when installed) is for

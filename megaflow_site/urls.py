@@ -1,9 +1,11 @@
-"""Top-level URLs: the admin and a health check for load balancers and ``make up``."""
+"""Top-level URLs: the admin, a health check for load balancers and ``make up``, the OpenAI gateway."""
 
 from django.contrib import admin
 from django.db import connection
 from django.http import JsonResponse
 from django.urls import path
+
+from modelserving.gateway import ChatCompletionsView, ModelsView
 
 
 def healthz(request):
@@ -19,4 +21,7 @@ admin.site.site_title = "MegaFlow admin"
 urlpatterns = [
     path("admin/", admin.site.urls),
     path("healthz", healthz, name="healthz"),
+    # The OpenAI-compatible gateway to the Model Service (modelserving/gateway.py).
+    path("v1/chat/completions", ChatCompletionsView.as_view(), name="openai-chat-completions"),
+    path("v1/models", ModelsView.as_view(), name="openai-models"),
 ]

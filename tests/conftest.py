@@ -208,3 +208,51 @@ def swe_mini(db):
     from orchestrator.task_format import load_dataset
 
     return load_dataset(SWE_MINI, "swe_mini")
+
+
+# --- Model service ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    """A tiny causal LM built locally (random weights, a tokenizer trained on the suite's sources)."""
+    from modelserving.tiny_model import build_tiny_model
+
+    return build_tiny_model(settings.DATA_DIR / "tiny-model")
+
+
+def start_model_server(model_path, name: str, port: int, log: Path) -> subprocess.Popen:
+    argv = [sys.executable, "-m", "modelserving.hf_server", "--model-path", str(model_path),
+            "--served-model-name", name, "--port", str(port)]  # fmt: skip
+    return subprocess.Popen(argv, cwd=REPO, stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def wait_healthy(url: str, process: subprocess.Popen, timeout_s: float = 60) -> None:
+    import urllib.request
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"model server exited with {process.returncode}")
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=1):
+                return
+        except OSError:
+            time.sleep(0.2)
+    raise RuntimeError(f"model server at {url} not healthy after {timeout_s} s")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_server(tiny_model):
+    """modelserving.hf_server serving the tiny model as "tiny" on this session's port; yields its base URL."""
+    port = int(os.environ["MEGAFLOW_TINY_MODEL_PORT"])
+    url = f"http://127.0.0.1:{port}"
+    log = settings.DATA_DIR / "log" / "tiny-model-server.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    process = start_model_server(tiny_model, "tiny", port, log)
+    try:
+        wait_healthy(url, process)
+        yield url
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(20)

@@ -2,7 +2,8 @@
 
 The test session gets its own Redis database and data directory, so `make test` never touches the queues or
 the SQLite file of a stack that `make up` started on the same machine. Two models and two pools are declared
-so the routing tests can tell queues of the same service apart.
+so the routing tests can tell queues of the same service apart; the models are the replay policy, the sim
+backend, and a real tiny model behind an OpenAI-compatible server.
 
 Sessions running at the same time on one machine (a fresh-clone check beside a working tree) would steal each
 other's Celery messages and share a PostgreSQL test database; each session therefore holds one of a few
@@ -11,6 +12,7 @@ name and the ports of the stack it starts.
 """
 
 import fcntl
+import json
 import os
 from pathlib import Path
 
@@ -29,5 +31,22 @@ else:
 os.environ.setdefault("MEGAFLOW_REDIS_URL", f"redis://127.0.0.1:6379/{slot}")
 os.environ.setdefault("MEGAFLOW_TEST_SLOT", str(slot))
 os.environ.setdefault("MEGAFLOW_DATA_DIR", str(Path(__file__).resolve().parent.parent / "var" / "test"))
-os.environ.setdefault("MEGAFLOW_MODELS", "replay,sim")
+os.environ.setdefault("MEGAFLOW_MODELS", "replay,sim,tiny")
+# "tiny" is a real tiny model served by modelserving.hf_server (the tiny_model_server fixture starts it).
+TINY_MODEL_PORT = 18800 + slot
+os.environ.setdefault("MEGAFLOW_TINY_MODEL_PORT", str(TINY_MODEL_PORT))
+os.environ.setdefault(
+    "MEGAFLOW_MODEL_CONFIG",
+    json.dumps(
+        {
+            "sim": {"backend": "sim", "latency_s": 0.05, "steps": 3},
+            "tiny": {
+                "backend": "openai",
+                "base_url": f"http://127.0.0.1:{TINY_MODEL_PORT}/v1",
+                "max_attempts": 2,
+                "backoff_s": 0.05,
+            },
+        }
+    ),
+)
 os.environ.setdefault("MEGAFLOW_ENV_POOLS", "default,heavy")

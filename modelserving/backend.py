@@ -1,0 +1,151 @@
+"""The Model Service's one backend interface, its value types, and the registry that picks a backend per model.
+
+A backend turns a batch of chat requests into generations: text, finish reason, token counts, and token ids
+and logprobs when the engine gives them (RL trainers need them). Which backend serves a model name is
+configuration (``MEGAFLOW_MODEL_CONFIG``), and adding a backend is adding ``modelserving/<name>_backend.py``
+with a class decorated ``@register_backend("<name>")``.
+"""
+
+from __future__ import annotations
+
+import abc
+import functools
+import importlib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from django.conf import settings
+
+
+class ModelError(Exception):
+    """A request could not be served; ``reason`` is what gets recorded on the episode."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+class UnknownModel(ModelError):
+    def __init__(self, name: str):
+        super().__init__(f"unknown model {name!r}: MEGAFLOW_MODELS lists {', '.join(settings.MEGAFLOW_MODELS)}")
+        self.name = name
+
+
+class ContextLengthExceeded(ModelError):
+    """The prompt does not fit the model's context window: the episode fails, nothing is retried."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.0
+    top_p: float = 1.0
+    max_tokens: int = 512
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    logprobs: bool = False
+
+    @classmethod
+    def from_dict(cls, data: dict | None) -> SamplingParams:
+        data = dict(data or {})
+        data["stop"] = tuple(data.get("stop") or ())
+        return cls(**{key: value for key, value in data.items() if key in cls.__dataclass_fields__})
+
+
+@dataclass
+class GenerationRequest:
+    """One chat completion to make. ``context`` carries what non-neural backends need (replay: the task)."""
+
+    request_id: str
+    messages: list[dict]
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    context: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> GenerationRequest:
+        return cls(
+            request_id=str(data["request_id"]),
+            messages=list(data["messages"]),
+            sampling=SamplingParams.from_dict(data.get("sampling")),
+            context=dict(data.get("context") or {}),
+        )
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "sampling": {**asdict(self.sampling), "stop": list(self.sampling.stop)}}
+
+
+@dataclass
+class Generation:
+    """The outcome of one request. ``error`` is set (and ``finish_reason`` is "error") when it failed."""
+
+    request_id: str
+    text: str = ""
+    finish_reason: str = "stop"
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    token_ids: list[int] | None = None
+    logprobs: list[float] | None = None
+    latency_s: float = 0.0
+    error: str = ""
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+class ModelBackend(abc.ABC):
+    """Generation for one model name. Implementations must be safe to call from many threads at once."""
+
+    name: str = ""
+
+    def __init__(self, model: str, **options):
+        if options:
+            raise ModelError(f"backend {self.name!r} of model {model!r} has no option(s) {', '.join(sorted(options))}")
+        self.model = model
+
+    @abc.abstractmethod
+    def generate(self, requests: list[GenerationRequest]) -> list[Generation]:
+        """One generation per request, in order. A request that fails gets a Generation with ``error`` set;
+        the batch as a whole raises ``ModelError`` only when nothing could be served."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook: most backends hold nothing to release
+        """Release connections and subprocesses."""
+
+
+_BACKENDS: dict[str, type[ModelBackend]] = {}
+
+
+def register_backend(name: str):
+    """Class decorator: make a backend selectable by ``name`` (its module is ``modelserving/<name>_backend.py``)."""
+
+    def decorate(cls: type[ModelBackend]) -> type[ModelBackend]:
+        cls.name = name
+        _BACKENDS[name] = cls
+        return cls
+
+    return decorate
+
+
+def available_backends() -> list[str]:
+    return sorted(path.stem.removesuffix("_backend") for path in Path(__file__).parent.glob("*_backend.py"))
+
+
+def model_config(model: str) -> dict:
+    """``{"backend": ..., **options}`` for a model name: its entry in ``MEGAFLOW_MODEL_CONFIG``, else the
+    backend of the same name (``replay``, ``sim``), else ``openai`` at ``MEGAFLOW_MODEL_URL``."""
+    if model not in settings.MEGAFLOW_MODELS:
+        raise UnknownModel(model)
+    if model in settings.MEGAFLOW_MODEL_CONFIG:
+        return dict(settings.MEGAFLOW_MODEL_CONFIG[model])
+    if model in available_backends():
+        return {"backend": model}
+    return {"backend": "openai", "base_url": settings.MEGAFLOW_MODEL_URL, "served_model": model}
+
+
+@functools.cache
+def get_backend(model: str) -> ModelBackend:
+    """The process-wide backend serving ``model``."""
+    config = model_config(model)
+    name = config.pop("backend")
+    if name not in available_backends():
+        raise ModelError(f"model {model!r} names backend {name!r}; choose one of {', '.join(available_backends())}")
+    importlib.import_module(f"modelserving.{name}_backend")
+    return _BACKENDS[name](model, **config)

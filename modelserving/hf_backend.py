@@ -1,0 +1,135 @@
+"""The ``hf`` backend: Hugging Face transformers ``generate``, batched, on CPU or GPU, for small models.
+
+Options: ``model_path`` (a local directory: no hub downloads), ``device`` ("cpu", "cuda:0"), ``max_batch``
+(default 16), ``context_length`` (default: the model's ``max_position_embeddings``). Requests whose sampling
+parameters match run as one padded batch; one batch runs at a time per backend. torch and transformers are
+imported only here, so CPU-only workers never load them.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from itertools import groupby
+
+from modelserving.backend import Generation, GenerationRequest, ModelBackend, ModelError, register_backend
+
+
+@register_backend("hf")
+class HFBackend(ModelBackend):
+    def __init__(
+        self,
+        model: str,
+        model_path: str,
+        device: str = "cpu",
+        max_batch: int = 16,
+        context_length: int | None = None,
+        **options,
+    ):
+        super().__init__(model, **options)
+        try:
+            import torch
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+        except ImportError:
+            raise ModelError(
+                "the hf backend needs torch and transformers (pip install -r requirements-model.txt)"
+            ) from None
+        self.torch = torch
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        self.tokenizer.padding_side = "left"
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.engine = AutoModelForCausalLM.from_pretrained(model_path).to(device).eval()
+        self.device = device
+        self.max_batch = int(max_batch)
+        self.context_length = int(context_length or self.engine.config.max_position_embeddings)
+        self._lock = threading.Lock()
+
+    def prompt_ids(self, request: GenerationRequest) -> list[int]:
+        return list(
+            self.tokenizer.apply_chat_template(
+                request.messages, add_generation_prompt=True, tokenize=True, return_dict=False
+            )
+        )
+
+    def check_length(self, request: GenerationRequest, prompt_tokens: int) -> str:
+        """The context-length error for a request, or ''. The wording follows vLLM's, which clients match on."""
+        wanted = prompt_tokens + request.sampling.max_tokens
+        if wanted <= self.context_length:
+            return ""
+        return (
+            f"This model's maximum context length is {self.context_length} tokens. However, you requested {wanted} "
+            f"tokens ({prompt_tokens} in the messages, {request.sampling.max_tokens} in the completion)."
+        )
+
+    def generate(self, requests: list[GenerationRequest]) -> list[Generation]:
+        results: dict[str, Generation] = {}
+        runnable = []
+        for request in requests:
+            ids = self.prompt_ids(request)
+            if error := self.check_length(request, len(ids)):
+                results[request.request_id] = Generation(
+                    request.request_id, finish_reason="error", prompt_tokens=len(ids), error=error
+                )
+            else:
+                runnable.append((request, ids))
+        by_params = sorted(runnable, key=lambda item: repr(item[0].sampling))
+        for _, group in groupby(by_params, key=lambda item: repr(item[0].sampling)):
+            group = list(group)
+            for start in range(0, len(group), self.max_batch):
+                for generation in self._generate_batch(group[start : start + self.max_batch]):
+                    results[generation.request_id] = generation
+        return [results[request.request_id] for request in requests]
+
+    def _generate_batch(self, batch: list[tuple[GenerationRequest, list[int]]]) -> list[Generation]:
+        torch, tokenizer = self.torch, self.tokenizer
+        sampling = batch[0][0].sampling
+        started = time.monotonic()
+        width = max(len(ids) for _, ids in batch)
+        input_ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
+        attention = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, (_, ids) in enumerate(batch):
+            input_ids[row, width - len(ids) :] = torch.tensor(ids)
+            attention[row, width - len(ids) :] = 1
+        if sampling.seed is not None:
+            torch.manual_seed(sampling.seed)
+        with self._lock, torch.no_grad():
+            output = self.engine.generate(
+                input_ids=input_ids.to(self.device),
+                attention_mask=attention.to(self.device),
+                max_new_tokens=sampling.max_tokens,
+                do_sample=sampling.temperature > 0,
+                temperature=sampling.temperature if sampling.temperature > 0 else None,
+                top_p=sampling.top_p if sampling.temperature > 0 else None,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                return_dict_in_generate=True,
+                output_scores=sampling.logprobs,
+            )
+            scores = None
+            if sampling.logprobs:
+                scores = self.engine.compute_transition_scores(output.sequences, output.scores, normalize_logits=True)
+        latency = time.monotonic() - started
+        generations = []
+        for row, (request, ids) in enumerate(batch):
+            new = output.sequences[row, width:].tolist()
+            finish = "length"
+            if tokenizer.eos_token_id in new:
+                new, finish = new[: new.index(tokenizer.eos_token_id)], "stop"
+            text = tokenizer.decode(new, skip_special_tokens=True)
+            for stop in request.sampling.stop:
+                if stop in text:
+                    text, finish = text[: text.index(stop)], "stop"
+            generations.append(
+                Generation(
+                    request_id=request.request_id,
+                    text=text,
+                    finish_reason=finish,
+                    prompt_tokens=len(ids),
+                    completion_tokens=len(new),
+                    token_ids=new,
+                    latency_s=latency,
+                    logprobs=scores[row, : len(new)].tolist() if scores is not None else None,
+                )
+            )
+        return generations

@@ -1,0 +1,93 @@
+"""The ``vllm`` backend: a GPU worker that runs and supervises its own ``vllm serve`` on its GPU(s).
+
+The worker process starts ``vllm serve <model_path>`` (``CUDA_VISIBLE_DEVICES=<gpus>``), waits for ``/health``,
+restarts it if it dies, and forwards every request through the ``openai`` backend, so its 32 worker threads
+keep the server's continuous batching fed. ``load()`` reads the server's ``/metrics`` (KV-cache usage,
+requests running and waiting, token throughput) for scheduling and autoscaling. vllm itself is installed only
+on GPU workers (requirements-gpu.txt); the backend only needs the ``vllm`` command.
+
+Options: ``model_path``, ``port`` (8100), ``gpus`` (e.g. "0,1"), ``extra_args`` (list, e.g.
+["--tensor-parallel-size", "2"]), ``command`` (replaces the whole command line), ``startup_timeout_s``, and
+the ``openai`` backend's options.
+"""
+
+from __future__ import annotations
+
+import time
+
+from django.conf import settings
+
+from modelserving.backend import Generation, GenerationRequest, ModelBackend, register_backend
+from modelserving.openai_backend import OpenAIBackend
+from modelserving.supervisor import ServerSupervisor
+
+# vLLM renamed its KV-cache gauge in v0.7; read whichever the server exports.
+KV_CACHE_METRICS = ("vllm:gpu_cache_usage_perc", "vllm:kv_cache_usage_perc")
+
+
+@register_backend("vllm")
+class VLLMBackend(ModelBackend):
+    def __init__(
+        self,
+        model: str,
+        model_path: str = "",
+        port: int = 8100,
+        gpus: str | None = None,
+        extra_args: list[str] | None = None,
+        command: list[str] | None = None,
+        startup_timeout_s: float = 900,
+        restart_backoff_s: float = 2,
+        **openai_options,
+    ):
+        super().__init__(model)
+        base_url = f"http://127.0.0.1:{port}"
+        command = command or [
+            "vllm",
+            "serve",
+            model_path,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--served-model-name",
+            model,
+            *(extra_args or []),
+        ]
+        env = {"CUDA_VISIBLE_DEVICES": gpus} if gpus is not None else {}
+        self.supervisor = ServerSupervisor(
+            command,
+            base_url,
+            settings.DATA_DIR / "log" / f"model-server-{model}.log",
+            env=env,
+            startup_timeout_s=startup_timeout_s,
+            restart_backoff_s=restart_backoff_s,
+        )
+        self.supervisor.start()
+        self.http = OpenAIBackend(model, base_url=f"{base_url}/v1", served_model=model, **openai_options)
+        self._last_tokens: tuple[float, float] | None = None
+
+    def generate(self, requests: list[GenerationRequest]) -> list[Generation]:
+        self.supervisor.ensure_running()
+        return self.http.generate(requests)
+
+    def load(self) -> dict[str, float]:
+        """The server's load now: KV-cache usage (0..1), requests running and waiting, tokens/s since the last
+        call."""
+        metrics = self.supervisor.metrics()
+        tokens = metrics.get("vllm:generation_tokens_total", 0.0) + metrics.get("vllm:prompt_tokens_total", 0.0)
+        now = time.monotonic()
+        rate = 0.0
+        if self._last_tokens is not None and now > self._last_tokens[0]:
+            rate = (tokens - self._last_tokens[1]) / (now - self._last_tokens[0])
+        self._last_tokens = (now, tokens)
+        return {
+            "kv_cache_usage": next((metrics[name] for name in KV_CACHE_METRICS if name in metrics), 0.0),
+            "requests_running": metrics.get("vllm:num_requests_running", 0.0),
+            "requests_waiting": metrics.get("vllm:num_requests_waiting", 0.0),
+            "tokens_per_s": rate,
+            "restarts": float(self.supervisor.restarts),
+        }
+
+    def close(self) -> None:
+        self.http.close()
+        self.supervisor.stop()

@@ -1,0 +1,146 @@
+"""Model backends: sim and replay, and the HTTP path against a real tiny model in a real OpenAI-compatible server."""
+
+import re
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from envs import task_sandbox
+from modelserving.backend import GenerationRequest, SamplingParams, UnknownModel, get_backend, model_config
+from modelserving.supervisor import read_metrics
+from orchestrator.models import Episode, Run
+
+BASH_BLOCK = re.compile(r"```bash\n(.*?)\n```", re.DOTALL)
+
+
+def ask(content: str, request_id: str = "r", history: list[dict] | None = None, **sampling) -> GenerationRequest:
+    messages = [*(history or []), {"role": "user", "content": content}]
+    return GenerationRequest(request_id, messages, SamplingParams(**sampling))
+
+
+def test_model_names_select_their_backends(settings):
+    assert model_config("replay") == {"backend": "replay"}
+    assert model_config("sim")["backend"] == "sim"
+    assert model_config("tiny")["backend"] == "openai"
+    with pytest.raises(UnknownModel, match="unknown model 'gpt-nope'"):
+        model_config("gpt-nope")
+
+
+def test_sim_scripts_a_fixed_number_of_steps():
+    sim = get_backend("sim")  # 3 steps (tests/session_env.py)
+    history = []
+    actions = []
+    for step in range(3):
+        [reply] = sim.generate([ask(f"observation {step}", history=history)])
+        actions.append(BASH_BLOCK.search(reply.text).group(1))
+        history += [{"role": "user", "content": f"observation {step}"}, {"role": "assistant", "content": reply.text}]
+    assert actions == ["echo step 0", "echo step 1", "echo MEGAFLOW_SUBMIT"]
+
+
+@pytest.mark.integration
+@pytest.mark.django_db
+def test_replay_plays_the_reference_solution_in_a_real_sandbox(docker_backend, swe_mini):
+    task = swe_mini.tasks.get(instance_id="ledger-3")
+    request = GenerationRequest(
+        "r", [{"role": "user", "content": task.problem_statement}], context={"task_id": task.pk}
+    )
+    [reply] = get_backend("replay").generate([request])
+    assert reply.text.startswith("# replay policy: applying the task's reference solution")
+    sandbox_id = docker_backend.create(task_sandbox.sandbox_spec(task))
+    try:
+        task_sandbox.prepare(docker_backend, sandbox_id, task)
+        result = docker_backend.exec(sandbox_id, BASH_BLOCK.search(reply.text).group(1), 60, workdir=task.workdir)
+        assert result.output.strip() == "MEGAFLOW_SUBMIT"
+        assert docker_backend.evaluate(sandbox_id, task).reward == 1.0
+    finally:
+        docker_backend.destroy(sandbox_id)
+    followup = ask("again", history=[{"role": "assistant", "content": reply.text}], request_id="r2")
+    assert BASH_BLOCK.search(get_backend("replay").generate([followup])[0].text).group(1) == "echo MEGAFLOW_SUBMIT"
+
+
+def test_replay_without_a_task_is_an_error_not_a_crash():
+    [reply] = get_backend("replay").generate([ask("hello")])
+    assert reply.finish_reason == "error" and "names no task" in reply.error
+
+
+@pytest.mark.django_db
+def test_a_model_failure_is_recorded_on_the_episode(swe_mini):
+    from modelserving import service
+
+    run = Run.objects.create(model_name="gpt-nope")
+    episode = Episode.objects.create(run=run, task=swe_mini.tasks.first(), sample_index=0)
+    with pytest.raises(UnknownModel):
+        service.publish_generation("gpt-nope", [ask("hi").as_dict()], episode_id=episode.pk)
+    episode.refresh_from_db()
+    assert episode.status == Episode.Status.FAILED
+    assert episode.failure_reason.startswith("model gpt-nope: unknown model 'gpt-nope'")
+
+
+@pytest.mark.integration
+def test_the_openai_backend_keeps_the_server_batching(tiny_model_server):
+    backend = get_backend("tiny")
+    before = read_metrics(tiny_model_server)
+    requests = [ask(f"fix bug {index}", request_id=str(index), max_tokens=12) for index in range(24)]
+    with ThreadPoolExecutor(8) as pool:  # like a worker's threads, each with a few requests
+        batches = list(pool.map(backend.generate, [requests[i : i + 3] for i in range(0, 24, 3)]))
+    generations = [generation for batch in batches for generation in batch]
+    assert [generation.request_id for generation in generations] == [str(index) for index in range(24)]
+    assert all(not g.error and g.prompt_tokens > 0 and 0 < g.completion_tokens <= 12 for g in generations)
+    assert {g.finish_reason for g in generations} <= {"stop", "length"}
+    after = read_metrics(tiny_model_server)
+    served = after["megaflow:batch_size_sum"] - before["megaflow:batch_size_sum"]
+    batches_run = after["megaflow:batch_size_count"] - before["megaflow:batch_size_count"]
+    assert served == 24 and batches_run < 24, "the server saw requests together and batched them"
+
+
+@pytest.mark.integration
+def test_token_ids_and_logprobs_come_back_when_asked(tiny_model_server):
+    [generation] = get_backend("tiny").generate([ask("hello", max_tokens=6, logprobs=True)])
+    assert len(generation.token_ids) == len(generation.logprobs) == generation.completion_tokens
+    assert all(logprob <= 0 for logprob in generation.logprobs)
+
+
+@pytest.mark.integration
+def test_a_prompt_over_the_context_length_is_a_clear_error(tiny_model_server):
+    [generation] = get_backend("tiny").generate([ask("word " * 400, max_tokens=8)])
+    assert generation.finish_reason == "error"
+    assert generation.error.startswith("context length exceeded: This model's maximum context length is 256 tokens")
+
+
+def test_a_server_that_is_down_fails_after_bounded_retries(settings):
+    from modelserving.openai_backend import OpenAIBackend
+
+    backend = OpenAIBackend("down", base_url="http://127.0.0.1:9/v1", max_attempts=3, backoff_s=0.01)
+    [generation] = backend.generate([ask("hello")])
+    assert generation.error.startswith("model server http://127.0.0.1:9/v1 unreachable after 3 attempts: ConnectError")
+    backend.close()
+
+
+@pytest.mark.integration
+def test_the_hf_backend_batches_in_process(tiny_model):
+    from modelserving.hf_backend import HFBackend
+
+    backend = HFBackend("tiny", model_path=str(tiny_model), max_batch=4)
+    requests = [ask(f"q{index}", request_id=str(index), max_tokens=5, seed=index % 2) for index in range(6)]
+    requests.append(ask("word " * 400, request_id="long", max_tokens=5))
+    generations = backend.generate(requests)
+    assert [g.request_id for g in generations] == ["0", "1", "2", "3", "4", "5", "long"]
+    assert all(g.completion_tokens == len(g.token_ids) <= 5 for g in generations[:6])
+    assert "maximum context length is 256 tokens" in generations[-1].error
+
+
+@pytest.mark.integration
+def test_the_server_answers_like_vllm(tiny_model_server):
+    with urllib.request.urlopen(f"{tiny_model_server}/v1/models") as response:
+        assert b'"id": "tiny"' in response.read()
+    metrics = read_metrics(tiny_model_server)
+    assert {"vllm:num_requests_running", "vllm:gpu_cache_usage_perc", "vllm:generation_tokens_total"} <= set(metrics)
+
+
+def test_an_unknown_backend_option_is_an_error():
+    from modelserving.backend import ModelError
+    from modelserving.openai_backend import OpenAIBackend
+
+    with pytest.raises(ModelError, match="backend 'openai' of model 'x' has no option.s. bogus"):
+        OpenAIBackend("x", base_url="http://127.0.0.1:9/v1", bogus=1)
