@@ -166,6 +166,7 @@ USE_TZ = True
 
 STATIC_URL = "static/"
 STATIC_ROOT = DATA_DIR / "static"
+STATIC_ROOT.mkdir(exist_ok=True)  # whitenoise warns about a missing root until collectstatic has run
 MEDIA_ROOT = DATA_DIR / "media"
 MEDIA_URL = "media/"
 

@@ -1,5 +1,6 @@
 """Model backends: sim and replay, and the HTTP path against a real tiny model in a real OpenAI-compatible server."""
 
+import json
 import re
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -144,3 +145,56 @@ def test_an_unknown_backend_option_is_an_error():
 
     with pytest.raises(ModelError, match="backend 'openai' of model 'x' has no option.s. bogus"):
         OpenAIBackend("x", base_url="http://127.0.0.1:9/v1", bogus=1)
+
+
+def inject(server: str, **fault) -> None:
+    request = urllib.request.Request(f"{server}/admin/faults", data=json.dumps(fault).encode(), method="POST")
+    urllib.request.urlopen(request).close()
+
+
+@pytest.mark.integration
+def test_5xx_answers_are_retried_until_the_server_recovers(tiny_model_server):
+    from modelserving.openai_backend import OpenAIBackend
+
+    backend = OpenAIBackend("tiny", base_url=f"{tiny_model_server}/v1", max_attempts=4, backoff_s=0.01)
+    try:
+        inject(tiny_model_server, status=500, count=3)
+        [generation] = backend.generate([ask("hello", max_tokens=3)])
+        assert not generation.error, "three 500s, then success on the fourth attempt"
+        inject(tiny_model_server, status=503, count=4)
+        [generation] = backend.generate([ask("hello", max_tokens=3)])
+        assert generation.error == (
+            f"model server {tiny_model_server}/v1 failed after 4 attempts: HTTP 503: injected fault: HTTP 503"
+        )
+    finally:
+        inject(tiny_model_server)
+        backend.close()
+
+
+@pytest.mark.integration
+def test_a_hanging_server_times_out_and_is_retried(tiny_model_server):
+    from modelserving.openai_backend import OpenAIBackend
+
+    backend = OpenAIBackend("tiny", base_url=f"{tiny_model_server}/v1", max_attempts=2, backoff_s=0.01, timeout_s=1)
+    try:
+        inject(tiny_model_server, hang_s=3, count=1)
+        [generation] = backend.generate([ask("hello", max_tokens=3)])
+        assert not generation.error, "the hung request timed out and the retry succeeded"
+    finally:
+        inject(tiny_model_server)
+        backend.close()
+
+
+@pytest.mark.integration
+@pytest.mark.django_db
+def test_a_context_length_failure_is_recorded_on_the_episode(tiny_model_server, swe_mini):
+    from modelserving import service
+
+    episode = Episode.objects.create(
+        run=Run.objects.create(model_name="tiny"), task=swe_mini.tasks.first(), sample_index=0
+    )
+    [generation] = service.generate("tiny", [ask("word " * 400).as_dict()], episode_id=episode.pk)
+    assert generation["finish_reason"] == "error"
+    episode.refresh_from_db()
+    assert episode.status == Episode.Status.FAILED
+    assert episode.failure_reason.startswith("model tiny: context length exceeded: This model's maximum context length")
