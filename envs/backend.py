@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import abc
 import functools
-import importlib
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from django.conf import settings
+
+from megaflow_site.backend_registry import BackendRegistry
 
 if TYPE_CHECKING:
     from envs.task_sandbox import Evaluation
@@ -184,29 +185,16 @@ class EnvironmentBackend(abc.ABC):
         return True
 
 
-_BACKENDS: dict[str, type[EnvironmentBackend]] = {}
-
-
-def register_backend(name: str):
-    """Class decorator: make a backend selectable by ``name`` (its module must be ``envs/<name>_backend.py``)."""
-
-    def decorate(cls: type[EnvironmentBackend]) -> type[EnvironmentBackend]:
-        cls.name = name
-        _BACKENDS[name] = cls
-        return cls
-
-    return decorate
-
-
-def available_backends() -> list[str]:
-    return sorted(path.stem.removesuffix("_backend") for path in Path(__file__).parent.glob("*_backend.py"))
+_registry = BackendRegistry("envs", Path(__file__).parent)
+register_backend = _registry.register
+available_backends = _registry.names
 
 
 @functools.cache
 def get_backend(name: str | None = None) -> EnvironmentBackend:
     """The process-wide instance of backend ``name`` (default ``MEGAFLOW_ENV_BACKEND``)."""
     name = name or settings.MEGAFLOW_ENV_BACKEND
-    if name not in available_backends():
+    backend = _registry.load(name)
+    if backend is None:
         raise SandboxError(f"unknown environment backend {name!r}: choose one of {', '.join(available_backends())}")
-    importlib.import_module(f"envs.{name}_backend")
-    return _BACKENDS[name]()
+    return backend()

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import abc
 import functools
-import importlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from django.conf import settings
+
+from megaflow_site.backend_registry import BackendRegistry
 
 
 class ModelError(Exception):
@@ -110,22 +111,9 @@ class ModelBackend(abc.ABC):
         """Release connections and subprocesses."""
 
 
-_BACKENDS: dict[str, type[ModelBackend]] = {}
-
-
-def register_backend(name: str):
-    """Class decorator: make a backend selectable by ``name`` (its module is ``modelserving/<name>_backend.py``)."""
-
-    def decorate(cls: type[ModelBackend]) -> type[ModelBackend]:
-        cls.name = name
-        _BACKENDS[name] = cls
-        return cls
-
-    return decorate
-
-
-def available_backends() -> list[str]:
-    return sorted(path.stem.removesuffix("_backend") for path in Path(__file__).parent.glob("*_backend.py"))
+_registry = BackendRegistry("modelserving", Path(__file__).parent)
+register_backend = _registry.register
+available_backends = _registry.names
 
 
 def model_config(model: str) -> dict:
@@ -145,7 +133,7 @@ def get_backend(model: str) -> ModelBackend:
     """The process-wide backend serving ``model``."""
     config = model_config(model)
     name = config.pop("backend")
-    if name not in available_backends():
+    backend = _registry.load(name)
+    if backend is None:
         raise ModelError(f"model {model!r} names backend {name!r}; choose one of {', '.join(available_backends())}")
-    importlib.import_module(f"modelserving.{name}_backend")
-    return _BACKENDS[name](model, **config)
+    return backend(model, **config)
