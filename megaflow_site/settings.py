@@ -135,7 +135,9 @@ TEMPLATES = [
 SQLITE_PATH = DATA_DIR / "megaflow.sqlite3"
 DATABASE_URL = env_str("DATABASE_URL", f"sqlite:///{SQLITE_PATH}")
 try:
-    _database = dj_database_url.parse(DATABASE_URL, conn_max_age=60, conn_health_checks=True)
+    _database = dj_database_url.parse(
+        DATABASE_URL, conn_max_age=env_int("MEGAFLOW_DB_CONN_MAX_AGE", 60), conn_health_checks=True
+    )
 except ValueError:
     raise ConfigError(
         f"DATABASE_URL {redact(DATABASE_URL)!r} is not a database URL MegaFlow knows",
