@@ -1,8 +1,8 @@
 """Backends by name, one registry per service (DESIGN.md): adding a backend is adding one module.
 
-A service's backends live in ``<package>/<name>_backend.py`` and register their class with the registry's
-decorator; configuration selects one by name, and its module is imported only then (torch, say, is loaded only
-by the workers that use the ``hf`` backend).
+A service's backends live in ``<package>/<name>_backend.py`` (agents: ``<name>_agent.py``) and register their
+class with the registry's decorator; configuration selects one by name, and its module is imported only then
+(torch, say, is loaded only by the workers that use the ``hf`` backend).
 """
 
 from __future__ import annotations
@@ -12,9 +12,10 @@ from pathlib import Path
 
 
 class BackendRegistry:
-    def __init__(self, package: str, directory: Path):
+    def __init__(self, package: str, directory: Path, suffix: str = "_backend"):
         self.package = package
         self.directory = directory
+        self.suffix = suffix
         self.classes: dict[str, type] = {}
 
     def register(self, name: str):
@@ -28,11 +29,11 @@ class BackendRegistry:
         return decorate
 
     def names(self) -> list[str]:
-        return sorted(path.stem.removesuffix("_backend") for path in self.directory.glob("*_backend.py"))
+        return sorted(path.stem.removesuffix(self.suffix) for path in self.directory.glob(f"*{self.suffix}.py"))
 
     def load(self, name: str) -> type | None:
         """The backend class named ``name``, or None when no such backend exists."""
         if name not in self.names():
             return None
-        importlib.import_module(f"{self.package}.{name}_backend")
+        importlib.import_module(f"{self.package}.{name}{self.suffix}")
         return self.classes[name]
