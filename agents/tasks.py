@@ -1,6 +1,24 @@
-"""Celery tasks of the agents package; routed to this service's queue by megaflow_site.topology."""
+"""Celery tasks of the Agent Service (queue ``agent``): thin wrappers over agents/episode_loop.py."""
 
+from celery import shared_task
+
+from agents import episode_loop
 from megaflow_site.topology import Service
 from orchestrator.probe import define_probe_task
 
 probe = define_probe_task(Service.AGENT)
+
+
+@shared_task(name="agents.start_run")
+def start_run(run_id: int) -> int:
+    return episode_loop.start_run(run_id)
+
+
+@shared_task(name="agents.episode_done")
+def episode_done(episode_id: int) -> None:
+    episode_loop.episode_done(episode_id)
+
+
+@shared_task(name="agents.admit")
+def admit() -> list[int]:
+    return episode_loop.admit()

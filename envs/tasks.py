@@ -59,3 +59,25 @@ def _reap_and_warm_at_start(sender=None, **_) -> None:
                 reap_orphans.apply_async(kwargs={"pool": pool})
             if warm_pool.pool_size(pool) > 0:
                 maintain_warm_pool.apply_async(kwargs={"pool": pool})
+
+
+@shared_task(name="envs.episode_start")
+def episode_start(episode_id: int, pool: str) -> None:
+    from agents import episode_loop
+
+    episode_loop.episode_start(episode_id, pool)
+
+
+@shared_task(name="envs.episode_step")
+def episode_step(
+    episode_id: int,
+    step: int,
+    reply: str,
+    pool: str,
+    prompt_tokens: int = 0,
+    completion_tokens: int = 0,
+    model_latency_s: float = 0.0,
+) -> None:
+    from agents import episode_loop
+
+    episode_loop.episode_step(episode_id, step, reply, prompt_tokens, completion_tokens, model_latency_s)

@@ -210,6 +210,8 @@ except ValueError:
         "MEGAFLOW_MODEL_CONFIG is not a JSON object of model configs",
         'write it as {"model-name": {"backend": "openai", "base_url": "http://host:8000/v1"}}',
     ) from None
+# Admission control: episodes live (starting, running, evaluating) at once across all runs.
+MEGAFLOW_MAX_LIVE_EPISODES = env_int("MEGAFLOW_MAX_LIVE_EPISODES", 256)
 # The gateway waits this long for a model worker's answer before replying 504.
 MEGAFLOW_GATEWAY_TIMEOUT_S = env_int("MEGAFLOW_GATEWAY_TIMEOUT_S", 300)
 
@@ -300,3 +302,5 @@ CELERY_BEAT_SCHEDULE = {
     for pool, size in MEGAFLOW_WARM_POOL_SIZES.items()
     if size > 0
 }
+# Admission catches up every few seconds too: an episode that ended in another run frees fleet-wide room.
+CELERY_BEAT_SCHEDULE["admit-episodes"] = {"task": "agents.admit", "schedule": 5.0}

@@ -24,3 +24,10 @@ def generate(
     if reply_to:
         replies.deliver(reply_to, generations)
     return generations
+
+
+@shared_task(name="modelserving.episode_turn")
+def episode_turn(episode_id: int, step: int, model: str) -> None:
+    from agents import episode_loop
+
+    episode_loop.episode_turn(episode_id, step, model)

@@ -95,6 +95,9 @@ class Run(models.Model):
     max_steps = models.PositiveIntegerField(default=30, validators=[MinValueValidator(1)])
     episode_time_limit_s = models.PositiveIntegerField(default=1800, validators=[MinValueValidator(1)])
     max_attempts = models.PositiveSmallIntegerField(default=3, validators=[MinValueValidator(1)])
+    max_episode_tokens = models.PositiveBigIntegerField(
+        null=True, blank=True, help_text="Prompt + completion tokens an episode may use; blank for no limit."
+    )
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.QUEUED, db_index=True)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
@@ -179,6 +182,9 @@ class Step(models.Model):
     prompt_tokens = models.PositiveIntegerField(default=0)
     completion_tokens = models.PositiveIntegerField(default=0)
     created_at = models.DateTimeField(auto_now_add=True)
+    # The row is written before the action runs and claims the step (the unique index decides between two
+    # deliveries of one message); completed_at says the action ran and the observation is in.
+    completed_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         ordering = ["episode", "index"]

@@ -1,0 +1,287 @@
+"""The episode state machine: plain functions, one per transition, each called by a thin Celery task on the
+queue of the service that holds what it needs. Nothing waits on anything: a transition's last act is to publish
+the next one.
+
+    agents.start_run          agent   fan out the run's episodes, admit as many as the limits allow
+    envs.episode_start        env     sandbox up → publish the first model turn
+    modelserving.episode_turn model   prompt (the agent, from the Step rows) → generate → publish the env step
+    envs.episode_step         env     parse the reply (the agent, inline) → run it → Step row → next turn, or
+                                      evaluate and finish
+    agents.episode_done       agent   run accounting, then admit more
+
+A step costs two hops (model, environment): agent logic is a library call made where the data is.
+
+Exactly-once effects over at-least-once delivery: the Step row is the claim. ``episode_step`` inserts it
+before running the action (the unique (episode, index) decides between two deliveries of one message) and
+marks it complete after. A redelivered step that finds its row complete re-publishes the next turn only while
+the episode has not moved past it; one that finds an incomplete row whose claim is older than the exec timeout
+takes it over (the action may run twice; the trajectory never holds it twice). A redelivered model turn whose
+step is already claimed is dropped. Every transition first checks the episode: a cancelled or finished one
+stops there and its sandbox is released.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+
+from django.conf import settings
+from django.db import IntegrityError, transaction
+from django.db.models import F
+from django.utils import timezone
+
+from agents.agent import CommandResult, TaskView, Turn, get_agent, submitted
+from orchestrator import episodes as episode_state
+from orchestrator.hot_state import redis_client
+from orchestrator.models import Episode, Run, Step
+
+logger = logging.getLogger("megaflow.agents")
+
+LIVE = (Episode.Status.STARTING, Episode.Status.RUNNING, Episode.Status.EVALUATING)
+
+
+def _send(task_name: str, **kwargs) -> None:
+    from celery import current_app
+
+    current_app.send_task(task_name, kwargs=kwargs)
+
+
+# --- agent queue ---------------------------------------------------------------------------------------------
+
+
+def start_run(run_id: int) -> int:
+    """Create the run's episodes (tasks × samples, idempotently), mark it running, admit episodes. Returns how
+    many episodes the run has."""
+    run = Run.objects.get(pk=run_id)
+    if run.status in Run.TERMINAL:
+        return run.episodes.count()
+    Episode.objects.bulk_create(
+        [
+            Episode(run=run, task=task, sample_index=sample)
+            for task in run.tasks.all()
+            for sample in range(run.samples_per_task)
+        ],
+        ignore_conflicts=True,
+    )
+    Run.objects.filter(pk=run_id, status=Run.Status.QUEUED).update(status=Run.Status.RUNNING, started_at=timezone.now())
+    admit()
+    return run.episodes.count()
+
+
+def admit() -> list[int]:
+    """Start queued episodes while their run and the whole fleet have room (``Run.max_concurrent_episodes``,
+    ``MEGAFLOW_MAX_LIVE_EPISODES``). One admitter at a time (a Redis lock), oldest runs first."""
+    admitted: list[tuple[int, str]] = []
+    with redis_client().lock("megaflow:admission", timeout=60, blocking_timeout=30):
+        room = settings.MEGAFLOW_MAX_LIVE_EPISODES - Episode.objects.filter(status__in=LIVE).count()
+        for run in Run.objects.filter(status=Run.Status.RUNNING).order_by("created_at"):
+            if room <= 0:
+                break
+            run_room = run.max_concurrent_episodes - run.episodes.filter(status__in=LIVE).count()
+            queued = run.episodes.filter(status=Episode.Status.QUEUED).order_by("pk").values_list("pk", flat=True)
+            for episode_id in queued[: max(0, min(room, run_room))]:
+                if Episode.objects.filter(pk=episode_id, status=Episode.Status.QUEUED).update(
+                    status=Episode.Status.STARTING
+                ):
+                    admitted.append((episode_id, run.env_pool))
+                    room -= 1
+    for episode_id, pool in admitted:
+        _send("envs.episode_start", episode_id=episode_id, pool=pool)
+    return [episode_id for episode_id, _ in admitted]
+
+
+def episode_done(episode_id: int) -> None:
+    """Close the run when its last episode ended, then let the next episodes in."""
+    run_id = Episode.objects.values_list("run_id", flat=True).get(pk=episode_id)
+    unfinished = Episode.objects.filter(run_id=run_id).exclude(status__in=Episode.TERMINAL)
+    if not unfinished.exists():
+        Run.objects.filter(pk=run_id, status=Run.Status.RUNNING).update(
+            status=Run.Status.COMPLETED, finished_at=timezone.now()
+        )
+    admit()
+
+
+def cancel_run(run_id: int, reason: str = "cancelled") -> int:
+    """Cancel every unfinished episode of the run; live ones stop at their next transition, and their
+    sandboxes are released now. Returns how many episodes were cancelled."""
+    with transaction.atomic():
+        Run.objects.filter(pk=run_id).exclude(status__in=Run.TERMINAL).update(
+            status=Run.Status.CANCELLED, finished_at=timezone.now()
+        )
+        unfinished = list(Episode.objects.filter(run_id=run_id).exclude(status__in=Episode.TERMINAL))
+        for episode in unfinished:
+            episode_state.record_failure(episode.pk, reason, Episode.Status.CANCELLED)
+    pool = Run.objects.values_list("env_pool", flat=True).get(pk=run_id)
+    for episode in unfinished:
+        if episode.container_id:
+            _send("envs.stop_sandbox", episode_id=episode.pk, pool=pool)
+    return len(unfinished)
+
+
+# --- the agent, wherever the data is -------------------------------------------------------------------------
+
+
+def _agent(run: Run):
+    """The run's agent; ``agent_config["sampling"]`` is the model's sampling parameters, not the agent's."""
+    config = {key: value for key, value in (run.agent_config or {}).items() if key != "sampling"}
+    return get_agent(run.agent_name, config)
+
+
+def _task_view(episode: Episode) -> TaskView:
+    return TaskView(episode.task.instance_id, episode.task.problem_statement, episode.task.workdir)
+
+
+def _history(episode: Episode, before: int) -> list[Turn]:
+    steps = episode.steps.filter(index__lt=before, completed_at__isnull=False).order_by("index")
+    return [Turn(step.model_output, step.observation) for step in steps]
+
+
+def _finish(episode_id: int) -> None:
+    _send("agents.episode_done", episode_id=episode_id)
+
+
+def _stop(episode: Episode) -> None:
+    """The episode is over: make sure its sandbox is released."""
+    if episode.container_id:
+        _send("envs.stop_sandbox", episode_id=episode.pk, pool=episode.run.env_pool)
+
+
+def _over_time(episode: Episode) -> bool:
+    started = episode.started_at or episode.created_at
+    return timezone.now() - started > timedelta(seconds=episode.run.episode_time_limit_s)
+
+
+# --- env queue -------------------------------------------------------------------------------------------------
+
+
+def episode_start(episode_id: int, pool: str) -> None:
+    from envs import service as env_service
+
+    started = env_service.start_sandbox(episode_id, pool)
+    if not started["ok"]:
+        _finish(episode_id)  # the env service recorded why
+        return
+    episode = Episode.objects.select_related("run").get(pk=episode_id)
+    _send("modelserving.episode_turn", episode_id=episode_id, step=0, model=episode.run.model_name)
+
+
+def episode_step(
+    episode_id: int,
+    step: int,
+    reply: str,
+    prompt_tokens: int = 0,
+    completion_tokens: int = 0,
+    model_latency_s: float = 0.0,
+) -> None:
+    from envs import service as env_service
+
+    episode = Episode.objects.select_related("run", "task").get(pk=episode_id)
+    run = episode.run
+    if episode.is_terminal:
+        _stop(episode)
+        return
+    row = Step.objects.filter(episode_id=episode_id, index=step).first()
+    if row and row.completed_at:
+        # A redelivery of a step that ran: carry on only if nothing after it happened yet.
+        if not Step.objects.filter(episode_id=episode_id, index=step + 1).exists():
+            _after_step(episode, row)
+        return
+    stale = timezone.now() - timedelta(seconds=settings.MEGAFLOW_EXEC_TIMEOUT_S + 60)
+    if row and row.created_at > stale:
+        return  # another delivery of this message is running the step right now
+    if row is None:
+        try:
+            with transaction.atomic():
+                row = Step.objects.create(episode_id=episode_id, index=step, model_output=reply)
+        except IntegrityError:
+            return  # a second delivery lost the claim
+    agent = _agent(run)
+    action = agent.parse(reply)
+    result = None
+    if action.malformed:
+        observation = agent.feedback_observation(action)
+    else:
+        outcome = env_service.exec_command(episode_id, action.command, run.env_pool)
+        if not outcome["ok"]:
+            _finish(episode_id)  # the sandbox failed; the env service recorded why
+            return
+        result = outcome
+        command_result = CommandResult(outcome["output"], outcome["exit_code"], outcome["timed_out"])
+        observation = agent.observation(command_result)
+    Step.objects.filter(pk=row.pk).update(
+        action=action.command or "",
+        observation=observation,
+        exit_code=None if result is None else result["exit_code"],
+        model_latency_s=model_latency_s,
+        env_latency_s=None if result is None else result["duration_s"],
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        completed_at=timezone.now(),
+    )
+    Episode.objects.filter(pk=episode_id).update(
+        step_count=step + 1,
+        prompt_tokens=F("prompt_tokens") + prompt_tokens,
+        completion_tokens=F("completion_tokens") + completion_tokens,
+        updated_at=timezone.now(),
+    )
+    row.refresh_from_db()
+    episode.refresh_from_db()
+    _after_step(episode, row, submitted_now=result is not None and submitted(result["output"]))
+
+
+def _after_step(episode: Episode, row: Step, submitted_now: bool | None = None) -> None:
+    """What follows a completed step: evaluation when the agent submitted or a budget ran out, else the next
+    model turn."""
+    from envs import service as env_service
+
+    run = episode.run
+    if submitted_now is None:  # re-derived after a redelivery
+        submitted_now = bool(row.action) and submitted(row.observation)
+    tokens = episode.prompt_tokens + episode.completion_tokens
+    out_of_tokens = bool(run.max_episode_tokens) and tokens >= run.max_episode_tokens
+    if _over_time(episode):
+        reason = f"wall-clock budget of {run.episode_time_limit_s} s exhausted"
+        env_service.fail_episode(episode.pk, reason, run.env_pool, Episode.Status.TIMED_OUT)
+    elif submitted_now or row.index + 1 >= run.max_steps or out_of_tokens:
+        # Out of steps or tokens without submitting: the tree is graded as it stands.
+        env_service.evaluate_episode(episode.pk, run.env_pool)
+    else:
+        _send("modelserving.episode_turn", episode_id=episode.pk, step=row.index + 1, model=run.model_name)
+        return
+    _finish(episode.pk)
+
+
+# --- model queue ---------------------------------------------------------------------------------------------
+
+
+def episode_turn(episode_id: int, step: int, model: str) -> None:
+    from modelserving import service as model_service
+
+    episode = Episode.objects.select_related("run", "task").get(pk=episode_id)
+    if episode.is_terminal:
+        _stop(episode)
+        return
+    if Step.objects.filter(episode_id=episode_id, index=step).exists():
+        return  # a redelivered turn whose step is already claimed
+    messages = _agent(episode.run).messages(_task_view(episode), _history(episode, step))
+    request = {
+        "request_id": f"{episode_id}:{step}",
+        "messages": messages,
+        "sampling": (episode.run.agent_config or {}).get("sampling", {}),
+        "context": {"task_id": episode.task_id},
+    }
+    [generation] = model_service.generate(model, [request], episode_id=episode_id)
+    if generation.get("error"):
+        _stop(episode)
+        _finish(episode_id)  # the model service recorded why
+        return
+    _send(
+        "envs.episode_step",
+        episode_id=episode_id,
+        step=step,
+        reply=generation["text"],
+        prompt_tokens=generation.get("prompt_tokens", 0),
+        completion_tokens=generation.get("completion_tokens", 0),
+        model_latency_s=generation.get("latency_s", 0.0),
+        pool=episode.run.env_pool,
+    )
