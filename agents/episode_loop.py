@@ -92,13 +92,46 @@ def admit() -> list[int]:
 
 def episode_done(episode_id: int) -> None:
     """Close the run when its last episode ended, then let the next episodes in."""
-    run_id = Episode.objects.values_list("run_id", flat=True).get(pk=episode_id)
+    run_id = Episode.objects.filter(pk=episode_id).values_list("run_id", flat=True).first()
+    if run_id is None:
+        return  # the episode was deleted with its run
     unfinished = Episode.objects.filter(run_id=run_id).exclude(status__in=Episode.TERMINAL)
     if not unfinished.exists():
         Run.objects.filter(pk=run_id, status=Run.Status.RUNNING).update(
             status=Run.Status.COMPLETED, finished_at=timezone.now()
         )
     admit()
+
+
+def stalled_after_s() -> float:
+    """How long a live episode may go without progress before the watchdog re-drives it: past the visibility
+    timeout plus a task's hard limit, so that the broker's own redelivery always gets its chance first."""
+    return settings.CELERY_BROKER_VISIBILITY_TIMEOUT_S + settings.CELERY_TASK_TIME_LIMIT
+
+
+def watchdog() -> list[int]:
+    """Re-drive live episodes that stopped moving, from their durable state. A message can be lost outright
+    (a worker killed between Redis handing it over and recording it as unacknowledged); every transition is
+    idempotent, so re-publishing the one the database implies is always safe. Returns the episodes re-driven."""
+    cutoff = timezone.now() - timedelta(seconds=stalled_after_s())
+    stalled = Episode.objects.filter(status__in=LIVE, updated_at__lt=cutoff).select_related("run")
+    redriven = []
+    for episode in stalled:
+        run = episode.run
+        Episode.objects.filter(pk=episode.pk).update(updated_at=timezone.now())
+        last = episode.steps.order_by("-index").first()
+        if episode.status == Episode.Status.STARTING:
+            _send("envs.episode_start", episode_id=episode.pk, pool=run.env_pool)
+        elif last is not None and (last.completed_at is None or episode.status == Episode.Status.EVALUATING):
+            _send(
+                "envs.episode_step", episode_id=episode.pk, step=last.index, reply=last.model_output, pool=run.env_pool
+            )
+        else:
+            next_step = 0 if last is None else last.index + 1
+            _send("modelserving.episode_turn", episode_id=episode.pk, step=next_step, model=run.model_name)
+        logger.warning("episode %s stalled in %s; re-driven", episode.pk, episode.status)
+        redriven.append(episode.pk)
+    return redriven
 
 
 def cancel_run(run_id: int, reason: str = "cancelled") -> int:
@@ -186,9 +219,13 @@ def episode_step(
         if not Step.objects.filter(episode_id=episode_id, index=step + 1).exists():
             _after_step(episode, row)
         return
-    stale = timezone.now() - timedelta(seconds=settings.MEGAFLOW_EXEC_TIMEOUT_S + 60)
+    # A claim younger than the hard time limit may belong to a task still running; an older one cannot (the
+    # limit kills it), and a redelivery only comes after the visibility timeout, at least twice the limit.
+    stale = timezone.now() - timedelta(seconds=settings.CELERY_TASK_TIME_LIMIT)
     if row and row.created_at > stale:
         return  # another delivery of this message is running the step right now
+    if row is not None:
+        Step.objects.filter(pk=row.pk).update(created_at=timezone.now())  # take the stale claim over
     if row is None:
         try:
             with transaction.atomic():

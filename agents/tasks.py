@@ -19,6 +19,11 @@ def episode_done(episode_id: int) -> None:
     episode_loop.episode_done(episode_id)
 
 
+@shared_task(name="agents.watchdog")
+def watchdog() -> list[int]:
+    return episode_loop.watchdog()
+
+
 @shared_task(name="agents.admit")
 def admit() -> list[int]:
     return episode_loop.admit()

@@ -63,8 +63,12 @@ def start_sandbox(episode_id: int, pool: str) -> dict:
     if episode.is_terminal:
         return {"ok": False, "episode_id": episode_id, "error": f"episode is already {episode.status}"}
     backend = get_backend()
-    if episode.container_id and backend.is_alive(episode.container_id):
-        return {"ok": True, "episode_id": episode_id, "container_id": episode.container_id, "reused": True}
+    if episode.container_id:
+        # A redelivered start: a prepared sandbox (the episode is running) is reused; one whose preparation was
+        # cut short by a dying worker is replaced.
+        if episode.status == Episode.Status.RUNNING and backend.is_alive(episode.container_id):
+            return {"ok": True, "episode_id": episode_id, "container_id": episode.container_id, "reused": True}
+        _release(episode.container_id, pool)
 
     _update(
         episode_id, status=Episode.Status.STARTING, worker=WORKER_NAME, failure_reason="", started_at=timezone.now()

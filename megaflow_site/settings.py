@@ -256,10 +256,10 @@ MEGAFLOW_DEPLOYMENT = env_str("MEGAFLOW_DEPLOYMENT", hashlib.sha256(DATABASE_URL
 # time limit must end well before that, or a slow task would run twice at once.
 CELERY_BROKER_VISIBILITY_TIMEOUT_S = env_int("MEGAFLOW_VISIBILITY_TIMEOUT_S", 3600)
 CELERY_TASK_TIME_LIMIT = env_int("MEGAFLOW_TASK_TIME_LIMIT_S", 900)
-CELERY_TASK_SOFT_TIME_LIMIT = CELERY_TASK_TIME_LIMIT - 30
-if not 60 <= CELERY_TASK_TIME_LIMIT <= CELERY_BROKER_VISIBILITY_TIMEOUT_S // 2:
+CELERY_TASK_SOFT_TIME_LIMIT = CELERY_TASK_TIME_LIMIT - min(30, CELERY_TASK_TIME_LIMIT // 4)
+if not 20 <= CELERY_TASK_TIME_LIMIT <= CELERY_BROKER_VISIBILITY_TIMEOUT_S // 2:
     raise ConfigError(
-        f"MEGAFLOW_TASK_TIME_LIMIT_S={CELERY_TASK_TIME_LIMIT} must be between 60 s and half the visibility "
+        f"MEGAFLOW_TASK_TIME_LIMIT_S={CELERY_TASK_TIME_LIMIT} must be between 20 s and half the visibility "
         f"timeout ({CELERY_BROKER_VISIBILITY_TIMEOUT_S} s)",
         "lower MEGAFLOW_TASK_TIME_LIMIT_S or raise MEGAFLOW_VISIBILITY_TIMEOUT_S",
     )
@@ -267,7 +267,13 @@ if not 60 <= CELERY_TASK_TIME_LIMIT <= CELERY_BROKER_VISIBILITY_TIMEOUT_S // 2:
 CELERY_BROKER_URL = REDIS_URL
 CELERY_BROKER_TRANSPORT_OPTIONS = {
     "visibility_timeout": CELERY_BROKER_VISIBILITY_TIMEOUT_S,
+    # Messages a dead worker held come back once their visibility timeout passed, found by a sweep every 5 s
+    # (kombu's default sweeps every ~100 s).
+    "unacked_restore_interval": 5,
+    "unacked_restore_throttle": 1,
     "socket_connect_timeout": 5,
+    # Without it a publish waits forever on a Redis that vanished without closing the connection.
+    "socket_timeout": 30,
     "health_check_interval": 25,
 }
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
@@ -304,3 +310,5 @@ CELERY_BEAT_SCHEDULE = {
 }
 # Admission catches up every few seconds too: an episode that ended in another run frees fleet-wide room.
 CELERY_BEAT_SCHEDULE["admit-episodes"] = {"task": "agents.admit", "schedule": 5.0}
+# ...and stalled episodes (a message lost with a killed worker) are re-driven from the database.
+CELERY_BEAT_SCHEDULE["episode-watchdog"] = {"task": "agents.watchdog", "schedule": 15.0}

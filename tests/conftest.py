@@ -104,6 +104,16 @@ class CeleryWorkers:
             if pending and time.monotonic() > deadline:
                 raise RuntimeError(f"workers {sorted(pending)} did not answer within {WORKER_START_TIMEOUT_S} s")
 
+    def kill(self, queue: str) -> WorkerProcess:
+        """kill -9 the queue's worker (its unacknowledged messages come back after the visibility timeout) and
+        start a new one in its place."""
+        old = self.by_queue[queue]
+        old.process.kill()
+        old.process.wait()
+        worker = self.start(old.spec)
+        self.wait_ready([worker])
+        return worker
+
     def restart(self, queue: str) -> WorkerProcess:
         """Stop the queue's worker and start a new one in its place (worker start-up hooks run again)."""
         self.stop(self.by_queue[queue])
@@ -138,10 +148,18 @@ def celery_workers(django_db_setup, django_db_blocker, broker) -> CeleryWorkers:
     with django_db_blocker.unblock():
         env = {**os.environ, "DATABASE_URL": database_url(connection.settings_dict)}
     workers = CeleryWorkers(env, log_dir)
+    # Beat too, as in production: admission catch-up, the episode watchdog, the reaper.
+    beat_argv = [str(Path(sys.executable).with_name("celery")), "-A", "megaflow_site", "beat", "--loglevel", "INFO",
+                 "--schedule", str(settings.DATA_DIR / "test-celerybeat-schedule")]  # fmt: skip
+    beat = subprocess.Popen(
+        beat_argv, cwd=REPO, env=env, stdout=(log_dir / "beat.log").open("wb"), stderr=subprocess.STDOUT
+    )
     try:
         workers.wait_ready([workers.start(spec) for spec in all_worker_specs()])
         yield workers
     finally:
+        beat.terminate()
+        beat.wait(20)
         workers.stop_all()
 
 

@@ -32,6 +32,9 @@ os.environ.setdefault("MEGAFLOW_REDIS_URL", f"redis://127.0.0.1:6379/{slot}")
 os.environ.setdefault("MEGAFLOW_TEST_SLOT", str(slot))
 # Request threads of the live server would keep their connections open, and the test database could not be dropped.
 os.environ.setdefault("MEGAFLOW_DB_CONN_MAX_AGE", "0")
+# Short limits so that messages of a worker killed with -9 come back within a test's patience (test_fault_recovery).
+os.environ.setdefault("MEGAFLOW_TASK_TIME_LIMIT_S", "30")
+os.environ.setdefault("MEGAFLOW_VISIBILITY_TIMEOUT_S", "60")
 os.environ.setdefault("MEGAFLOW_DATA_DIR", str(Path(__file__).resolve().parent.parent / "var" / "test"))
 os.environ.setdefault("MEGAFLOW_MODELS", "replay,sim,tiny")
 # "tiny" is a real tiny model served by modelserving.hf_server (the tiny_model_server fixture starts it).

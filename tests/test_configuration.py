@@ -71,7 +71,7 @@ BAD_CONFIGURATIONS = {
     "time limit above the visibility timeout": (
         {"MEGAFLOW_TASK_TIME_LIMIT_S": "3000", "MEGAFLOW_VISIBILITY_TIMEOUT_S": "3600"},
         ["check"],
-        "must be between 60 s and half the visibility timeout",
+        "must be between 20 s and half the visibility timeout",
     ),
 }
 

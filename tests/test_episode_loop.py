@@ -108,3 +108,12 @@ def test_admission_keeps_a_run_within_its_limit(celery_workers, swe_mini):
     assert run.status == Run.Status.COMPLETED
     assert max(most_live) == 1
     assert {episode.reward for episode in run.episodes.all()} == {1.0}
+
+
+def test_the_demo_command_runs_the_suite_and_ends_with_its_summary(celery_workers, swe_mini, capsys):
+    from django.core.management import call_command
+
+    call_command("megaflow", "demo", "--tasks", "2")
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert "policy: replay (the tasks' reference solutions: no model is configured)" in "\n".join(lines)
+    assert lines[-1] == "demo: 4 episodes, 4 succeeded, 0 failed, mean reward 1.000"

@@ -11,8 +11,10 @@ demo           what ``make demo`` runs after ``make up``
 """
 
 import statistics
+import time
 from pathlib import Path
 
+from celery import current_app
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 from tqdm import tqdm
@@ -22,8 +24,8 @@ from envs.backend import get_backend
 from envs.suite_builder import SUITES_DIR, SuiteError, build_suite
 from megaflow_site import preflight
 from megaflow_site.topology import AGENT_QUEUE, Service, UnknownQueue, default_key, queue_name
-from orchestrator import demo, probe
-from orchestrator.models import Dataset, Episode
+from orchestrator import probe
+from orchestrator.models import Dataset, Episode, Run
 from orchestrator.task_format import TaskFormatError, load_dataset
 
 
@@ -69,7 +71,8 @@ class Command(BaseCommand):
         reap = sub.add_parser("reap", help="remove orphaned sandbox containers now")
         reap.add_argument("--grace", type=float, default=None, help="seconds a new container is left alone")
 
-        sub.add_parser("demo", help="the embedded demo (make demo)")
+        demo_parser = sub.add_parser("demo", help="the embedded demo (make demo)")
+        demo_parser.add_argument("--tasks", type=int, default=None, help="only the first N swe_mini tasks")
 
     def handle(self, *args, subcommand, **options):
         handler = getattr(self, "handle_" + subcommand.replace("-", "_"))
@@ -175,42 +178,56 @@ class Command(BaseCommand):
             self.stdout.write(f"reaped {container_id[:12]}: {reason}")
         self.stdout.write(f"{len(reaped)} orphaned container(s) removed")
 
-    def handle_demo(self, **_):
+    def handle_demo(self, tasks=None, **_):
         preflight.run_all()
         route = full_route()
         self.stdout.write(f"1. Relaying 20 messages through {' -> '.join(route)} on the running workers:")
         self.print_probe_table(route, self.run_probes(route, 20, 15.0))
 
         dataset = self.dataset_named("swe_mini")
-        pool = default_key(Service.ENV)
-        samples = 2
-        total = dataset.tasks.count() * samples
-        self.stdout.write(
-            f"\n2. Replaying the reference patch of each of the {dataset.tasks.count()} swe_mini tasks, "
-            f"{samples} samples "
-            f"each, through the Environment Service (queue env.{pool}): real containers, real evaluation."
+        chosen = list(dataset.tasks.order_by("instance_id"))[:tasks]
+        model = settings.MEGAFLOW_MODELS[0]
+        policy = "replay (the tasks' reference solutions: no model is configured)" if model == "replay" else model
+        run = Run.objects.create(
+            name="demo",
+            dataset=dataset,
+            samples_per_task=2,
+            model_name=model,
+            env_pool=default_key(Service.ENV),
+            max_steps=30,
+            max_concurrent_episodes=16,
         )
+        run.tasks.set(chosen)
+        total = len(chosen) * run.samples_per_task
+        self.stdout.write(
+            f"\n2. Run {run.pk}: {len(chosen)} swe_mini tasks x {run.samples_per_task} samples through all three "
+            f"services (agent -> model.{model} -> env.{run.env_pool}), policy: {policy}"
+        )
+        current_app.send_task("agents.start_run", kwargs={"run_id": run.pk})
         with tqdm(total=total, desc="episodes", unit="episode") as bar:
-            run = demo.replay_through_env(dataset, samples, pool, on_done=bar.update)
-        rows = demo.summarize(run)
+            while run.status not in Run.TERMINAL:
+                time.sleep(0.5)
+                run.refresh_from_db()
+                bar.update(run.episodes.filter(status__in=Episode.TERMINAL).count() - bar.n)
+        episodes = list(run.episodes.select_related("task").order_by("task__instance_id", "sample_index"))
         self.stdout.write(f"\n{'task':<14} {'sample':>6} {'reward':>7} {'steps':>5} {'seconds':>8}  status")
-        for row in rows:
-            reward = "-" if row.reward is None else f"{row.reward:.1f}"
-            note = f"  {row.reason}" if row.reason else ""
+        for episode in episodes:
+            reward = "-" if episode.reward is None else f"{episode.reward:.1f}"
+            seconds = (episode.finished_at - episode.started_at).total_seconds() if episode.started_at else 0.0
+            note = f"  {episode.failure_reason}" if episode.failure_reason else ""
             self.stdout.write(
-                f"{row.instance_id:<14} {row.sample:>6} {reward:>7} {1:>5} {row.seconds:>8.1f}  {row.status}{note}"
+                f"{episode.task.instance_id:<14} {episode.sample_index:>6} {reward:>7} {episode.step_count:>5} "
+                f"{seconds:>8.1f}  {episode.status}{note}"
             )
-
         web, flower = settings.MEGAFLOW_WEB_PORT, settings.MEGAFLOW_FLOWER_PORT
         self.stdout.write(
-            "\nWhat ran: the Environment Service and the queue topology. The agent and model services are not in\n"
-            "the loop yet (the episode loop is still to come), so each episode applied its task's reference patch in\n"
-            "one step instead of an agent finding it.\n"
-            f"Look around: admin http://127.0.0.1:{web}/admin/ (python manage.py createsuperuser; run {run.pk}), "
+            f"\nLook around: admin http://127.0.0.1:{web}/admin/orchestrator/run/{run.pk}/ "
+            "(python manage.py createsuperuser), "
+            f"the OpenAI gateway http://127.0.0.1:{web}/v1/ (python manage.py drf_create_token USER), "
             f"Flower http://127.0.0.1:{flower}/"
         )
-        succeeded = sum(row.status == Episode.Status.SUCCEEDED for row in rows)
-        failed = sum(row.status in (Episode.Status.FAILED, Episode.Status.TIMED_OUT) for row in rows)
-        rewards = [row.reward for row in rows if row.reward is not None]
+        succeeded = sum(episode.status == Episode.Status.SUCCEEDED for episode in episodes)
+        failed = sum(episode.status in (Episode.Status.FAILED, Episode.Status.TIMED_OUT) for episode in episodes)
+        rewards = [episode.reward for episode in episodes if episode.reward is not None]
         mean = f"{statistics.fmean(rewards):.3f}" if rewards else "n/a"
-        self.stdout.write(f"demo: {len(rows)} episodes, {succeeded} succeeded, {failed} failed, mean reward {mean}")
+        self.stdout.write(f"demo: {len(episodes)} episodes, {succeeded} succeeded, {failed} failed, mean reward {mean}")

@@ -1,0 +1,79 @@
+"""kill -9 a worker of each service in the middle of a run: every episode still ends, and no trajectory holds
+a step twice or skips one."""
+
+import time
+
+import pytest
+from celery import current_app
+
+from orchestrator.models import Episode, Run, Step
+
+pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
+
+
+def test_a_run_survives_kill_9_of_a_worker_of_each_service(celery_workers, swe_mini, settings, broker):
+    run = Run.objects.create(dataset=swe_mini, samples_per_task=2, model_name="sim", env_pool="default",
+                             max_steps=10, max_concurrent_episodes=8)  # fmt: skip
+    run.tasks.set(swe_mini.tasks.all()[:10])
+    current_app.send_task("agents.start_run", kwargs={"run_id": run.pk})
+
+    killed = []
+    for queue in ("env.default", "model.sim", "agent"):
+        before = Step.objects.filter(episode__run=run).count()
+        deadline = time.monotonic() + 60
+        while Step.objects.filter(episode__run=run).count() < before + 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        celery_workers.kill(queue)
+        killed.append((queue, Step.objects.filter(episode__run=run).count()))
+
+    # Messages the dead workers held come back after the visibility timeout (tests/session_env.py: 60 s).
+    deadline = time.monotonic() + 4 * settings.CELERY_BROKER_VISIBILITY_TIMEOUT_S
+    while Episode.objects.filter(run=run).exclude(status__in=Episode.TERMINAL).exists() and time.monotonic() < deadline:
+        time.sleep(0.5)
+
+    episodes = list(run.episodes.all())
+    unfinished = [
+        (episode.pk, episode.status, list(episode.steps.values_list("index", "completed_at")))
+        for episode in episodes
+        if not episode.is_terminal
+    ]
+    queues = {name: broker.llen(name) for name in ("agent", "model.sim", "env.default")}
+    assert not unfinished, (
+        f"episodes still open after killing workers at steps {killed}: {unfinished}; "
+        f"queues {queues}, unacked {broker.hlen('unacked')}"
+    )
+    assert len(episodes) == 20
+    for episode in episodes:
+        indexes = list(episode.steps.order_by("index").values_list("index", flat=True))
+        assert indexes == list(range(len(indexes))), f"episode {episode.pk} steps {indexes}"
+        assert episode.steps.filter(completed_at__isnull=True).count() == 0
+        if episode.status == Episode.Status.SUCCEEDED:
+            assert indexes == [0, 1, 2] and episode.step_count == 3
+    run.refresh_from_db()
+    assert run.status == Run.Status.COMPLETED
+    assert sum(episode.status == Episode.Status.SUCCEEDED for episode in episodes) >= 18
+
+
+def test_the_watchdog_re_drives_an_episode_whose_message_was_lost(celery_workers, swe_mini):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from agents import episode_loop
+    from envs import service as env_service
+
+    run = Run.objects.create(dataset=swe_mini, model_name="sim", env_pool="default", status=Run.Status.RUNNING)
+    run.tasks.set(swe_mini.tasks.filter(instance_id="kvconf-2"))
+    episode = Episode.objects.create(run=run, task=run.tasks.get(), sample_index=0)
+    assert env_service.start_sandbox(episode.pk, "default")["ok"]  # sandbox up; the first turn's message "lost"
+    long_ago = timezone.now() - timedelta(seconds=episode_loop.stalled_after_s() + 1)
+    Episode.objects.filter(pk=episode.pk).update(updated_at=long_ago)
+
+    assert episode_loop.watchdog() == [episode.pk]
+    assert episode_loop.watchdog() == [], "a re-driven episode is not re-driven again at once"
+    deadline = time.monotonic() + 60
+    while not Episode.objects.get(pk=episode.pk).is_terminal and time.monotonic() < deadline:
+        time.sleep(0.2)
+    episode.refresh_from_db()
+    assert episode.status == Episode.Status.SUCCEEDED
+    assert list(episode.steps.order_by("index").values_list("index", flat=True)) == [0, 1, 2]
