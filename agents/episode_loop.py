@@ -78,8 +78,9 @@ def admit() -> list[int]:
             if room <= 0:
                 break
             run_room = run.max_concurrent_episodes - run.episodes.filter(status__in=LIVE).count()
-            queued = run.episodes.filter(status=Episode.Status.QUEUED).order_by("pk").values_list("pk", flat=True)
-            for episode_id in queued[: max(0, min(room, run_room))]:
+            queued = run.episodes.filter(status=Episode.Status.QUEUED).order_by("pk")
+            ready = [episode.pk for episode in queued.only("pk", "attempt", "updated_at") if _backed_off(episode)]
+            for episode_id in ready[: max(0, min(room, run_room))]:
                 if Episode.objects.filter(pk=episode_id, status=Episode.Status.QUEUED).update(
                     status=Episode.Status.STARTING
                 ):
@@ -88,6 +89,14 @@ def admit() -> list[int]:
     for episode_id, pool in admitted:
         _send("envs.episode_start", episode_id=episode_id, pool=pool)
     return [episode_id for episode_id, _ in admitted]
+
+
+def _backed_off(episode: Episode) -> bool:
+    """A retried episode waits MEGAFLOW_RETRY_BACKOFF_S, doubling with each attempt, before it is admitted."""
+    if episode.attempt <= 1:
+        return True
+    wait = settings.MEGAFLOW_RETRY_BACKOFF_S * 2 ** (episode.attempt - 2)
+    return timezone.now() - episode.updated_at >= timedelta(seconds=wait)
 
 
 def episode_done(episode_id: int) -> None:
@@ -124,11 +133,22 @@ def watchdog() -> list[int]:
             _send("envs.episode_start", episode_id=episode.pk, pool=run.env_pool)
         elif last is not None and (last.completed_at is None or episode.status == Episode.Status.EVALUATING):
             _send(
-                "envs.episode_step", episode_id=episode.pk, step=last.index, reply=last.model_output, pool=run.env_pool
+                "envs.episode_step",
+                episode_id=episode.pk,
+                step=last.index,
+                reply=last.model_output,
+                pool=run.env_pool,
+                attempt=episode.attempt,
             )
         else:
             next_step = 0 if last is None else last.index + 1
-            _send("modelserving.episode_turn", episode_id=episode.pk, step=next_step, model=run.model_name)
+            _send(
+                "modelserving.episode_turn",
+                episode_id=episode.pk,
+                step=next_step,
+                model=run.model_name,
+                attempt=episode.attempt,
+            )
         logger.warning("episode %s stalled in %s; re-driven", episode.pk, episode.status)
         redriven.append(episode.pk)
     return redriven
@@ -195,7 +215,13 @@ def episode_start(episode_id: int, pool: str) -> None:
         _finish(episode_id)  # the env service recorded why
         return
     episode = Episode.objects.select_related("run").get(pk=episode_id)
-    _send("modelserving.episode_turn", episode_id=episode_id, step=0, model=episode.run.model_name)
+    _send(
+        "modelserving.episode_turn",
+        episode_id=episode_id,
+        step=0,
+        model=episode.run.model_name,
+        attempt=episode.attempt,
+    )
 
 
 def episode_step(
@@ -205,6 +231,7 @@ def episode_step(
     prompt_tokens: int = 0,
     completion_tokens: int = 0,
     model_latency_s: float = 0.0,
+    attempt: int = 1,
 ) -> None:
     from envs import service as env_service
 
@@ -213,6 +240,8 @@ def episode_step(
     if episode.is_terminal:
         _stop(episode)
         return
+    if attempt != episode.attempt:
+        return  # a straggler of an earlier attempt
     row = Step.objects.filter(episode_id=episode_id, index=step).first()
     if row and row.completed_at:
         # A redelivery of a step that ran: carry on only if nothing after it happened yet.
@@ -283,7 +312,13 @@ def _after_step(episode: Episode, row: Step, submitted_now: bool | None = None) 
         # Out of steps or tokens without submitting: the tree is graded as it stands.
         env_service.evaluate_episode(episode.pk, run.env_pool)
     else:
-        _send("modelserving.episode_turn", episode_id=episode.pk, step=row.index + 1, model=run.model_name)
+        _send(
+            "modelserving.episode_turn",
+            episode_id=episode.pk,
+            step=row.index + 1,
+            model=run.model_name,
+            attempt=episode.attempt,
+        )
         return
     _finish(episode.pk)
 
@@ -291,13 +326,15 @@ def _after_step(episode: Episode, row: Step, submitted_now: bool | None = None) 
 # --- model queue ---------------------------------------------------------------------------------------------
 
 
-def episode_turn(episode_id: int, step: int, model: str) -> None:
+def episode_turn(episode_id: int, step: int, model: str, attempt: int = 1) -> None:
     from modelserving import service as model_service
 
     episode = Episode.objects.select_related("run", "task").get(pk=episode_id)
     if episode.is_terminal:
         _stop(episode)
         return
+    if attempt != episode.attempt:
+        return  # a straggler of an earlier attempt
     if Step.objects.filter(episode_id=episode_id, index=step).exists():
         return  # a redelivered turn whose step is already claimed
     messages = _agent(episode.run).messages(_task_view(episode), _history(episode, step))
@@ -309,8 +346,12 @@ def episode_turn(episode_id: int, step: int, model: str) -> None:
     }
     [generation] = model_service.generate(model, [request], episode_id=episode_id)
     if generation.get("error"):
-        _stop(episode)
-        _finish(episode_id)  # the model service recorded why
+        # The episode ended or went back to the queue for a fresh attempt: either way this sandbox is done.
+        if episode.container_id:
+            _send(
+                "envs.stop_sandbox", episode_id=episode_id, pool=episode.run.env_pool, container_id=episode.container_id
+            )
+        _finish(episode_id)  # the model service recorded why (and requeued the episode if worth retrying)
         return
     _send(
         "envs.episode_step",
@@ -321,4 +362,5 @@ def episode_turn(episode_id: int, step: int, model: str) -> None:
         completion_tokens=generation.get("completion_tokens", 0),
         model_latency_s=generation.get("latency_s", 0.0),
         pool=episode.run.env_pool,
+        attempt=attempt,
     )

@@ -29,14 +29,17 @@ if TYPE_CHECKING:
 class SandboxError(Exception):
     """The sandbox could not do what was asked; ``reason`` is what gets recorded on the episode."""
 
-    def __init__(self, reason: str):
+    def __init__(self, reason: str, retryable: bool = True):
         super().__init__(reason)
         self.reason = reason
+        # Infrastructure trouble (a container that vanished, a daemon that did not answer) is worth another
+        # attempt; what the task or the agent caused (a missing image, a failing setup, a fork bomb) is not.
+        self.retryable = retryable
 
 
 class ImageNotFound(SandboxError):
     def __init__(self, image: str):
-        super().__init__(f"image not found: {image}")
+        super().__init__(f"image not found: {image}", retryable=False)
         self.image = image
 
 

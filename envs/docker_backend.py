@@ -184,7 +184,11 @@ class DockerBackend(EnvironmentBackend):
             stream = self.api.exec_start(exec_id, socket=True)
         except docker.errors.NotFound:
             raise SandboxError("the sandbox container is gone") from None
-        except (docker.errors.APIError, requests.RequestException) as exc:
+        except docker.errors.APIError as exc:
+            if "is not running" in str(exc):
+                raise SandboxError("the sandbox container stopped") from None
+            raise SandboxError(f"could not run a command in the sandbox: {_brief(exc)}") from None
+        except requests.RequestException as exc:
             raise SandboxError(f"could not run a command in the sandbox: {_brief(exc)}") from None
         sock: socket.socket = getattr(stream, "_sock", stream)
         capture = OutputCapture(output_limit or settings.MEGAFLOW_OUTPUT_LIMIT_BYTES)
@@ -251,7 +255,9 @@ class DockerBackend(EnvironmentBackend):
             except docker.errors.APIError:
                 time.sleep(0.2)
         self.api.kill(sandbox_id)
-        raise SandboxError("the sandbox's processes could not be stopped (pid limit exhausted); sandbox killed")
+        raise SandboxError(
+            "the sandbox's processes could not be stopped (pid limit exhausted); sandbox killed", retryable=False
+        )
 
 
 class _Killer(threading.Thread):

@@ -30,8 +30,10 @@ from orchestrator.models import Episode
 logger = logging.getLogger("megaflow.envs.reaper")
 
 
-def _live_episode_ids(ids: set[int]) -> set[int]:
-    return set(Episode.objects.filter(pk__in=ids).exclude(status__in=Episode.TERMINAL).values_list("pk", flat=True))
+def _live_episode_containers(ids: set[int]) -> dict[int, str]:
+    """Live episode id → the container it holds now ("" between attempts)."""
+    live = Episode.objects.filter(pk__in=ids).exclude(status__in=Episode.TERMINAL)
+    return dict(live.values_list("pk", "container_id"))
 
 
 def _held_by_live_episode(container_ids: set[str]) -> set[str]:
@@ -51,7 +53,7 @@ def orphan_reasons(containers: list[dict], grace_s: float, now: float | None = N
     episode_ids = {
         int(labels[LABEL_EPISODE]) for _, labels in candidates if (labels.get(LABEL_EPISODE) or "").isdigit()
     }
-    live_episodes = _live_episode_ids(episode_ids)
+    live_episodes = _live_episode_containers(episode_ids)
     held = _held_by_live_episode({entry["Id"] for entry, _ in candidates})
 
     reasons = {}
@@ -70,6 +72,8 @@ def orphan_reasons(containers: list[dict], grace_s: float, now: float | None = N
                 reasons[container_id] = "container names no episode"
             elif int(episode) not in live_episodes:
                 reasons[container_id] = f"episode {episode} is finished or unknown"
+            elif live_episodes[int(episode)] != container_id:
+                reasons[container_id] = f"episode {episode} has moved on to another sandbox (a new attempt)"
     return reasons
 
 

@@ -45,13 +45,16 @@ def _release(container_id: str, pool: str) -> None:
         logger.warning("could not release container %s: %s", container_id[:12], error.reason)
 
 
-def fail_episode(episode_id: int, reason: str, pool: str, status: str = Episode.Status.FAILED) -> dict:
-    """Record a failure with its reason and release the episode's sandbox."""
+def fail_episode(
+    episode_id: int, reason: str, pool: str, status: str = Episode.Status.FAILED, retryable: bool = False
+) -> dict:
+    """Record a failure with its reason (a retryable one requeues the episode for another attempt) and release
+    the episode's sandbox."""
     container_id = Episode.objects.filter(pk=episode_id).values_list("container_id", flat=True).first() or ""
-    episodes.record_failure(episode_id, reason, status)
+    outcome = episodes.fail_or_retry(episode_id, reason, retryable, status)
     _release(container_id, pool)
-    logger.info("episode %s %s: %s", episode_id, status, reason)
-    return {"ok": False, "episode_id": episode_id, "error": reason}
+    logger.info("episode %s %s (%s): %s", episode_id, status, outcome, reason)
+    return {"ok": False, "episode_id": episode_id, "error": reason, "outcome": outcome}
 
 
 def start_sandbox(episode_id: int, pool: str) -> dict:
@@ -82,7 +85,7 @@ def start_sandbox(episode_id: int, pool: str) -> dict:
         _update(episode_id, container_id=container_id)
         task_sandbox.prepare(backend, container_id, episode.task)
     except SandboxError as error:
-        return fail_episode(episode_id, error.reason, pool)
+        return fail_episode(episode_id, error.reason, pool, retryable=error.retryable)
     _update(episode_id, status=Episode.Status.RUNNING)
     return {"ok": True, "episode_id": episode_id, "container_id": container_id, "warm": warm}
 
@@ -96,7 +99,7 @@ def exec_command(episode_id: int, command: str, pool: str, timeout_s: float | No
     try:
         result = get_backend().exec(episode.container_id, command, timeout_s, workdir=episode.task.workdir)
     except SandboxError as error:
-        return fail_episode(episode_id, error.reason, pool)
+        return fail_episode(episode_id, error.reason, pool, retryable=error.retryable)
     return {"ok": True, "episode_id": episode_id, "observation": result.observation(), **result.as_dict()}
 
 
@@ -111,7 +114,7 @@ def evaluate_episode(episode_id: int, pool: str) -> dict:
     try:
         evaluation = get_backend().evaluate(episode.container_id, episode.task)
     except SandboxError as error:
-        return fail_episode(episode_id, f"evaluation failed: {error.reason}", pool)
+        return fail_episode(episode_id, f"evaluation failed: {error.reason}", pool, retryable=error.retryable)
     finished = Episode.objects.filter(pk=episode_id, status=Episode.Status.EVALUATING)
     finished.update(
         status=Episode.Status.SUCCEEDED,
@@ -124,8 +127,10 @@ def evaluate_episode(episode_id: int, pool: str) -> dict:
     return {"ok": True, "episode_id": episode_id, **evaluation.as_dict()}
 
 
-def stop_sandbox(episode_id: int, pool: str) -> dict:
-    """Release the episode's sandbox (after a cancel, or when the agent loop ends without evaluating)."""
-    container_id = Episode.objects.filter(pk=episode_id).values_list("container_id", flat=True).first() or ""
+def stop_sandbox(episode_id: int, pool: str, container_id: str | None = None) -> dict:
+    """Release the episode's sandbox, or the given one of its earlier attempt (after a cancel, a model failure,
+    or when the agent loop ends without evaluating)."""
+    if container_id is None:
+        container_id = Episode.objects.filter(pk=episode_id).values_list("container_id", flat=True).first() or ""
     _release(container_id, pool)
     return {"ok": True, "episode_id": episode_id, "container_id": container_id}

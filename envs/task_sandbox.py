@@ -71,7 +71,7 @@ def single_file_tar(name: str, text: str) -> bytes:
 def _checked(backend: EnvironmentBackend, sandbox_id: str, command: str, what: str, timeout_s: float, workdir: str):
     result = backend.exec(sandbox_id, command, timeout_s, workdir=workdir)
     if result.exit_code != 0:
-        raise SandboxError(f"{what} failed (exit {result.exit_code}): {result.observation()[-800:]}")
+        raise SandboxError(f"{what} failed (exit {result.exit_code}): {result.observation()[-800:]}", retryable=False)
     return result
 
 

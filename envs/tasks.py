@@ -30,8 +30,8 @@ def evaluate(episode_id: int, pool: str) -> dict:
 
 
 @shared_task(name="envs.stop_sandbox")
-def stop_sandbox(episode_id: int, pool: str) -> dict:
-    return service.stop_sandbox(episode_id, pool)
+def stop_sandbox(episode_id: int, pool: str, container_id: str | None = None) -> dict:
+    return service.stop_sandbox(episode_id, pool, container_id)
 
 
 @shared_task(name="envs.reap_orphans")
@@ -77,7 +77,8 @@ def episode_step(
     prompt_tokens: int = 0,
     completion_tokens: int = 0,
     model_latency_s: float = 0.0,
+    attempt: int = 1,
 ) -> None:
     from agents import episode_loop
 
-    episode_loop.episode_step(episode_id, step, reply, prompt_tokens, completion_tokens, model_latency_s)
+    episode_loop.episode_step(episode_id, step, reply, prompt_tokens, completion_tokens, model_latency_s, attempt)

@@ -212,6 +212,8 @@ except ValueError:
     ) from None
 # Admission control: episodes live (starting, running, evaluating) at once across all runs.
 MEGAFLOW_MAX_LIVE_EPISODES = env_int("MEGAFLOW_MAX_LIVE_EPISODES", 256)
+# An episode retried after an infrastructure failure waits this long, doubling with each further attempt.
+MEGAFLOW_RETRY_BACKOFF_S = env_int("MEGAFLOW_RETRY_BACKOFF_S", 10)
 # The gateway waits this long for a model worker's answer before replying 504.
 MEGAFLOW_GATEWAY_TIMEOUT_S = env_int("MEGAFLOW_GATEWAY_TIMEOUT_S", 300)
 

@@ -26,7 +26,8 @@ def generate(model: str, requests: list[dict], episode_id: int | None = None) ->
     if episode_id is not None:
         failed = next((generation["error"] for generation in generations if generation.get("error")), "")
         if failed:
-            episodes.record_failure(episode_id, f"model {model}: {failed}")
+            # A server down past its retries is infrastructure; a prompt too long or a bad model name is not.
+            episodes.fail_or_retry(episode_id, f"model {model}: {failed}", retryable=failed.startswith("model server"))
     return generations
 
 

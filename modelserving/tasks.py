@@ -27,7 +27,7 @@ def generate(
 
 
 @shared_task(name="modelserving.episode_turn")
-def episode_turn(episode_id: int, step: int, model: str) -> None:
+def episode_turn(episode_id: int, step: int, model: str, attempt: int = 1) -> None:
     from agents import episode_loop
 
-    episode_loop.episode_turn(episode_id, step, model)
+    episode_loop.episode_turn(episode_id, step, model, attempt)

@@ -77,3 +77,34 @@ def test_the_watchdog_re_drives_an_episode_whose_message_was_lost(celery_workers
     episode.refresh_from_db()
     assert episode.status == Episode.Status.SUCCEEDED
     assert list(episode.steps.order_by("index").values_list("index", flat=True)) == [0, 1, 2]
+
+
+def test_a_vanished_container_is_retried_and_a_permanent_failure_is_not(celery_workers, swe_mini):
+    import docker as docker_sdk
+
+    from envs import service as env_service
+
+    run = Run.objects.create(dataset=swe_mini, model_name="sim", env_pool="default", max_attempts=2)
+    task = swe_mini.tasks.get(instance_id="textkit-2")
+    episode = Episode.objects.create(run=run, task=task, sample_index=0)
+    first = env_service.start_sandbox(episode.pk, "default")["container_id"]
+    docker_sdk.from_env().containers.get(first).kill()  # the sandbox dies under the episode
+
+    reply = env_service.exec_command(episode.pk, "ls", "default")
+    assert reply["outcome"] == "retrying"
+    episode.refresh_from_db()
+    assert (episode.status, episode.attempt, episode.container_id) == (Episode.Status.QUEUED, 2, "")
+    assert episode.failure_reason == "attempt 1 failed: the sandbox container stopped"
+
+    second = env_service.start_sandbox(episode.pk, "default")["container_id"]
+    assert second != first
+    docker_sdk.from_env().containers.get(second).kill()
+    assert env_service.exec_command(episode.pk, "ls", "default")["outcome"] == "failed", "max_attempts is 2"
+    episode.refresh_from_db()
+    assert episode.status == Episode.Status.FAILED
+    assert episode.failure_reason == "attempt 2: the sandbox container stopped"
+
+    ghost = Episode.objects.create(run=run, task=task, sample_index=1)
+    task.image = "megaflow/ghost:never"
+    task.save()
+    assert env_service.start_sandbox(ghost.pk, "default")["outcome"] == "failed", "a missing image is not retried"

@@ -24,6 +24,8 @@ def episodes():
         "running": make(0, Episode.Status.RUNNING),
         "finished": make(1, Episode.Status.SUCCEEDED),
         "cancelled": make(2, Episode.Status.CANCELLED),
+        "also running": make(3, Episode.Status.RUNNING),
+        "retrying": make(4, Episode.Status.QUEUED),
     }
 
 
@@ -33,16 +35,16 @@ def test_reaps_containers_of_finished_unknown_or_no_episodes_and_keeps_the_rest(
     settings.MEGAFLOW_WARM_POOL_SIZES = {"default": 1}
     image = settings.MEGAFLOW_BASE_IMAGE
     keep = {
-        "live episode": sandbox(episode_id=episodes["running"].pk),
+        "live episode": sandbox(episode_id=episodes["also running"].pk),
         "idle warm": warm_pool.WarmPool(docker_backend, "default").acquire(SandboxSpec(image=image))[0],
         "warm, lent to a live episode": sandbox(mode="warm", pool="default"),
     }
     idle = warm_pool.WarmPool(docker_backend, "default")
     assert idle.release(keep["idle warm"])
     Episode.objects.filter(pk=episodes["running"].pk).update(container_id=keep["warm, lent to a live episode"])
-    episodes["running"].refresh_from_db()
-    # The live episode now holds the warm container; its own ephemeral one must still be kept by its label.
+    Episode.objects.filter(pk=episodes["also running"].pk).update(container_id=keep["live episode"])
     reap = {
+        "earlier attempt of a requeued episode": sandbox(episode_id=episodes["retrying"].pk),
         "finished episode": sandbox(episode_id=episodes["finished"].pk),
         "cancelled episode": sandbox(episode_id=episodes["cancelled"].pk),
         "unknown episode": sandbox(episode_id=999_999),
@@ -58,6 +60,9 @@ def test_reaps_containers_of_finished_unknown_or_no_episodes_and_keeps_the_rest(
     assert set(reaped) == set(reap.values())
     assert reaped[reap["unknown episode"]] == "episode 999999 is finished or unknown"
     assert reaped[reap["stopped"]] == "container is exited"
+    assert reaped[reap["earlier attempt of a requeued episode"]].endswith(
+        "has moved on to another sandbox (a new attempt)"
+    )
     assert all(docker_backend.is_alive(container_id) for container_id in keep.values())
     assert not any(docker_backend.is_alive(container_id) for container_id in reap.values())
     idle.discard(keep["idle warm"])
