@@ -117,3 +117,21 @@ def test_the_demo_command_runs_the_suite_and_ends_with_its_summary(celery_worker
     lines = capsys.readouterr().out.strip().splitlines()
     assert "policy: replay (the tasks' reference solutions: no model is configured)" in "\n".join(lines)
     assert lines[-1] == "demo: 4 episodes, 4 succeeded, 0 failed, mean reward 1.000"
+
+
+def test_a_run_exports_as_jsonl_for_trainers(celery_workers, swe_mini, tmp_path):
+    import json
+
+    from django.core.management import call_command
+
+    run = start_and_wait(make_run(swe_mini, ["taskgraph-1"], model_name="sim", samples_per_task=2))
+    out = tmp_path / "run.jsonl"
+    call_command("megaflow", "export", str(run.pk), "--out", str(out))
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(record["instance_id"], record["sample"]) for record in records] == [("taskgraph-1", 0), ("taskgraph-1", 1)]
+    for record in records:
+        assert record["actions"] == ["echo step 0", "echo step 1", "echo MEGAFLOW_SUBMIT"]
+        assert record["observations"][0].startswith("<returncode>0</returncode>\n<output>\nstep 0")
+        roles = [message["role"] for message in record["messages"]]
+        assert roles == ["system", "user"] + ["assistant", "user"] * 3
+        assert record["reward"] == 0.0 and record["prompt_tokens"] > 0 and record["status"] == "succeeded"

@@ -6,6 +6,7 @@ load-dataset   validate a task-format JSONL file and store it as a dataset
 build-suite    rebuild a bundled suite's dataset (envs/suites/<name>/dataset/) from its sources
 validate       gold-check a dataset's tasks in real sandboxes, in parallel
 import-swebench  convert SWE-bench JSONL into the task format (and optionally load it)
+export         a run's trajectories as JSONL (one episode per line) for trainers
 reap           remove orphaned sandbox containers now
 demo           what ``make demo`` runs after ``make up``
 """
@@ -24,7 +25,7 @@ from envs.backend import get_backend
 from envs.suite_builder import SUITES_DIR, SuiteError, build_suite
 from megaflow_site import preflight
 from megaflow_site.topology import AGENT_QUEUE, Service, UnknownQueue, default_key, queue_name
-from orchestrator import probe
+from orchestrator import probe, trajectories
 from orchestrator.models import Dataset, Episode, Run
 from orchestrator.task_format import TaskFormatError, load_dataset
 
@@ -67,6 +68,10 @@ class Command(BaseCommand):
         swe.add_argument("--namespace", default="swebench", help='image namespace ("" for locally built images)')
         swe.add_argument("--arch", default="x86_64")
         swe.add_argument("--skip-image-check", action="store_true", help="do not require the images locally")
+
+        export = sub.add_parser("export", help="a run's trajectories as JSONL, one episode per line")
+        export.add_argument("run_id", type=int)
+        export.add_argument("--out", type=Path, help="write here instead of standard output")
 
         reap = sub.add_parser("reap", help="remove orphaned sandbox containers now")
         reap.add_argument("--grace", type=float, default=None, help="seconds a new container is left alone")
@@ -169,6 +174,19 @@ class Command(BaseCommand):
         self.stdout.write(f"{len(tasks)} SWE-bench tasks written to {out}")
         if name:
             self.handle_load_dataset(out, name, f"imported from {source}")
+
+    def handle_export(self, run_id, out=None, **_):
+        run = Run.objects.filter(pk=run_id).first()
+        if run is None:
+            raise CommandError(f"no run {run_id}")
+        lines = trajectories.export_run(run)
+        if out is None:
+            for line in lines:
+                self.stdout.write(line, ending="")
+            return
+        with out.open("w", encoding="utf-8") as handle:
+            count = sum(1 for line in lines if handle.write(line))
+        self.stderr.write(f"{count} episodes of run {run_id} written to {out}")
 
     def handle_reap(self, grace=None, **_):
         reaped = reaper.reap_orphans(
