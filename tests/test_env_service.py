@@ -76,7 +76,12 @@ def test_a_missing_image_fails_the_episode_with_the_image_name(celery_workers, s
     )  # fmt: skip
     [episode] = episodes_for(ghost, 1, pool="default")
     reply = call(env_tasks.start_sandbox, episode_id=episode.pk, pool="default")
-    assert reply == {"ok": False, "episode_id": episode.pk, "error": "image not found: megaflow/ghost:never-built"}
+    assert reply == {
+        "ok": False,
+        "episode_id": episode.pk,
+        "error": "image not found: megaflow/ghost:never-built",
+        "outcome": "failed",  # a missing image is permanent: not retried
+    }
     episode.refresh_from_db()
     assert episode.status == Episode.Status.FAILED
     assert episode.failure_reason == "image not found: megaflow/ghost:never-built"
