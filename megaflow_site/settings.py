@@ -221,6 +221,8 @@ MEGAFLOW_GATEWAY_TIMEOUT_S = env_int("MEGAFLOW_GATEWAY_TIMEOUT_S", 300)
 # "docker" runs each episode in a locked-down container; "local" (a temp dir, bubblewrap when installed) is for
 # machines without Docker and is NOT a security boundary.
 MEGAFLOW_ENV_BACKEND = env_str("MEGAFLOW_ENV_BACKEND", "docker")
+# The "sim" backend's fixed time per command (benchmarks of orchestration cost; see envs/sim_backend.py).
+MEGAFLOW_SIM_EXEC_LATENCY_S = env_float("MEGAFLOW_SIM_EXEC_LATENCY_S", 0.5)
 MEGAFLOW_SANDBOX_MEMORY_MB = env_int("MEGAFLOW_SANDBOX_MEMORY_MB", 2048)
 MEGAFLOW_SANDBOX_CPUS = env_float("MEGAFLOW_SANDBOX_CPUS", 1.0)
 MEGAFLOW_SANDBOX_PIDS = env_int("MEGAFLOW_SANDBOX_PIDS", 512)

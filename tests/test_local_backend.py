@@ -3,7 +3,7 @@
 import pytest
 
 from envs import task_sandbox
-from envs.backend import SandboxSpec, get_backend
+from envs.backend import SandboxError, SandboxSpec, get_backend
 
 
 @pytest.fixture
@@ -52,3 +52,20 @@ def test_timeouts_kill_the_process_group_and_floods_are_cut(local, settings):
     assert hung.timed_out and hung.observation().endswith("[megaflow: command timed out after 1 s and was killed]")
     flood = backend.exec(sandbox_id, "yes", 30)
     assert flood.killed_reason and len(flood.output) < settings.MEGAFLOW_OUTPUT_LIMIT_BYTES + 200
+
+
+@pytest.mark.django_db
+def test_the_sim_backend_takes_its_fixed_time_and_echoes(settings, swe_mini):
+    from envs.sim_backend import SimBackend
+
+    settings.MEGAFLOW_SIM_EXEC_LATENCY_S = 0.01
+    backend = SimBackend()
+    sandbox_id = backend.create(SandboxSpec(image="unused"))
+    result = backend.exec(sandbox_id, "echo step 3\nls -la\necho MEGAFLOW_SUBMIT", 5)
+    assert (result.exit_code, result.output) == (0, "step 3\nMEGAFLOW_SUBMIT\n")
+    task = swe_mini.tasks.get(instance_id="kvconf-1")
+    task_sandbox.prepare(backend, sandbox_id, task)
+    assert backend.evaluate(sandbox_id, task).reward == 0.0, "nothing is evaluated for real"
+    backend.destroy(sandbox_id)
+    with pytest.raises(SandboxError):
+        backend.exec(sandbox_id, "echo hi", 5)
