@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export MEGAFLOW_VENV := $(abspath $(VENV))
 
-.PHONY: help bootstrap up down status demo test lint workers bench-env bench-model
+.PHONY: help bootstrap up down status demo test lint workers bench bench-env bench-model
 
 help:
 	@echo "make demo    run the demo on the embedded default (SQLite, local Redis, local Docker)"
@@ -12,6 +12,7 @@ help:
 	@echo "make down    stop what make up started"
 	@echo "make status  show the local stack"
 	@echo "make workers print the worker command of every queue"
+	@echo "make bench   orchestration overhead per step vs raw asyncio and naive Celery (writes bench-results.json)"
 	@echo "make bench-env  Environment Service vs the raw docker SDK (writes bench-env-results.json)"
 	@echo "make bench-model  gateway overhead and server batch sizes (writes bench-model-results.json)"
 
@@ -38,6 +39,9 @@ lint: bootstrap
 
 test: lint
 	@$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: bootstrap
+	@$(PY) -m agents.bench $(BENCH_ARGS)
 
 bench-env: bootstrap
 	@$(PY) -m envs.bench

@@ -22,8 +22,11 @@ stops there and its sandbox is released.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import logging
-from datetime import timedelta
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 
 from django.conf import settings
 from django.db import IntegrityError, transaction
@@ -32,8 +35,9 @@ from django.utils import timezone
 
 from agents.agent import CommandResult, TaskView, Turn, get_agent, submitted
 from orchestrator import episodes as episode_state
+from orchestrator.db import release_connection
 from orchestrator.hot_state import redis_client
-from orchestrator.models import Episode, Run, Step
+from orchestrator.models import Episode, Run, Step, Task
 
 logger = logging.getLogger("megaflow.agents")
 
@@ -171,35 +175,92 @@ def cancel_run(run_id: int, reason: str = "cancelled") -> int:
     return len(unfinished)
 
 
+def retry_failed(run_id: int) -> int:
+    """Give the run's failed and timed-out episodes a fresh attempt (their old steps are dropped, and messages
+    of the old attempt are ignored by number); the run goes back to running. Returns how many were requeued."""
+    retried = [Episode.Status.FAILED, Episode.Status.TIMED_OUT]
+    with transaction.atomic():
+        ids = list(
+            Episode.objects.select_for_update().filter(run_id=run_id, status__in=retried).values_list("pk", flat=True)
+        )
+        if not ids:
+            return 0
+        Step.objects.filter(episode_id__in=ids).delete()
+        Episode.objects.filter(pk__in=ids).update(
+            status=Episode.Status.QUEUED, attempt=F("attempt") + 1, reward=None, container_id="", step_count=0,
+            prompt_tokens=0, completion_tokens=0, started_at=None, finished_at=None, updated_at=timezone.now(),
+        )  # fmt: skip
+        Run.objects.filter(pk=run_id).update(status=Run.Status.RUNNING, finished_at=None)
+    _send("agents.admit")
+    return len(ids)
+
+
 # --- the agent, wherever the data is -------------------------------------------------------------------------
+#
+# A step is the hot path: every database round trip and every ORM query compiled here is paid tens of thousands
+# of times a minute at scale. So the run and the task, which no longer change once a run has started, are read
+# once per worker process; the episode is read as the few columns a transition needs; and each step writes its
+# row twice (claim, then result) and the episode once. docs: agents/README.md, "Where a step's time goes".
 
 
-def _agent(run: Run):
+@functools.lru_cache(maxsize=4096)
+def _run(run_id: int) -> Run:
+    return Run.objects.get(pk=run_id)
+
+
+@functools.lru_cache(maxsize=4096)
+def _task(task_id: int) -> Task:
+    return Task.objects.get(pk=task_id)
+
+
+@functools.lru_cache(maxsize=1024)
+def _agent_for(run_id: int):
     """The run's agent; ``agent_config["sampling"]`` is the model's sampling parameters, not the agent's."""
+    run = _run(run_id)
     config = {key: value for key, value in (run.agent_config or {}).items() if key != "sampling"}
     return get_agent(run.agent_name, config)
 
 
-def _task_view(episode: Episode) -> TaskView:
-    return TaskView(episode.task.instance_id, episode.task.problem_statement, episode.task.workdir)
+@dataclass(frozen=True)
+class _Live:
+    """What a transition needs to know about its episode, read in one query."""
+
+    id: int
+    run_id: int
+    task_id: int
+    status: str
+    attempt: int
+    container_id: str
+    started_at: datetime | None
+    created_at: datetime
+    prompt_tokens: int
+    completion_tokens: int
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.status in Episode.TERMINAL
+
+    @property
+    def run(self) -> Run:
+        return _run(self.run_id)
 
 
-def _history(episode: Episode, before: int) -> list[Turn]:
-    steps = episode.steps.filter(index__lt=before, completed_at__isnull=False).order_by("index")
-    return [Turn(step.model_output, step.observation) for step in steps]
+def _live(episode_id: int) -> _Live:
+    fields = [field.name for field in dataclasses.fields(_Live)]
+    return _Live(*Episode.objects.filter(pk=episode_id).values_list(*fields).get())
 
 
 def _finish(episode_id: int) -> None:
     _send("agents.episode_done", episode_id=episode_id)
 
 
-def _stop(episode: Episode) -> None:
+def _stop(episode: _Live) -> None:
     """The episode is over: make sure its sandbox is released."""
     if episode.container_id:
-        _send("envs.stop_sandbox", episode_id=episode.pk, pool=episode.run.env_pool)
+        _send("envs.stop_sandbox", episode_id=episode.id, pool=episode.run.env_pool)
 
 
-def _over_time(episode: Episode) -> bool:
+def _over_time(episode: _Live) -> bool:
     started = episode.started_at or episode.created_at
     return timezone.now() - started > timedelta(seconds=episode.run.episode_time_limit_s)
 
@@ -235,45 +296,36 @@ def episode_step(
 ) -> None:
     from envs import service as env_service
 
-    episode = Episode.objects.select_related("run", "task").get(pk=episode_id)
-    run = episode.run
+    episode = _live(episode_id)
     if episode.is_terminal:
         _stop(episode)
         return
     if attempt != episode.attempt:
         return  # a straggler of an earlier attempt
-    row = Step.objects.filter(episode_id=episode_id, index=step).first()
-    if row and row.completed_at:
-        # A redelivery of a step that ran: carry on only if nothing after it happened yet.
-        if not Step.objects.filter(episode_id=episode_id, index=step + 1).exists():
-            _after_step(episode, row)
-        return
-    # A claim younger than the hard time limit may belong to a task still running; an older one cannot (the
-    # limit kills it), and a redelivery only comes after the visibility timeout, at least twice the limit.
-    stale = timezone.now() - timedelta(seconds=settings.CELERY_TASK_TIME_LIMIT)
-    if row and row.created_at > stale:
-        return  # another delivery of this message is running the step right now
-    if row is not None:
-        Step.objects.filter(pk=row.pk).update(created_at=timezone.now())  # take the stale claim over
+    row = _claim_step(episode_id, step, reply)
     if row is None:
-        try:
-            with transaction.atomic():
-                row = Step.objects.create(episode_id=episode_id, index=step, model_output=reply)
-        except IntegrityError:
-            return  # a second delivery lost the claim
-    agent = _agent(run)
+        return  # another delivery of this message holds the claim, or the step already ran and moved on
+    if row.completed_at:
+        _after_step(episode, row)  # a redelivery of a step that ran, before anything after it happened
+        return
+    run, task = episode.run, _task(episode.task_id)
+    agent = _agent_for(run.pk)
     action = agent.parse(reply)
     result = None
     if action.malformed:
         observation = agent.feedback_observation(action)
     else:
-        outcome = env_service.exec_command(episode_id, action.command, run.env_pool)
+        timeout_s = min(settings.MEGAFLOW_EXEC_TIMEOUT_S, task.timeout_s)
+        outcome = env_service.run_command(
+            episode_id, episode.container_id, action.command, run.env_pool, timeout_s, task.workdir
+        )
         if not outcome["ok"]:
             _finish(episode_id)  # the sandbox failed; the env service recorded why
             return
         result = outcome
         command_result = CommandResult(outcome["output"], outcome["exit_code"], outcome["timed_out"])
         observation = agent.observation(command_result)
+    completed_at = timezone.now()
     Step.objects.filter(pk=row.pk).update(
         action=action.command or "",
         observation=observation,
@@ -282,20 +334,43 @@ def episode_step(
         env_latency_s=None if result is None else result["duration_s"],
         prompt_tokens=prompt_tokens,
         completion_tokens=completion_tokens,
-        completed_at=timezone.now(),
+        completed_at=completed_at,
     )
     Episode.objects.filter(pk=episode_id).update(
         step_count=step + 1,
         prompt_tokens=F("prompt_tokens") + prompt_tokens,
         completion_tokens=F("completion_tokens") + completion_tokens,
-        updated_at=timezone.now(),
+        updated_at=completed_at,
     )
-    row.refresh_from_db()
-    episode.refresh_from_db()
+    row.action, row.observation, row.completed_at = action.command or "", observation, completed_at
+    episode = dataclasses.replace(
+        episode,
+        prompt_tokens=episode.prompt_tokens + prompt_tokens,
+        completion_tokens=episode.completion_tokens + completion_tokens,
+    )
     _after_step(episode, row, submitted_now=result is not None and submitted(result["output"]))
 
 
-def _after_step(episode: Episode, row: Step, submitted_now: bool | None = None) -> None:
+def _claim_step(episode_id: int, step: int, reply: str) -> Step | None:
+    """The Step row that makes this delivery the one to run the step, or a completed row whose follow-up must
+    be re-published; None when there is nothing for this delivery to do."""
+    try:
+        # Autocommit: the INSERT is its own transaction, and the unique (episode, index) picks one delivery.
+        return Step.objects.create(episode_id=episode_id, index=step, model_output=reply)
+    except IntegrityError:
+        pass
+    row = Step.objects.get(episode_id=episode_id, index=step)
+    if row.completed_at:
+        # A redelivery of a step that ran: carry on only if nothing after it happened yet.
+        return None if Step.objects.filter(episode_id=episode_id, index=step + 1).exists() else row
+    # A claim younger than the hard time limit may belong to a task still running; an older one cannot (the
+    # limit kills it), and a redelivery only comes after the visibility timeout, at least twice the limit.
+    stale = timezone.now() - timedelta(seconds=settings.CELERY_TASK_TIME_LIMIT)
+    taken = Step.objects.filter(pk=row.pk, created_at__lte=stale).update(created_at=timezone.now())
+    return row if taken else None
+
+
+def _after_step(episode: _Live, row: Step, submitted_now: bool | None = None) -> None:
     """What follows a completed step: evaluation when the agent submitted or a budget ran out, else the next
     model turn."""
     from envs import service as env_service
@@ -307,20 +382,20 @@ def _after_step(episode: Episode, row: Step, submitted_now: bool | None = None) 
     out_of_tokens = bool(run.max_episode_tokens) and tokens >= run.max_episode_tokens
     if _over_time(episode):
         reason = f"wall-clock budget of {run.episode_time_limit_s} s exhausted"
-        env_service.fail_episode(episode.pk, reason, run.env_pool, Episode.Status.TIMED_OUT)
+        env_service.fail_episode(episode.id, reason, run.env_pool, Episode.Status.TIMED_OUT)
     elif submitted_now or row.index + 1 >= run.max_steps or out_of_tokens:
         # Out of steps or tokens without submitting: the tree is graded as it stands.
-        env_service.evaluate_episode(episode.pk, run.env_pool)
+        env_service.evaluate_episode(episode.id, run.env_pool)
     else:
         _send(
             "modelserving.episode_turn",
-            episode_id=episode.pk,
+            episode_id=episode.id,
             step=row.index + 1,
             model=run.model_name,
             attempt=episode.attempt,
         )
         return
-    _finish(episode.pk)
+    _finish(episode.id)
 
 
 # --- model queue ---------------------------------------------------------------------------------------------
@@ -329,28 +404,35 @@ def _after_step(episode: Episode, row: Step, submitted_now: bool | None = None) 
 def episode_turn(episode_id: int, step: int, model: str, attempt: int = 1) -> None:
     from modelserving import service as model_service
 
-    episode = Episode.objects.select_related("run", "task").get(pk=episode_id)
+    episode = _live(episode_id)
     if episode.is_terminal:
         _stop(episode)
         return
     if attempt != episode.attempt:
         return  # a straggler of an earlier attempt
-    if Step.objects.filter(episode_id=episode_id, index=step).exists():
+    # One query for both the history and the redelivery check.
+    steps = list(
+        Step.objects.filter(episode_id=episode_id, index__lte=step)
+        .order_by("index")
+        .values_list("index", "model_output", "observation", "completed_at")
+    )
+    if steps and steps[-1][0] == step:
         return  # a redelivered turn whose step is already claimed
-    messages = _agent(episode.run).messages(_task_view(episode), _history(episode, step))
+    run, task = episode.run, _task(episode.task_id)
+    history = [Turn(output, observation) for _, output, observation, completed in steps if completed]
+    view = TaskView(task.instance_id, task.problem_statement, task.workdir)
     request = {
         "request_id": f"{episode_id}:{step}",
-        "messages": messages,
-        "sampling": (episode.run.agent_config or {}).get("sampling", {}),
-        "context": {"task_id": episode.task_id},
+        "messages": _agent_for(run.pk).messages(view, history),
+        "sampling": (run.agent_config or {}).get("sampling", {}),
+        "context": {"task_id": task.pk},
     }
+    release_connection()  # nothing needs the database while the model works
     [generation] = model_service.generate(model, [request], episode_id=episode_id)
     if generation.get("error"):
         # The episode ended or went back to the queue for a fresh attempt: either way this sandbox is done.
         if episode.container_id:
-            _send(
-                "envs.stop_sandbox", episode_id=episode_id, pool=episode.run.env_pool, container_id=episode.container_id
-            )
+            _send("envs.stop_sandbox", episode_id=episode_id, pool=run.env_pool, container_id=episode.container_id)
         _finish(episode_id)  # the model service recorded why (and requeued the episode if worth retrying)
         return
     _send(
@@ -361,6 +443,6 @@ def episode_turn(episode_id: int, step: int, model: str, attempt: int = 1) -> No
         prompt_tokens=generation.get("prompt_tokens", 0),
         completion_tokens=generation.get("completion_tokens", 0),
         model_latency_s=generation.get("latency_s", 0.0),
-        pool=episode.run.env_pool,
+        pool=run.env_pool,
         attempt=attempt,
     )

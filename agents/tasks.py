@@ -4,17 +4,20 @@ from celery import shared_task
 
 from agents import episode_loop
 from megaflow_site.topology import Service
+from orchestrator.db import retry_on_database_errors
 from orchestrator.probe import define_probe_task
 
 probe = define_probe_task(Service.AGENT)
 
 
 @shared_task(name="agents.start_run")
+@retry_on_database_errors
 def start_run(run_id: int) -> int:
     return episode_loop.start_run(run_id)
 
 
 @shared_task(name="agents.episode_done")
+@retry_on_database_errors
 def episode_done(episode_id: int) -> None:
     episode_loop.episode_done(episode_id)
 
@@ -25,5 +28,6 @@ def watchdog() -> list[int]:
 
 
 @shared_task(name="agents.admit")
+@retry_on_database_errors
 def admit() -> list[int]:
     return episode_loop.admit()

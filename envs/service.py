@@ -17,6 +17,7 @@ from django.utils import timezone
 from envs import task_sandbox, warm_pool
 from envs.backend import SandboxError, get_backend
 from orchestrator import episodes
+from orchestrator.db import release_connection
 from orchestrator.models import Episode
 
 logger = logging.getLogger("megaflow.envs")
@@ -77,6 +78,7 @@ def start_sandbox(episode_id: int, pool: str) -> dict:
         episode_id, status=Episode.Status.STARTING, worker=WORKER_NAME, failure_reason="", started_at=timezone.now()
     )
     spec = task_sandbox.sandbox_spec(episode.task, episode.id, episode.run_id, pool=pool)
+    release_connection()  # starting and preparing a sandbox takes seconds; the database is not needed meanwhile
     try:
         if warm_pool.pool_size(pool) > 0:
             container_id, warm = warm_pool.WarmPool(backend, pool).acquire(spec)
@@ -96,8 +98,14 @@ def exec_command(episode_id: int, command: str, pool: str, timeout_s: float | No
     if episode.is_terminal or not episode.container_id:
         return {"ok": False, "episode_id": episode_id, "error": f"episode has no running sandbox ({episode.status})"}
     timeout_s = min(timeout_s or settings.MEGAFLOW_EXEC_TIMEOUT_S, episode.task.timeout_s)
+    return run_command(episode_id, episode.container_id, command, pool, timeout_s, episode.task.workdir)
+
+
+def run_command(episode_id: int, container_id: str, command: str, pool: str, timeout_s: float, workdir: str) -> dict:
+    """``exec_command`` for a caller that has just read the episode (the episode loop's hot path)."""
+    release_connection()  # nothing needs the database while the command runs
     try:
-        result = get_backend().exec(episode.container_id, command, timeout_s, workdir=episode.task.workdir)
+        result = get_backend().exec(container_id, command, timeout_s, workdir=workdir)
     except SandboxError as error:
         return fail_episode(episode_id, error.reason, pool, retryable=error.retryable)
     return {"ok": True, "episode_id": episode_id, "observation": result.observation(), **result.as_dict()}
@@ -111,6 +119,7 @@ def evaluate_episode(episode_id: int, pool: str) -> dict:
     if not episode.container_id:
         return fail_episode(episode_id, "no sandbox to evaluate", pool)
     _update(episode_id, status=Episode.Status.EVALUATING)
+    release_connection()  # the tests may run for minutes
     try:
         evaluation = get_backend().evaluate(episode.container_id, episode.task)
     except SandboxError as error:

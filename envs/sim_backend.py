@@ -4,6 +4,9 @@ Every command "runs" for ``MEGAFLOW_SIM_EXEC_LATENCY_S`` seconds (default 0.5) a
 (commands other than ``echo ...`` print nothing and exit 0), so that episodes against the ``sim`` model cost
 exactly their scripted model and environment time, and what remains is orchestration. Nothing is isolated or
 evaluated for real: every test counts as failed, so rewards are 0.0.
+
+A sandbox is alive from its creation until it is destroyed in this process; one created by another worker
+process counts as alive, so a pool can run several worker processes as it would with Docker.
 """
 
 from __future__ import annotations
@@ -21,14 +24,11 @@ from envs.backend import EnvironmentBackend, ExecResult, SandboxError, SandboxSp
 @register_backend("sim")
 class SimBackend(EnvironmentBackend):
     def __init__(self):
-        self._alive: set[str] = set()
+        self._destroyed: set[str] = set()
         self._lock = threading.Lock()
 
     def create(self, spec: SandboxSpec) -> str:
-        sandbox_id = f"sim-{uuid.uuid4().hex[:16]}"
-        with self._lock:
-            self._alive.add(sandbox_id)
-        return sandbox_id
+        return f"sim-{uuid.uuid4().hex[:16]}"
 
     def exec(
         self,
@@ -55,8 +55,8 @@ class SimBackend(EnvironmentBackend):
 
     def destroy(self, sandbox_id: str) -> None:
         with self._lock:
-            self._alive.discard(sandbox_id)
+            self._destroyed.add(sandbox_id)
 
     def is_alive(self, sandbox_id: str) -> bool:
         with self._lock:
-            return sandbox_id in self._alive
+            return sandbox_id.startswith("sim-") and sandbox_id not in self._destroyed

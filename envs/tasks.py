@@ -9,6 +9,7 @@ from celery import shared_task, signals
 from envs import reaper, service, warm_pool
 from envs.backend import get_backend
 from megaflow_site.topology import Service, queue_name
+from orchestrator.db import retry_on_database_errors
 from orchestrator.probe import define_probe_task
 
 probe = define_probe_task(Service.ENV)
@@ -30,6 +31,7 @@ def evaluate(episode_id: int, pool: str) -> dict:
 
 
 @shared_task(name="envs.stop_sandbox")
+@retry_on_database_errors
 def stop_sandbox(episode_id: int, pool: str, container_id: str | None = None) -> dict:
     return service.stop_sandbox(episode_id, pool, container_id)
 
@@ -62,6 +64,7 @@ def _reap_and_warm_at_start(sender=None, **_) -> None:
 
 
 @shared_task(name="envs.episode_start")
+@retry_on_database_errors
 def episode_start(episode_id: int, pool: str) -> None:
     from agents import episode_loop
 
@@ -69,6 +72,7 @@ def episode_start(episode_id: int, pool: str) -> None:
 
 
 @shared_task(name="envs.episode_step")
+@retry_on_database_errors
 def episode_step(
     episode_id: int,
     step: int,

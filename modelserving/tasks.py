@@ -9,6 +9,7 @@ from celery import shared_task
 from megaflow_site.topology import Service
 from modelserving import service
 from orchestrator import replies
+from orchestrator.db import retry_on_database_errors
 from orchestrator.probe import define_probe_task
 
 probe = define_probe_task(Service.MODEL)
@@ -27,6 +28,7 @@ def generate(
 
 
 @shared_task(name="modelserving.episode_turn")
+@retry_on_database_errors
 def episode_turn(episode_id: int, step: int, model: str, attempt: int = 1) -> None:
     from agents import episode_loop
 

@@ -8,19 +8,16 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import redis
-from celery.utils.nodenames import host_format
 from django.conf import settings
 
-from megaflow_site.celery import app
-from megaflow_site.topology import WorkerSpec, all_worker_specs
+from deploy.worker_processes import CeleryWorkers
+from megaflow_site.topology import all_worker_specs
 
 REPO = Path(__file__).resolve().parent.parent
-WORKER_START_TIMEOUT_S = 60
 
 
 def database_url(settings_dict: dict) -> str:
@@ -54,88 +51,6 @@ def broker() -> redis.Redis:
     client.flushdb()
     yield client
     client.flushdb()
-
-
-@dataclass
-class WorkerProcess:
-    spec: WorkerSpec
-    node: str
-    process: subprocess.Popen
-    log: Path
-
-
-class CeleryWorkers:
-    """Real ``celery worker`` subprocesses; each consumes one queue and is stopped by its pid."""
-
-    def __init__(self, env: dict[str, str], log_dir: Path):
-        self.env = env
-        self.log_dir = log_dir
-        self.by_queue: dict[str, WorkerProcess] = {}
-
-    @property
-    def nodes(self) -> list[str]:
-        return [worker.node for worker in self.by_queue.values()]
-
-    def node_for(self, queue: str) -> str:
-        return self.by_queue[queue].node
-
-    def start(self, spec: WorkerSpec) -> WorkerProcess:
-        node = host_format(f"{spec.queue.replace('.', '-')}@pytest-{os.getpid()}")
-        log = self.log_dir / f"{node}.log"
-        argv = spec.argv(node_name=node)
-        argv[0] = str(Path(sys.executable).with_name("celery"))
-        process = subprocess.Popen(
-            argv, cwd=REPO, env=self.env, stdout=log.open("wb"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
-        )
-        worker = WorkerProcess(spec, node, process, log)
-        self.by_queue[spec.queue] = worker
-        return worker
-
-    def wait_ready(self, workers: list[WorkerProcess]) -> None:
-        deadline = time.monotonic() + WORKER_START_TIMEOUT_S
-        pending = {worker.node: worker for worker in workers}
-        while pending:
-            for reply in app.control.ping(destination=list(pending), timeout=0.5):
-                for node in reply:
-                    pending.pop(node, None)
-            for worker in pending.values():
-                if worker.process.poll() is not None:
-                    raise RuntimeError(f"worker {worker.node} exited at start:\n{worker.log.read_text()[-3000:]}")
-            if pending and time.monotonic() > deadline:
-                raise RuntimeError(f"workers {sorted(pending)} did not answer within {WORKER_START_TIMEOUT_S} s")
-
-    def kill(self, queue: str) -> WorkerProcess:
-        """kill -9 the queue's worker (its unacknowledged messages come back after the visibility timeout) and
-        start a new one in its place."""
-        old = self.by_queue[queue]
-        old.process.kill()
-        old.process.wait()
-        worker = self.start(old.spec)
-        self.wait_ready([worker])
-        return worker
-
-    def restart(self, queue: str) -> WorkerProcess:
-        """Stop the queue's worker and start a new one in its place (worker start-up hooks run again)."""
-        self.stop(self.by_queue[queue])
-        worker = self.start(self.by_queue[queue].spec)
-        self.wait_ready([worker])
-        return worker
-
-    def stop(self, worker: WorkerProcess, sig: int = signal.SIGTERM, timeout: float = 20) -> None:
-        if worker.process.poll() is None:
-            worker.process.send_signal(sig)
-            try:
-                worker.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                worker.process.kill()
-                worker.process.wait()
-
-    def stop_all(self) -> None:
-        for worker in self.by_queue.values():
-            if worker.process.poll() is None:
-                worker.process.send_signal(signal.SIGTERM)
-        for worker in self.by_queue.values():
-            self.stop(worker)
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,331 @@
+"""``make bench``: what orchestration costs per step, with the model and the sandbox taken out.
+
+The ``sim`` model answers in a fixed time (``--model-latency``, 1.0 s) and the ``sim`` environment backend runs
+every command in a fixed time (``--env-latency``, 0.5 s), so an episode of ``--steps`` (10) steps does a known
+amount of waiting and everything else is orchestration. At each concurrency level (``--levels``: 100, 1000,
+10000) one run of that many episodes goes through real workers of all three services, on Redis and
+PostgreSQL, all admitted at once. In the same run, two baselines do the same simulated work:
+
+- *raw*: one asyncio process, a coroutine per episode, no broker, no database: the floor;
+- *naive*: one blocking Celery task per episode on a prefork pool with as many processes as MegaFlow runs
+  workers (agents/bench_naive.py), measured over a window (``--naive-window``) since it would take hours.
+
+Per-step overhead is a step's wall time minus its model and command time: from the previous step's completion
+to this one's, for steps 1..n-1 (step 0 starts inside sandbox preparation, which is not a step). Writes
+``bench-results.json`` and prints a table. Targets (issue #5) at 1,000 concurrent: overhead p50 ≤ 5 ms, p99 ≤
+50 ms, steps/s ≥ 0.5× raw and ≥ 10× naive.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+BENCH_DATABASE_URL = "postgres://postgres@127.0.0.1:5432/megaflow_bench"
+BENCH_REDIS_URL = "redis://127.0.0.1:6379/12"
+NAIVE_REDIS_URL = "redis://127.0.0.1:6379/10"  # the naive baseline's own database: killed mid-run, it leaves litter
+MAX_SAMPLES_PER_TASK = 1000
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))] if ordered else math.nan
+
+
+def bench_environment(args, max_level: int) -> dict[str, str]:
+    """The settings every process of the bench runs with (settings.py reads them; nothing else does)."""
+    return {
+        "DJANGO_SETTINGS_MODULE": "megaflow_site.settings",
+        "DATABASE_URL": os.environ.get("MEGAFLOW_BENCH_DATABASE_URL", BENCH_DATABASE_URL),
+        "MEGAFLOW_REDIS_URL": os.environ.get("MEGAFLOW_BENCH_REDIS_URL", BENCH_REDIS_URL),
+        "MEGAFLOW_BENCH_NAIVE_REDIS_URL": os.environ.get("MEGAFLOW_BENCH_NAIVE_REDIS_URL", NAIVE_REDIS_URL),
+        "MEGAFLOW_DATA_DIR": str(REPO / "var" / "bench"),
+        "MEGAFLOW_MODELS": "sim",
+        "MEGAFLOW_ENV_POOLS": "default",
+        "MEGAFLOW_ENV_BACKEND": "sim",
+        "MEGAFLOW_MODEL_CONFIG": json.dumps(
+            {"sim": {"backend": "sim", "latency_s": args.model_latency, "steps": args.steps}}),
+        "MEGAFLOW_SIM_EXEC_LATENCY_S": str(args.env_latency),
+        "MEGAFLOW_MAX_LIVE_EPISODES": str(max_level),
+        "MEGAFLOW_LOG_LEVEL": os.environ.get("MEGAFLOW_BENCH_LOG_LEVEL", "WARNING"),
+    }  # fmt: skip
+
+
+def ensure_database(url: str) -> None:
+    """Create the bench's PostgreSQL database if it does not exist yet."""
+    import psycopg
+    from psycopg import sql
+
+    name = url.rsplit("/", 1)[1]
+    with psycopg.connect(url.rsplit("/", 1)[0] + "/postgres", autocommit=True) as admin:
+        if not admin.execute("SELECT 1 FROM pg_database WHERE datname = %s", [name]).fetchone():
+            admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+
+
+def sandbox_execs() -> tuple[int, int]:
+    """How many commands sandbox preparation and evaluation run for the bench's task, so that the baselines
+    wait for them too."""
+    from envs import task_sandbox
+    from envs.sim_backend import SimBackend
+    from orchestrator.models import Task
+
+    class Counting(SimBackend):
+        calls = 0
+
+        def exec(self, sandbox_id, command, timeout_s, workdir=None, output_limit=None):
+            Counting.calls += 1
+            return super().exec(sandbox_id, command, 0, workdir, output_limit)
+
+    backend, task = Counting(), bench_task_fields()
+    sandbox = backend.create(None)
+    task_sandbox.prepare(backend, sandbox, Task(**task))
+    prepared = Counting.calls
+    backend.evaluate(sandbox, Task(**task))
+    return prepared, Counting.calls - prepared
+
+
+def bench_task_fields() -> dict:
+    return {"problem_statement": "Benchmark episode: the sim model scripts every action.", "workdir": "/testbed",
+            "test_command": "true", "fail_to_pass": ["test_sim"], "timeout_s": 600}  # fmt: skip
+
+
+# --- MegaFlow ------------------------------------------------------------------------------------------------
+
+
+def run_orchestrated(level: int, args, log_dir: Path) -> dict:
+    from django.db.models import Count
+    from tqdm import tqdm
+
+    from deploy.worker_processes import CeleryWorkers
+    from megaflow_site.celery import app
+    from megaflow_site.topology import Service, WorkerSpec
+    from orchestrator.models import Dataset, Episode, Run, Step, Task
+
+    Step.objects.all().delete()  # the bench database holds one level's run at a time
+    Episode.objects.all().delete()
+    Run.objects.all().delete()
+    dataset, _ = Dataset.objects.get_or_create(name="bench")
+    task_count = math.ceil(level / MAX_SAMPLES_PER_TASK)
+    tasks = [
+        Task.objects.get_or_create(dataset=dataset, instance_id=f"bench-{index}", defaults=bench_task_fields())[0]
+        for index in range(task_count)
+    ]
+    run = Run.objects.create(
+        name=f"bench {level}", dataset=dataset, model_name="sim", env_pool="default",
+        samples_per_task=level // task_count, max_concurrent_episodes=level, max_steps=args.steps,
+        episode_time_limit_s=3600, max_attempts=1,
+    )  # fmt: skip
+    run.tasks.set(tasks)
+    episodes = (level // task_count) * task_count
+
+    workers = CeleryWorkers({**os.environ}, log_dir, name="bench")
+    # Every in-flight message holds a thread while it waits on the model or the sandbox; a pool's threads are
+    # spread over --processes worker processes, as a deployment would run them.
+    threads = math.ceil(episodes / args.processes) + 8
+    specs = [(WorkerSpec(Service.AGENT), 1)]
+    for service, key in ((Service.MODEL, "sim"), (Service.ENV, "default")):
+        specs += [(WorkerSpec(service, key, concurrency=threads), index) for index in range(1, args.processes + 1)]
+    workers.wait_ready([workers.start(spec, index) for spec, index in specs])
+    try:
+        began = time.time()
+        app.send_task("agents.start_run", kwargs={"run_id": run.pk})
+        deadline = time.monotonic() + args.timeout
+        with tqdm(total=episodes, desc=f"megaflow {level}", unit="ep", leave=False) as bar:
+            while time.monotonic() < deadline:
+                run.refresh_from_db()
+                done = run.episodes.filter(status__in=Episode.TERMINAL).count()
+                bar.update(done - bar.n)
+                if run.status in Run.TERMINAL:
+                    break
+                time.sleep(0.5)
+        finished = (run.finished_at.timestamp() if run.finished_at else time.time()) - began
+    finally:
+        workers.stop_all()
+
+    steps = list(
+        Step.objects.filter(episode__run=run, completed_at__isnull=False)
+        .order_by("episode_id", "index")
+        .values_list("episode_id", "index", "completed_at", "model_latency_s", "env_latency_s")
+    )
+    overheads, previous = [], {}
+    for episode_id, index, completed, model_s, env_s in steps:
+        if index > 0 and (episode_id, index - 1) in previous:
+            wall = (completed - previous[(episode_id, index - 1)]).total_seconds()
+            overheads.append(wall - (model_s or 0) - (env_s or 0))
+        previous[(episode_id, index)] = completed
+    statuses = dict(run.episodes.values_list("status").annotate(n=Count("pk")))
+    return {
+        "episodes": episodes,
+        "completed": run.status == Run.Status.COMPLETED,
+        "statuses": statuses,
+        "steps": len(steps),
+        "wall_s": finished,
+        "episodes_per_s": statuses.get(Episode.Status.SUCCEEDED, 0) / finished,
+        "steps_per_s": len(steps) / finished,
+        "overhead_p50_ms": percentile(overheads, 0.5) * 1000,
+        "overhead_p99_ms": percentile(overheads, 0.99) * 1000,
+        "worker_processes": len(specs),
+    }
+
+
+# --- raw: asyncio, no broker, no database ---------------------------------------------------------------------
+
+
+async def run_raw(level: int, args, prepare_execs: int, evaluate_execs: int) -> dict:
+    overheads: list[float] = []
+
+    async def episode() -> None:
+        await asyncio.sleep(args.env_latency * prepare_execs)
+        previous = None
+        for _ in range(args.steps):
+            began = time.monotonic()
+            await asyncio.sleep(args.model_latency)
+            model_s = time.monotonic() - began
+            began_env = time.monotonic()
+            await asyncio.sleep(args.env_latency)
+            done = time.monotonic()
+            if previous is not None:
+                overheads.append(done - previous - model_s - (done - began_env))
+            previous = done
+        await asyncio.sleep(args.env_latency * evaluate_execs)
+
+    began = time.monotonic()
+    await asyncio.gather(*(episode() for _ in range(level)))
+    wall = time.monotonic() - began
+    return {
+        "wall_s": wall,
+        "steps_per_s": level * args.steps / wall,
+        "episodes_per_s": level / wall,
+        "overhead_p50_ms": percentile(overheads, 0.5) * 1000,
+        "overhead_p99_ms": percentile(overheads, 0.99) * 1000,
+    }
+
+
+# --- naive: one blocking Celery task per episode ---------------------------------------------------------------
+
+
+def run_naive(level: int, processes: int, args, prepare_execs: int, evaluate_execs: int, log_dir: Path) -> dict:
+    import redis
+
+    from agents.bench_naive import QUEUE, STEPS_KEY, app
+
+    client = redis.Redis.from_url(os.environ["MEGAFLOW_BENCH_NAIVE_REDIS_URL"])
+    client.flushdb()
+    log = (log_dir / "naive.log").open("wb")
+    argv = [str(Path(sys.executable).with_name("celery")), "-A", "agents.bench_naive", "worker", "-Q", QUEUE,
+            "--pool", "prefork", "--concurrency", str(processes), "-n", f"naive-{os.getpid()}@%h",
+            "--loglevel", "WARNING", "--without-mingle", "--without-gossip"]  # fmt: skip
+    worker = subprocess.Popen(argv, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        while not app.control.ping(timeout=0.5):
+            if worker.poll() is not None:
+                raise RuntimeError(f"the naive worker exited at start; see {log.name}")
+        for _ in range(level):
+            app.send_task(
+                "bench.naive_episode",
+                kwargs={"steps": args.steps, "model_latency_s": args.model_latency, "env_latency_s": args.env_latency,
+                        "prepare_execs": prepare_execs, "evaluate_execs": evaluate_execs},
+            )  # fmt: skip
+        began = time.time()
+        time.sleep(args.naive_window)
+        window_end = time.time()
+    finally:
+        worker.kill()  # its unfinished episodes are not wanted
+        worker.wait()
+    records = [json.loads(record) for record in client.lrange(STEPS_KEY, 0, -1)]
+    client.flushdb()
+    in_window = [wall for finished, wall in records if began <= finished <= window_end]
+    step_work = args.model_latency + args.env_latency
+    overheads = [wall - step_work for wall in in_window]
+    return {
+        "window_s": args.naive_window,
+        "processes": processes,
+        "steps_per_s": len(in_window) / args.naive_window,
+        "overhead_p50_ms": percentile(overheads, 0.5) * 1000,
+        "overhead_p99_ms": percentile(overheads, 0.99) * 1000,
+    }
+
+
+# --- report ---------------------------------------------------------------------------------------------------
+
+
+def print_table(rows: list[dict]) -> None:
+    header = (f"{'concurrency':>11}  {'episodes/s':>10}  {'steps/s':>8}  {'raw':>8}  {'naive':>7}  "
+              f"{'vs raw':>6}  {'vs naive':>8}  {'ovh p50':>8}  {'ovh p99':>8}  {'raw p99':>8}  status")  # fmt: skip
+    print(header)
+    print("-" * len(header))
+    for row in rows:
+        print(
+            f"{row['concurrency']:>11}  {row['episodes_per_s']:>10.1f}  {row['steps_per_s']:>8.1f}  "
+            f"{row['raw']['steps_per_s']:>8.1f}  {row['naive']['steps_per_s']:>7.2f}  {row['ratio_vs_raw']:>6.2f}  "
+            f"{row['ratio_vs_naive']:>8.1f}  {row['overhead_p50_ms']:>6.1f}ms  {row['overhead_p99_ms']:>6.1f}ms  "
+            f"{row['raw']['overhead_p99_ms']:>6.1f}ms  {'completed' if row['completed'] else 'NOT COMPLETED'}"
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--levels", default="100,1000,10000", help="concurrent episodes per run, comma-separated")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--model-latency", type=float, default=1.0)
+    parser.add_argument("--env-latency", type=float, default=0.5)
+    parser.add_argument("--processes", type=int, default=2, help="worker processes per model and env pool")
+    parser.add_argument("--naive-window", type=float, default=20.0, help="seconds the naive baseline is measured")
+    parser.add_argument("--timeout", type=float, default=1800, help="seconds one level may take")
+    parser.add_argument("--output", default="bench-results.json")
+    args = parser.parse_args()
+    levels = [int(level) for level in args.levels.split(",")]
+
+    os.environ.update(bench_environment(args, max(levels)))
+    import django
+
+    django.setup()
+    from django.conf import settings
+    from django.core.management import call_command
+
+    ensure_database(os.environ["DATABASE_URL"])
+    call_command("migrate", verbosity=0)
+    log_dir = settings.DATA_DIR / "log"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    prepare_execs, evaluate_execs = sandbox_execs()
+
+    rows = []
+    for level in levels:
+        ours = run_orchestrated(level, args, log_dir)
+        raw = asyncio.run(run_raw(level, args, prepare_execs, evaluate_execs))
+        naive = run_naive(level, ours["worker_processes"], args, prepare_execs, evaluate_execs, log_dir)
+        rows.append(
+            {
+                "concurrency": level,
+                **ours,
+                "ratio_vs_raw": ours["steps_per_s"] / raw["steps_per_s"],
+                "ratio_vs_naive": ours["steps_per_s"] / naive["steps_per_s"],
+                "raw": raw,
+                "naive": naive,
+            }
+        )
+        print_table(rows[-1:])
+    results = {
+        "model_latency_s": args.model_latency,
+        "env_latency_s": args.env_latency,
+        "steps_per_episode": args.steps,
+        "sandbox_execs": {"prepare": prepare_execs, "evaluate": evaluate_execs},
+        "cpus": os.cpu_count(),
+        "levels": rows,
+    }
+    Path(args.output).write_text(json.dumps(results, indent=2, default=str) + "\n")
+    print()
+    print_table(rows)
+    print(f"wrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,110 @@
+"""Real ``celery worker`` subprocesses started from their ``WorkerSpec``: the test suite's workers and the
+benchmark's. Each consumes one queue and is stopped by its pid."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from celery.utils.nodenames import host_format
+
+from megaflow_site.celery import app
+from megaflow_site.topology import WorkerSpec
+
+REPO = Path(__file__).resolve().parent.parent
+WORKER_START_TIMEOUT_S = 60
+
+
+@dataclass
+class WorkerProcess:
+    spec: WorkerSpec
+    node: str
+    process: subprocess.Popen
+    log: Path
+
+
+class CeleryWorkers:
+    """Real ``celery worker`` subprocesses; each consumes one queue and is stopped by its pid."""
+
+    def __init__(self, env: dict[str, str], log_dir: Path, name: str = "pytest"):
+        self.env = env
+        self.log_dir = log_dir
+        self.name = name
+        self.by_queue: dict[str, WorkerProcess] = {}  # the latest worker started for each queue
+        self.extra: list[WorkerProcess] = []  # further workers of a queue (start(..., index=2))
+
+    @property
+    def nodes(self) -> list[str]:
+        return [worker.node for worker in self.by_queue.values()]
+
+    def node_for(self, queue: str) -> str:
+        return self.by_queue[queue].node
+
+    def start(self, spec: WorkerSpec, index: int = 1) -> WorkerProcess:
+        """Start a worker for ``spec``; ``index`` > 1 starts another one beside the first, as a pool scales."""
+        suffix = f"-{index}" if index > 1 else ""
+        node = host_format(f"{spec.queue.replace('.', '-')}{suffix}@{self.name}-{os.getpid()}")
+        log = self.log_dir / f"{node}.log"
+        argv = spec.argv(node_name=node)
+        argv[0] = str(Path(sys.executable).with_name("celery"))
+        process = subprocess.Popen(
+            argv, cwd=REPO, env=self.env, stdout=log.open("wb"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+        )
+        worker = WorkerProcess(spec, node, process, log)
+        if index > 1:
+            self.extra.append(worker)
+        else:
+            self.by_queue[spec.queue] = worker
+        return worker
+
+    def wait_ready(self, workers: list[WorkerProcess]) -> None:
+        deadline = time.monotonic() + WORKER_START_TIMEOUT_S
+        pending = {worker.node: worker for worker in workers}
+        while pending:
+            for reply in app.control.ping(destination=list(pending), timeout=0.5):
+                for node in reply:
+                    pending.pop(node, None)
+            for worker in pending.values():
+                if worker.process.poll() is not None:
+                    raise RuntimeError(f"worker {worker.node} exited at start:\n{worker.log.read_text()[-3000:]}")
+            if pending and time.monotonic() > deadline:
+                raise RuntimeError(f"workers {sorted(pending)} did not answer within {WORKER_START_TIMEOUT_S} s")
+
+    def kill(self, queue: str) -> WorkerProcess:
+        """kill -9 the queue's worker (its unacknowledged messages come back after the visibility timeout) and
+        start a new one in its place."""
+        old = self.by_queue[queue]
+        old.process.kill()
+        old.process.wait()
+        worker = self.start(old.spec)
+        self.wait_ready([worker])
+        return worker
+
+    def restart(self, queue: str) -> WorkerProcess:
+        """Stop the queue's worker and start a new one in its place (worker start-up hooks run again)."""
+        self.stop(self.by_queue[queue])
+        worker = self.start(self.by_queue[queue].spec)
+        self.wait_ready([worker])
+        return worker
+
+    def stop(self, worker: WorkerProcess, sig: int = signal.SIGTERM, timeout: float = 20) -> None:
+        if worker.process.poll() is None:
+            worker.process.send_signal(sig)
+            try:
+                worker.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                worker.process.kill()
+                worker.process.wait()
+
+    def stop_all(self) -> None:
+        everyone = [*self.by_queue.values(), *self.extra]
+        for worker in everyone:
+            if worker.process.poll() is None:
+                worker.process.send_signal(signal.SIGTERM)
+        for worker in everyone:
+            self.stop(worker)
