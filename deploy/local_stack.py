@@ -127,7 +127,7 @@ def _bin(name: str) -> str:
 def services() -> list[Service]:
     from django.conf import settings
 
-    from megaflow_site.topology import all_worker_specs
+    from megaflow_site.topology import all_worker_specs, flower_argv
 
     stack = []
     for spec in all_worker_specs():
@@ -143,8 +143,7 @@ def services() -> list[Service]:
     flower = f"http://127.0.0.1:{settings.MEGAFLOW_FLOWER_PORT}"
     stack.append(Service(
         "flower",
-        [_bin("celery"), "-A", "megaflow_site", "flower", "--address=127.0.0.1",
-         f"--port={settings.MEGAFLOW_FLOWER_PORT}"],
+        flower_argv(_bin("celery"), settings.MEGAFLOW_FLOWER_PORT),
         lambda: _http_ok(f"{flower}/healthcheck"),
         url=flower,
     ))  # fmt: skip
@@ -221,6 +220,7 @@ def print_status() -> None:
         pid = running_pid(service.name)
         where = f"  {service.url}" if service.url else ""
         print(f"{service.name:<24} {'running, pid ' + str(pid) if pid else 'stopped':<20}{where}")
+    print("Flower's user:password is MEGAFLOW_FLOWER_BASIC_AUTH, or var/flower_auth when that is unset")
 
 
 def main() -> None:

@@ -66,11 +66,12 @@ def convert_instance(instance: dict, namespace: str = "swebench", arch: str = "x
 def convert_file(source: Path, destination: Path, namespace: str = "swebench", arch: str = "x86_64") -> list[dict]:
     """Convert a SWE-bench JSONL file; errors name the line. Returns the tasks written."""
     tasks = []
-    for line, instance in read_jsonl(source):
-        try:
-            tasks.append(convert_instance(instance, namespace, arch))
-        except TaskFormatError as error:
-            raise TaskFormatError(error.field, error.reason, line=line, instance_id=error.instance_id) from None
+    with source.open(encoding="utf-8") as lines:
+        for line, instance in read_jsonl(lines):
+            try:
+                tasks.append(convert_instance(instance, namespace, arch))
+            except TaskFormatError as error:
+                raise TaskFormatError(error.field, error.reason, line=line, instance_id=error.instance_id) from None
     destination.parent.mkdir(parents=True, exist_ok=True)
     destination.write_text("".join(json.dumps(task, ensure_ascii=False) + "\n" for task in tasks))
     return tasks

@@ -71,18 +71,23 @@ DATA_DIR = Path(env_str("MEGAFLOW_DATA_DIR", str(BASE_DIR / "var"))).resolve()
 DATA_DIR.mkdir(parents=True, exist_ok=True)
 
 
-def _secret_key() -> str:
-    """MEGAFLOW_SECRET_KEY, or a random key kept in the data dir so the embedded default never ships one."""
-    if key := os.environ.get("MEGAFLOW_SECRET_KEY", "").strip():
-        return key
-    key_file = DATA_DIR / "secret_key"
-    if not key_file.exists():
-        key_file.write_text(secrets.token_urlsafe(50))
-        key_file.chmod(0o600)
-    return key_file.read_text().strip()
+def _generated_secret(variable: str, file_name: str, make) -> str:
+    """``variable`` from the environment, or a random value kept (0600) in the data dir, so that the embedded
+    default never ships a secret in the repository."""
+    if value := os.environ.get(variable, "").strip():
+        return value
+    secret_file = DATA_DIR / file_name
+    if not secret_file.exists():
+        secret_file.write_text(make())
+        secret_file.chmod(0o600)
+    return secret_file.read_text().strip()
 
 
-SECRET_KEY = _secret_key()
+SECRET_KEY = _generated_secret("MEGAFLOW_SECRET_KEY", "secret_key", lambda: secrets.token_urlsafe(50))
+# Flower's basic auth (user:password); its HTTP API sits behind the same credentials.
+FLOWER_BASIC_AUTH = _generated_secret(
+    "MEGAFLOW_FLOWER_BASIC_AUTH", "flower_auth", lambda: f"admin:{secrets.token_urlsafe(18)}"
+)
 DEBUG = env_bool("MEGAFLOW_DEBUG", False)
 ALLOWED_HOSTS = env_list("MEGAFLOW_ALLOWED_HOSTS", "127.0.0.1,localhost,[::1]")
 
@@ -96,6 +101,8 @@ INSTALLED_APPS = [
     "django.contrib.staticfiles",
     "rest_framework",
     "rest_framework.authtoken",
+    "django_filters",
+    "drf_spectacular",
     "orchestrator",
     # The three services: each package's tasks.py is found by Celery's autodiscovery.
     "agents",
@@ -150,11 +157,48 @@ if _database["ENGINE"] == "django.db.backends.sqlite3":
     _database["OPTIONS"] = {"timeout": 30, "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;"}
     # Tests hand the database to worker subprocesses, so the SQLite test database must be a file.
     _database["TEST"] = {"NAME": str(DATA_DIR / "test-megaflow.sqlite3")}
-elif test_slot := env_str("MEGAFLOW_TEST_SLOT", ""):
-    # Concurrent test sessions (tests/session_env.py) each get their own PostgreSQL test database.
-    _database["TEST"] = {"NAME": f"test_{_database['NAME']}_{test_slot}"}
+else:
+    if test_slot := env_str("MEGAFLOW_TEST_SLOT", ""):
+        # Concurrent test sessions (tests/session_env.py) each get their own PostgreSQL test database.
+        _database["TEST"] = {"NAME": f"test_{_database['NAME']}_{test_slot}"}
+    # A worker runs hundreds of threads, and Celery closes each thread's connection after every task: without a
+    # pool each task would open a new server connection. Threads give theirs back before any long wait
+    # (orchestrator/db.py), so a small pool per process serves them all.
+    if DB_POOL_SIZE := env_int("MEGAFLOW_DB_POOL_SIZE", 8):
+        _database["CONN_MAX_AGE"] = 0  # Django refuses persistent connections beside a pool
+        _database["CONN_HEALTH_CHECKS"] = False
+        _database.setdefault("OPTIONS", {})["pool"] = {"min_size": 1, "max_size": DB_POOL_SIZE, "timeout": 60}
 DATABASES = {"default": _database}
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+# --- REST API (/api/v1, orchestrator/api) ---
+MEGAFLOW_MAX_UPLOAD_BYTES = env_int("MEGAFLOW_MAX_UPLOAD_BYTES", 64 * 1024 * 1024)
+DATA_UPLOAD_MAX_MEMORY_SIZE = MEGAFLOW_MAX_UPLOAD_BYTES
+REST_FRAMEWORK = {
+    "DEFAULT_AUTHENTICATION_CLASSES": [
+        "rest_framework.authentication.TokenAuthentication",
+        "rest_framework.authentication.SessionAuthentication",
+    ],
+    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    "DEFAULT_PAGINATION_CLASS": "orchestrator.api.conventions.Pagination",
+    "PAGE_SIZE": 50,
+    "DEFAULT_FILTER_BACKENDS": [
+        "django_filters.rest_framework.DjangoFilterBackend",
+        "rest_framework.filters.OrderingFilter",
+    ],
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "DEFAULT_THROTTLE_CLASSES": ["rest_framework.throttling.UserRateThrottle"],
+    "DEFAULT_THROTTLE_RATES": {"user": env_str("MEGAFLOW_API_RATE", "1200/min")},
+    "EXCEPTION_HANDLER": "orchestrator.api.conventions.exception_handler",
+}
+SPECTACULAR_SETTINGS = {
+    "TITLE": "MegaFlow API",
+    "DESCRIPTION": "Runs of agent episodes over datasets of tasks: create, watch, cancel, retry, export.",
+    "VERSION": "1",
+    "SERVE_INCLUDE_SCHEMA": False,
+    "SERVE_PERMISSIONS": ["rest_framework.permissions.IsAuthenticated"],
+    "COMPONENT_SPLIT_REQUEST": True,
+}
 
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
@@ -212,6 +256,7 @@ except ValueError:
     ) from None
 # Admission control: episodes live (starting, running, evaluating) at once across all runs.
 MEGAFLOW_MAX_LIVE_EPISODES = env_int("MEGAFLOW_MAX_LIVE_EPISODES", 256)
+MEGAFLOW_MAX_RUN_EPISODES = env_int("MEGAFLOW_MAX_RUN_EPISODES", 1_000_000)
 # An episode retried after an infrastructure failure waits this long, doubling with each further attempt.
 MEGAFLOW_RETRY_BACKOFF_S = env_int("MEGAFLOW_RETRY_BACKOFF_S", 10)
 # The gateway waits this long for a model worker's answer before replying 504.

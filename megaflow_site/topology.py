@@ -120,6 +120,14 @@ class WorkerSpec:
         ]  # fmt: skip
 
 
+def flower_argv(celery: str, port: int) -> list[str]:
+    """Flower on loopback behind basic auth (``FLOWER_BASIC_AUTH``; its HTTP API needs the same)."""
+    from django.conf import settings
+
+    return [celery, "-A", "megaflow_site", "flower", "--address=127.0.0.1", f"--port={port}",
+            f"--basic-auth={settings.FLOWER_BASIC_AUTH}"]  # fmt: skip
+
+
 def all_worker_specs() -> list[WorkerSpec]:
     """One worker per declared queue: the local stack and the test suite both start exactly these."""
     specs = [WorkerSpec(Service.AGENT)]

@@ -3,9 +3,10 @@
 from django.contrib import admin
 from django.db import connection
 from django.http import JsonResponse
-from django.urls import path
+from django.urls import include, path
 
 from modelserving.gateway import ChatCompletionsView, ModelsView
+from orchestrator.metrics import MetricsView
 
 
 def healthz(request):
@@ -20,7 +21,9 @@ admin.site.site_title = "MegaFlow admin"
 
 urlpatterns = [
     path("admin/", admin.site.urls),
+    path("api/v1/", include("orchestrator.api.urls")),
     path("healthz", healthz, name="healthz"),
+    path("metrics", MetricsView.as_view(), name="metrics"),
     # The OpenAI-compatible gateway to the Model Service (modelserving/gateway.py).
     path("v1/chat/completions", ChatCompletionsView.as_view(), name="openai-chat-completions"),
     path("v1/models", ModelsView.as_view(), name="openai-models"),

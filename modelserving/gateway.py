@@ -14,6 +14,7 @@ import uuid
 
 from django.conf import settings
 from django.http import JsonResponse, StreamingHttpResponse
+from drf_spectacular.utils import extend_schema
 from rest_framework import exceptions, serializers, status
 from rest_framework.authentication import TokenAuthentication
 from rest_framework.permissions import IsAuthenticated
@@ -108,6 +109,8 @@ class OpenAIErrorsMixin:
         raise exc
 
 
+# OpenAI's own specification documents these two; the /api/v1 schema is MegaFlow's API only.
+@extend_schema(exclude=True)
 class ModelsView(OpenAIErrorsMixin, APIView):
     authentication_classes = [BearerTokenAuthentication]
     permission_classes = [IsAuthenticated]
@@ -117,6 +120,7 @@ class ModelsView(OpenAIErrorsMixin, APIView):
         return JsonResponse({"object": "list", "data": data})
 
 
+@extend_schema(exclude=True)
 class ChatCompletionsView(OpenAIErrorsMixin, APIView):
     authentication_classes = [BearerTokenAuthentication]
     permission_classes = [IsAuthenticated]

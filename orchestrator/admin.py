@@ -1,8 +1,11 @@
 """Django admin for datasets, tasks, runs and episodes; trajectories are shown read-only."""
 
-from django.contrib import admin
+from django.contrib import admin, messages
 from django.db.models import Avg, Count, Q
+from django.http import StreamingHttpResponse
 
+from agents import episode_loop
+from orchestrator import run_charts, trajectories
 from orchestrator.models import Dataset, Episode, Run, Step, Task
 
 
@@ -30,20 +33,24 @@ class TaskAdmin(admin.ModelAdmin):
 
 @admin.register(Run)
 class RunAdmin(admin.ModelAdmin):
-    list_display = ["__str__", "status", "owner", "model_name", "env_pool", "progress", "mean_reward", "created_at"]
-    list_filter = ["status", "model_name", "env_pool", "created_at"]
-    search_fields = ["name"]
+    list_display = ["__str__", "status", "owner", "model_name", "env_pool", "progress", "success_rate", "mean_reward",
+                    "created_at"]  # fmt: skip
+    list_filter = ["status", "model_name", "env_pool", "agent_name", "owner", "created_at"]
+    search_fields = ["name", "dataset__name"]
     date_hierarchy = "created_at"
-    readonly_fields = ["created_at", "updated_at", "started_at", "finished_at"]
+    readonly_fields = ["status", "created_at", "updated_at", "started_at", "finished_at", "charts"]
     filter_horizontal = ["tasks"]
+    actions = ["cancel_runs", "retry_failed_episodes", "export_trajectories"]
 
     def get_queryset(self, request):
         return (
             super()
             .get_queryset(request)
+            .select_related("owner")
             .annotate(
                 _episodes=Count("episodes"),
                 _done=Count("episodes", filter=Q(episodes__status__in=Episode.TERMINAL)),
+                _solved=Count("episodes", filter=Q(episodes__reward__gte=1.0)),
                 _mean_reward=Avg("episodes__reward"),
             )
         )
@@ -52,9 +59,39 @@ class RunAdmin(admin.ModelAdmin):
     def progress(self, run):
         return f"{run._done}/{run._episodes}"
 
+    @admin.display(description="success rate")
+    def success_rate(self, run):
+        return "-" if not run._done else f"{run._solved / run._done:.0%}"
+
     @admin.display(description="mean reward", ordering="_mean_reward")
     def mean_reward(self, run):
         return "-" if run._mean_reward is None else f"{run._mean_reward:.3f}"
+
+    @admin.display(description="charts")
+    def charts(self, run):
+        return run_charts.render(run_charts.run_charts(run)) if run.pk else "-"
+
+    @admin.action(description="Cancel the selected runs")
+    def cancel_runs(self, request, queryset):
+        cancelled = sum(
+            episode_loop.cancel_run(run.pk, f"cancelled by {request.user.get_username()} (admin)")
+            for run in queryset.exclude(status__in=Run.TERMINAL)
+        )
+        self.message_user(request, f"{cancelled} episodes cancelled", messages.SUCCESS)
+
+    @admin.action(description="Retry the failed episodes of the selected runs")
+    def retry_failed_episodes(self, request, queryset):
+        retried = sum(episode_loop.retry_failed(run.pk) for run in queryset.exclude(status=Run.Status.CANCELLED))
+        self.message_user(request, f"{retried} episodes queued for another attempt", messages.SUCCESS)
+
+    @admin.action(description="Export the trajectories of the selected runs (JSONL)")
+    def export_trajectories(self, request, queryset):
+        runs = list(queryset.order_by("pk"))
+        lines = (line for run in runs for line in trajectories.export_run(run))
+        response = StreamingHttpResponse(lines, content_type="application/x-ndjson")
+        names = "-".join(str(run.pk) for run in runs[:10])
+        response["Content-Disposition"] = f'attachment; filename="runs-{names}.jsonl"'
+        return response
 
 
 class StepInline(admin.TabularInline):
@@ -72,7 +109,7 @@ class StepInline(admin.TabularInline):
 @admin.register(Episode)
 class EpisodeAdmin(admin.ModelAdmin):
     list_display = ["id", "run", "task", "sample_index", "attempt", "status", "reward", "step_count", "updated_at"]
-    list_filter = ["status", "run"]
+    list_filter = ["status", "run__model_name", "attempt", ("reward", admin.EmptyFieldListFilter), "run"]
     search_fields = ["task__instance_id", "failure_reason", "worker", "container_id"]
     list_select_related = ["run", "task"]
     readonly_fields = ["created_at", "updated_at", "started_at", "finished_at"]

@@ -99,6 +99,9 @@ class Run(models.Model):
         null=True, blank=True, help_text="Prompt + completion tokens an episode may use; blank for no limit."
     )
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.QUEUED, db_index=True)
+    idempotency_key = models.CharField(
+        max_length=200, blank=True, help_text="The API's Idempotency-Key: a retried create returns this run."
+    )
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
     started_at = models.DateTimeField(null=True, blank=True)
@@ -109,6 +112,9 @@ class Run(models.Model):
         constraints = [
             models.CheckConstraint(condition=Q(samples_per_task__gte=1), name="run_samples_positive"),
             models.CheckConstraint(condition=Q(max_concurrent_episodes__gte=1), name="run_concurrency_positive"),
+            models.UniqueConstraint(
+                fields=["owner", "idempotency_key"], condition=~Q(idempotency_key=""), name="run_idempotency_key"
+            ),
         ]
 
     def __str__(self) -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -135,26 +135,24 @@ def parse_task(obj: object, base_dir: Path | None = None) -> TaskSpec:
     return TaskSpec(fields=fields, archive=archive, extra=extra)
 
 
-def read_jsonl(path: Path) -> Iterator[tuple[int, object]]:
+def read_jsonl(lines: Iterable[str]) -> Iterator[tuple[int, object]]:
     """(line number, parsed object) for each non-blank line; a line that is not JSON is a ``TaskFormatError``."""
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                yield number, json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise TaskFormatError(
-                    "(line)", f"not valid JSON ({exc.msg} at column {exc.colno})", line=number
-                ) from None
-
-
-def parse_file(path: Path) -> list[TaskSpec]:
-    """Every task in a JSONL file, validated; the first bad line raises, naming its line and field."""
-    specs, seen = [], {}
-    for number, obj in read_jsonl(path):
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
         try:
-            spec = parse_task(obj, base_dir=path.parent)
+            yield number, json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise TaskFormatError("(line)", f"not valid JSON ({exc.msg} at column {exc.colno})", line=number) from None
+
+
+def parse_lines(lines: Iterable[str], base_dir: Path | None = None, source: str = "the upload") -> list[TaskSpec]:
+    """Every task in JSONL ``lines``, validated; the first bad line raises, naming its line and field. Archive
+    paths resolve against ``base_dir`` (an upload has none, so its tasks must bring their repository in ``image``)."""
+    specs, seen = [], {}
+    for number, obj in read_jsonl(lines):
+        try:
+            spec = parse_task(obj, base_dir=base_dir)
         except TaskFormatError as error:
             raise TaskFormatError(error.field, error.reason, line=number, instance_id=error.instance_id) from None
         instance_id = spec.fields["instance_id"]
@@ -163,8 +161,14 @@ def parse_file(path: Path) -> list[TaskSpec]:
         seen[instance_id] = number
         specs.append(spec)
     if not specs:
-        raise TaskFormatError("(file)", f"{path} holds no tasks")
+        raise TaskFormatError("(file)", f"{source} holds no tasks")
     return specs
+
+
+def parse_file(path: Path) -> list[TaskSpec]:
+    """Every task in a JSONL file, validated (``parse_lines``)."""
+    with path.open(encoding="utf-8") as handle:
+        return parse_lines(handle, base_dir=path.parent, source=str(path))
 
 
 def task_to_dict(task: Task) -> dict:
@@ -210,16 +214,20 @@ def build_task(dataset: Dataset, spec: TaskSpec) -> Task:
     return task
 
 
-@transaction.atomic
 def load_dataset(path: Path, name: str, description: str = "", owner=None) -> Dataset:
-    """Validate ``path`` and store it as dataset ``name``; nothing is written unless every task is valid.
+    """Validate ``path`` and store it as dataset ``name`` (``store_dataset``)."""
+    return store_dataset(parse_file(path), name, description, source=str(path), owner=owner)
 
-    Loading the same file again is a no-op; loading a changed file under an existing name is refused, because
+
+@transaction.atomic
+def store_dataset(specs: list[TaskSpec], name: str, description: str = "", source: str = "", owner=None) -> Dataset:
+    """Store validated tasks as dataset ``name``; nothing is written unless every task is valid.
+
+    Loading the same tasks again is a no-op; loading changed tasks under an existing name is refused, because
     runs point at the stored tasks and must stay repeatable.
     """
-    specs = parse_file(path)
     dataset, created = Dataset.objects.get_or_create(
-        name=name, defaults={"description": description, "source": str(path), "owner": owner}
+        name=name, defaults={"description": description, "source": source, "owner": owner}
     )
     tasks = [build_task(dataset, spec) for spec in specs]
     if created:

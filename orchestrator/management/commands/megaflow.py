@@ -6,6 +6,8 @@ load-dataset   validate a task-format JSONL file and store it as a dataset
 build-suite    rebuild a bundled suite's dataset (envs/suites/<name>/dataset/) from its sources
 validate       gold-check a dataset's tasks in real sandboxes, in parallel
 import-swebench  convert SWE-bench JSONL into the task format (and optionally load it)
+run            start a run over a dataset and follow it with a progress bar (or --no-wait)
+status         runs and their progress, queue depths; or one run in detail
 export         a run's trajectories as JSONL (one episode per line) for trainers
 reap           remove orphaned sandbox containers now
 demo           what ``make demo`` runs after ``make up``
@@ -24,8 +26,9 @@ from envs import gold_check, reaper, swebench_import
 from envs.backend import get_backend
 from envs.suite_builder import SUITES_DIR, SuiteError, build_suite
 from megaflow_site import preflight
-from megaflow_site.topology import AGENT_QUEUE, Service, UnknownQueue, default_key, queue_name
+from megaflow_site.topology import AGENT_QUEUE, Service, UnknownQueue, declared_queues, default_key, queue_name
 from orchestrator import probe, trajectories
+from orchestrator.api.serializers import RunSerializer, run_progress
 from orchestrator.models import Dataset, Episode, Run
 from orchestrator.task_format import TaskFormatError, load_dataset
 
@@ -68,6 +71,23 @@ class Command(BaseCommand):
         swe.add_argument("--namespace", default="swebench", help='image namespace ("" for locally built images)')
         swe.add_argument("--arch", default="x86_64")
         swe.add_argument("--skip-image-check", action="store_true", help="do not require the images locally")
+
+        start = sub.add_parser("run", help="start a run over a dataset and follow it to the end")
+        start.add_argument("dataset", help="dataset name; a bundled suite (e.g. swe_mini) is loaded if needed")
+        start.add_argument("--model", default=None, help="model name (default: the first of MEGAFLOW_MODELS)")
+        start.add_argument("--pool", default=None, help="environment pool (default: the first of MEGAFLOW_ENV_POOLS)")
+        start.add_argument("--samples", type=int, default=1, help="samples per task (default 1)")
+        start.add_argument("--tasks", nargs="+", metavar="INSTANCE_ID", help="only these tasks")
+        start.add_argument("--name", default="")
+        start.add_argument("--agent", default="bash")
+        start.add_argument("--max-steps", type=int, default=30)
+        start.add_argument("--concurrency", type=int, default=64, help="live episodes at most (default 64)")
+        start.add_argument("--max-attempts", type=int, default=3)
+        start.add_argument("--no-wait", action="store_true", help="start the run and return its id")
+
+        state = sub.add_parser("status", help="runs and their progress, and the queues; or one run in detail")
+        state.add_argument("run_id", type=int, nargs="?")
+        state.add_argument("--limit", type=int, default=20, help="runs to list (default 20)")
 
         export = sub.add_parser("export", help="a run's trajectories as JSONL, one episode per line")
         export.add_argument("run_id", type=int)
@@ -196,6 +216,82 @@ class Command(BaseCommand):
             self.stdout.write(f"reaped {container_id[:12]}: {reason}")
         self.stdout.write(f"{len(reaped)} orphaned container(s) removed")
 
+    def watch_run(self, run: Run, total: int) -> None:
+        """A live progress bar until the run ends: episodes finished, and the outcome so far."""
+        with tqdm(total=total, desc=f"run {run.pk}", unit="episode") as bar:
+            while run.status not in Run.TERMINAL:
+                time.sleep(0.5)
+                run.refresh_from_db()
+                progress = run_progress(run)
+                bar.update(progress["done"] - bar.n)
+                by_status = progress["by_status"]
+                reward = progress["mean_reward"]
+                bar.set_postfix(
+                    running=by_status["running"] + by_status["starting"] + by_status["evaluating"],
+                    ok=by_status["succeeded"],
+                    failed=by_status["failed"] + by_status["timed_out"],
+                    reward="-" if reward is None else f"{reward:.3f}",
+                )
+
+    def handle_run(self, dataset, model=None, pool=None, samples=1, tasks=None, name="", agent="bash",
+                   max_steps=30, concurrency=64, max_attempts=3, no_wait=False, **_):  # fmt: skip
+        self.dataset_named(dataset)  # loads a bundled suite on first use
+        fields = {
+            "dataset": dataset, "model_name": model or settings.MEGAFLOW_MODELS[0],
+            "env_pool": pool or default_key(Service.ENV), "samples_per_task": samples, "name": name,
+            "agent_name": agent, "max_steps": max_steps, "max_concurrent_episodes": concurrency,
+            "max_attempts": max_attempts, **({"instance_ids": tasks} if tasks else {}),
+        }  # fmt: skip
+        form = RunSerializer(data=fields, context={"owner": None})
+        if not form.is_valid():
+            field, reasons = next(iter(form.errors.items()))
+            raise CommandError(f"{field}: {reasons[0]}")
+        run = form.save()
+        total = run.tasks.count() * run.samples_per_task
+        current_app.send_task("agents.start_run", kwargs={"run_id": run.pk})
+        self.stdout.write(
+            f"run {run.pk}: {total} episodes ({run.tasks.count()} tasks x {samples}) of {run.agent_name} on "
+            f"model.{run.model_name} and env.{run.env_pool}"
+        )
+        if no_wait:
+            return
+        self.watch_run(run, total)
+        self.print_run(run)
+
+    def print_run(self, run: Run) -> None:
+        progress = run_progress(run)
+        counts = ", ".join(f"{count} {status}" for status, count in progress["by_status"].items() if count)
+        reward = "n/a" if progress["mean_reward"] is None else f"{progress['mean_reward']:.3f}"
+        rate = "n/a" if progress["steps_per_s"] is None else f"{progress['steps_per_s']:.2f}"
+        success = "n/a" if progress["success_rate"] is None else f"{progress['success_rate']:.3f}"
+        tokens = progress["prompt_tokens"] + progress["completion_tokens"]
+        self.stdout.write(f"run {run.pk} {run.status}: {counts or 'no episodes'}")
+        self.stdout.write(
+            f"  mean reward {reward}, success rate {success}, "
+            f"{progress['steps']} steps ({rate} steps/s), {tokens} tokens"
+        )
+        failures = run.episodes.exclude(failure_reason="").values_list("task__instance_id", "failure_reason")[:5]
+        for instance_id, reason in failures:
+            self.stdout.write(f"  {instance_id}: {reason[:200]}")
+
+    def handle_status(self, run_id=None, limit=20, **_):
+        if run_id is not None:
+            run = Run.objects.filter(pk=run_id).first()
+            if run is None:
+                raise CommandError(f"no run {run_id}")
+            self.print_run(run)
+            return
+        self.stdout.write(f"{'run':>5}  {'status':<10} {'progress':>11} {'reward':>7}  {'model':<12} name")
+        for run in Run.objects.order_by("-created_at")[:limit]:
+            progress = run_progress(run)
+            reward = "-" if progress["mean_reward"] is None else f"{progress['mean_reward']:.3f}"
+            done = f"{progress['done']}/{progress['episodes']}"
+            self.stdout.write(f"{run.pk:>5}  {run.status:<10} {done:>11} {reward:>7}  {run.model_name:<12} {run.name}")
+        with current_app.connection_for_read() as connection:
+            client = connection.default_channel.client
+            depths = ", ".join(f"{queue.name} {client.llen(queue.name)}" for queue in declared_queues())
+        self.stdout.write(f"queues: {depths}")
+
     def handle_demo(self, tasks=None, **_):
         preflight.run_all()
         route = full_route()
@@ -222,11 +318,7 @@ class Command(BaseCommand):
             f"services (agent -> model.{model} -> env.{run.env_pool}), policy: {policy}"
         )
         current_app.send_task("agents.start_run", kwargs={"run_id": run.pk})
-        with tqdm(total=total, desc="episodes", unit="episode") as bar:
-            while run.status not in Run.TERMINAL:
-                time.sleep(0.5)
-                run.refresh_from_db()
-                bar.update(run.episodes.filter(status__in=Episode.TERMINAL).count() - bar.n)
+        self.watch_run(run, total)
         episodes = list(run.episodes.select_related("task").order_by("task__instance_id", "sample_index"))
         self.stdout.write(f"\n{'task':<14} {'sample':>6} {'reward':>7} {'steps':>5} {'seconds':>8}  status")
         for episode in episodes:

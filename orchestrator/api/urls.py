@@ -1,0 +1,19 @@
+"""``/api/v1/``: the REST API, its OpenAPI schema and Swagger UI."""
+
+from django.urls import include, path
+from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
+from rest_framework.routers import DefaultRouter
+
+from orchestrator.api import views
+
+router = DefaultRouter()
+router.register("datasets", views.DatasetViewSet)
+router.register("tasks", views.TaskViewSet)
+router.register("runs", views.RunViewSet)
+router.register("episodes", views.EpisodeViewSet)
+
+urlpatterns = [
+    path("schema/", SpectacularAPIView.as_view(), name="api-schema"),
+    path("docs/", SpectacularSwaggerView.as_view(url_name="api-schema"), name="api-docs"),
+    path("", include(router.urls)),
+]

@@ -1,0 +1,190 @@
+"""The trainer's door: ``/api/v1/``. Token auth everywhere; owners see their own runs, staff see all.
+
+Datasets and their tasks are shared (every authenticated user may read them and run them); runs, their
+episodes and trajectories belong to whoever created the run.
+"""
+
+from __future__ import annotations
+
+from celery import current_app
+from django.db import transaction
+from django.http import StreamingHttpResponse
+from django_filters import rest_framework as filters
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
+from rest_framework import mixins, status, viewsets
+from rest_framework.decorators import action
+from rest_framework.parsers import FormParser, JSONParser, MultiPartParser
+from rest_framework.response import Response
+
+from agents import episode_loop
+from orchestrator import trajectories
+from orchestrator.api import serializers
+from orchestrator.api.conventions import Conflict, reject_oversize
+from orchestrator.models import Dataset, Episode, Run, Step, Task
+
+# --- datasets and tasks -------------------------------------------------------------------------------------------
+
+
+@extend_schema(tags=["datasets"])
+class DatasetViewSet(mixins.CreateModelMixin, viewsets.ReadOnlyModelViewSet):
+    """Datasets of tasks. Create one by uploading a JSONL file in the task format (multipart: name, file)."""
+
+    queryset = Dataset.objects.select_related("owner").order_by("name")
+    serializer_class = serializers.DatasetSerializer
+    parser_classes = [MultiPartParser, FormParser]
+    filterset_fields = {"name": ["exact", "icontains"]}
+    ordering_fields = ["name", "created_at"]
+
+    def get_serializer_context(self):
+        return {**super().get_serializer_context(), "owner": self.request.user}
+
+    def get_serializer_class(self):
+        return serializers.DatasetUploadSerializer if self.action == "create" else serializers.DatasetSerializer
+
+    @extend_schema(
+        request=serializers.DatasetUploadSerializer,
+        responses={201: serializers.DatasetSerializer, 400: OpenApiResponse(description="field: reason"),
+                   413: OpenApiResponse(description="upload too large")},
+    )  # fmt: skip
+    def create(self, request, *args, **kwargs):
+        reject_oversize(request)
+        upload = serializers.DatasetUploadSerializer(data=request.data, context=self.get_serializer_context())
+        upload.is_valid(raise_exception=True)
+        dataset = upload.save()
+        return Response(serializers.DatasetSerializer(dataset).data, status=status.HTTP_201_CREATED)
+
+
+class TaskFilter(filters.FilterSet):
+    dataset = filters.CharFilter(field_name="dataset__name", help_text="dataset name")
+
+    class Meta:
+        model = Task
+        fields = {"instance_id": ["exact", "icontains"]}
+
+
+@extend_schema(tags=["datasets"])
+class TaskViewSet(viewsets.ReadOnlyModelViewSet):
+    queryset = Task.objects.select_related("dataset").order_by("dataset__name", "instance_id")
+    serializer_class = serializers.TaskSerializer
+    filterset_class = TaskFilter
+    ordering_fields = ["instance_id", "created_at"]
+
+
+# --- runs ------------------------------------------------------------------------------------------------------
+
+
+class OwnedQuerysetMixin:
+    """Staff see everything; everyone else sees what they own (``owner_path`` leads to the owner). What a user
+    creates is theirs."""
+
+    owner_path = "owner"
+
+    def get_serializer_context(self):
+        return {**super().get_serializer_context(), "owner": self.request.user}
+
+    def get_queryset(self):
+        queryset = super().get_queryset()
+        user = self.request.user
+        return queryset if user.is_staff else queryset.filter(**{self.owner_path: user})
+
+
+class RunFilter(filters.FilterSet):
+    dataset = filters.CharFilter(field_name="dataset__name")
+    created_after = filters.IsoDateTimeFilter(field_name="created_at", lookup_expr="gte")
+    created_before = filters.IsoDateTimeFilter(field_name="created_at", lookup_expr="lt")
+
+    class Meta:
+        model = Run
+        fields = {"status": ["exact", "in"], "model_name": ["exact"], "env_pool": ["exact"], "name": ["icontains"]}
+
+
+@extend_schema(tags=["runs"])
+class RunViewSet(OwnedQuerysetMixin, mixins.CreateModelMixin, viewsets.ReadOnlyModelViewSet):
+    """Runs: create (the run starts at once), list and filter, detail with progress; cancel, retry the failed
+    episodes, export the trajectories. A create with an ``Idempotency-Key`` header that was used before by the
+    same user returns that run (200) instead of starting another."""
+
+    queryset = Run.objects.select_related("owner", "dataset").order_by("-created_at")
+    serializer_class = serializers.RunSerializer
+    parser_classes = [JSONParser]
+    filterset_class = RunFilter
+    ordering_fields = ["created_at", "status", "name"]
+
+    @extend_schema(
+        parameters=[OpenApiParameter("Idempotency-Key", OpenApiTypes.STR, OpenApiParameter.HEADER, required=False)],
+        responses={201: serializers.RunSerializer, 200: serializers.RunSerializer},
+    )
+    def create(self, request, *args, **kwargs):
+        reject_oversize(request)
+        key = request.headers.get("Idempotency-Key", "")[:200]
+        if key and (existing := Run.objects.filter(owner=request.user, idempotency_key=key).first()):
+            return Response(self.get_serializer(existing).data, status=status.HTTP_200_OK)
+        serializer = self.get_serializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        run = serializer.save(idempotency_key=key)
+        transaction.on_commit(lambda: current_app.send_task("agents.start_run", kwargs={"run_id": run.pk}))
+        return Response(self.get_serializer(run).data, status=status.HTTP_201_CREATED)
+
+    @extend_schema(request=None, responses={200: serializers.RunSerializer, 409: OpenApiResponse(description="over")})
+    @action(detail=True, methods=["post"])
+    def cancel(self, request, pk=None):
+        """Cancel the run: unfinished episodes stop at their next transition and their sandboxes are released."""
+        run = self.get_object()
+        if run.status in Run.TERMINAL:
+            raise Conflict(f"run {run.pk} is already {run.status}")
+        episode_loop.cancel_run(run.pk, reason=f"cancelled by {request.user.get_username()}")
+        run.refresh_from_db()
+        return Response(self.get_serializer(run).data)
+
+    @extend_schema(
+        request=None, responses={200: serializers.RunSerializer, 409: OpenApiResponse(description="cancelled")}
+    )
+    @action(detail=True, methods=["post"], url_path="retry-failed")
+    def retry_failed(self, request, pk=None):
+        """Give every failed or timed-out episode a fresh attempt; the run runs again."""
+        run = self.get_object()
+        if run.status == Run.Status.CANCELLED:
+            raise Conflict(f"run {run.pk} was cancelled")
+        retried = episode_loop.retry_failed(run.pk)
+        run.refresh_from_db()
+        return Response({**self.get_serializer(run).data, "retried": retried})
+
+    @extend_schema(responses={(200, "application/x-ndjson"): OpenApiTypes.STR})
+    @action(detail=True, methods=["get"])
+    def export(self, request, pk=None):
+        """The run's trajectories as JSONL, one episode per line, streamed."""
+        run = self.get_object()
+        response = StreamingHttpResponse(trajectories.export_run(run), content_type="application/x-ndjson")
+        response["Content-Disposition"] = f'attachment; filename="run-{run.pk}.jsonl"'
+        return response
+
+
+# --- episodes and steps ------------------------------------------------------------------------------------------
+
+
+class EpisodeFilter(filters.FilterSet):
+    reward_min = filters.NumberFilter(field_name="reward", lookup_expr="gte")
+    reward_max = filters.NumberFilter(field_name="reward", lookup_expr="lte")
+    instance_id = filters.CharFilter(field_name="task__instance_id")
+
+    class Meta:
+        model = Episode
+        fields = {"run": ["exact"], "status": ["exact", "in"]}
+
+
+@extend_schema(tags=["episodes"])
+class EpisodeViewSet(OwnedQuerysetMixin, viewsets.ReadOnlyModelViewSet):
+    owner_path = "run__owner"
+    queryset = Episode.objects.select_related("task").order_by("run_id", "task_id", "sample_index")
+    serializer_class = serializers.EpisodeSerializer
+    filterset_class = EpisodeFilter
+    ordering_fields = ["reward", "step_count", "created_at", "finished_at"]
+
+    @extend_schema(responses=serializers.StepSerializer(many=True))
+    @action(detail=True, methods=["get"], filterset_class=None, ordering_fields=None)
+    def steps(self, request, pk=None):
+        """The episode's trajectory, step by step, paginated."""
+        episode = self.get_object()
+        page = self.paginate_queryset(Step.objects.filter(episode=episode).order_by("index"))
+        return self.get_paginated_response(serializers.StepSerializer(page, many=True).data)

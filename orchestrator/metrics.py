@@ -1,0 +1,114 @@
+"""``/metrics``: the fleet as Prometheus sees it, computed at scrape time from the broker and the database.
+
+Workers are many processes on many hosts, so per-process counters could not be summed here; the durable state
+can. Queue depth comes from the broker; episodes by status from the database; step latency (model,
+environment, orchestration overhead), steps/s and tokens/s from the steps completed in the last window.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from django.db.models import Count, F, Sum
+from django.utils import timezone
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
+from rest_framework.permissions import IsAdminUser
+from rest_framework.renderers import BaseRenderer
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from orchestrator.models import Episode, Step
+
+WINDOW = timedelta(minutes=5)
+RATE_WINDOW = timedelta(seconds=60)
+MAX_STEPS_SCANNED = 50_000
+BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
+
+
+def histogram(name: str, documentation: str, samples: dict[str, list[float]]) -> HistogramMetricFamily:
+    family = HistogramMetricFamily(name, documentation, labels=["phase"])
+    for phase, values in samples.items():
+        buckets = [(str(edge), sum(value <= edge for value in values)) for edge in BUCKETS]
+        family.add_metric([phase], buckets + [("+Inf", len(values))], sum(values))
+    return family
+
+
+def step_latencies(since) -> dict[str, list[float]]:
+    """Model time, command time and overhead (wall time since the previous step, minus both) of recent steps."""
+    rows = (
+        Step.objects.filter(completed_at__gte=since - timedelta(minutes=1))
+        .order_by("episode_id", "index")
+        .values_list("episode_id", "index", "completed_at", "model_latency_s", "env_latency_s")[:MAX_STEPS_SCANNED]
+    )
+    samples: dict[str, list[float]] = {"model": [], "env": [], "overhead": []}
+    previous = {}
+    for episode_id, index, completed_at, model_s, env_s in rows:
+        before = previous.get((episode_id, index - 1))
+        previous[(episode_id, index)] = completed_at
+        if completed_at < since:
+            continue
+        samples["model"].append(model_s or 0.0)
+        samples["env"].append(env_s or 0.0)
+        if before is not None:
+            wall = (completed_at - before).total_seconds()
+            samples["overhead"].append(max(0.0, wall - (model_s or 0) - (env_s or 0)))
+    return samples
+
+
+class FleetCollector:
+    def collect(self):
+        from celery import current_app
+
+        from megaflow_site.topology import declared_queues
+
+        depth = GaugeMetricFamily("megaflow_queue_depth", "Messages waiting in each queue.", labels=["queue"])
+        with current_app.connection_for_read() as connection:
+            client = connection.default_channel.client
+            for queue in declared_queues():
+                depth.add_metric([queue.name], client.llen(queue.name))
+        yield depth
+
+        episodes = GaugeMetricFamily("megaflow_episodes", "Episodes by status.", labels=["status"])
+        counts = dict(Episode.objects.values_list("status").annotate(n=Count("pk")).order_by())
+        for status in Episode.Status.values:
+            episodes.add_metric([status], counts.get(status, 0))
+        yield episodes
+
+        now = timezone.now()
+        yield histogram(
+            "megaflow_step_seconds",
+            f"Step latency over the last {int(WINDOW.total_seconds())} s: model, environment, orchestration overhead.",
+            step_latencies(now - WINDOW),
+        )
+        recent = Step.objects.filter(completed_at__gte=now - RATE_WINDOW).aggregate(
+            steps=Count("pk"), tokens=Sum(F("prompt_tokens") + F("completion_tokens"))
+        )
+        seconds = RATE_WINDOW.total_seconds()
+        yield GaugeMetricFamily("megaflow_steps_per_second", "Steps completed per second (last 60 s).",
+                                value=recent["steps"] / seconds)  # fmt: skip
+        yield GaugeMetricFamily("megaflow_tokens_per_second", "Prompt + completion tokens per second (last 60 s).",
+                                value=(recent["tokens"] or 0) / seconds)  # fmt: skip
+
+
+class PrometheusText(BaseRenderer):
+    media_type = "text/plain"
+    format = "prometheus"
+    charset = "utf-8"
+
+    def render(self, data, accepted_media_type=None, renderer_context=None):
+        return data
+
+
+class MetricsView(APIView):
+    """Prometheus exposition; staff tokens only (``authorization: {type: Token, credentials: ...}``)."""
+
+    permission_classes = [IsAdminUser]
+    renderer_classes = [PrometheusText]
+    throttle_classes = []
+    schema = None
+
+    def get(self, request):
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(FleetCollector())
+        return Response(generate_latest(registry).decode())
