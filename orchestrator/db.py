@@ -29,7 +29,7 @@ def _before_retry(state: tenacity.RetryCallState) -> None:
 # the episode to the watchdog. Transitions are idempotent, so running one again is always safe.
 retry_on_database_errors = tenacity.retry(
     retry=tenacity.retry_if_exception_type((OperationalError, InterfaceError)),
-    wait=tenacity.wait_exponential_jitter(initial=0.5, max=15),
+    wait=tenacity.wait_exponential_jitter(multiplier=0.5, max=15),
     stop=tenacity.stop_after_delay(120),
     before_sleep=_before_retry,
     reraise=True,

@@ -1,0 +1,57 @@
+"""Django admin: the run list's columns and actions, and the charts on a run's page."""
+
+from datetime import timedelta
+
+import pytest
+from django.contrib.auth.models import User
+from django.test import Client
+from django.utils import timezone
+
+from orchestrator.models import Episode, Run, Step
+
+
+@pytest.fixture
+def admin_client(db) -> Client:
+    client = Client()
+    client.force_login(User.objects.create_superuser("admin", password="x" * 12))
+    return client
+
+
+@pytest.fixture
+def finished_run(swe_mini) -> Run:
+    start = timezone.now() - timedelta(seconds=60)
+    run = Run.objects.create(dataset=swe_mini, model_name="replay", status=Run.Status.COMPLETED, started_at=start,
+                             finished_at=start + timedelta(seconds=50))  # fmt: skip
+    tasks = list(swe_mini.tasks.all()[:4])
+    run.tasks.set(tasks)
+    for index, task in enumerate(tasks):
+        status, reward = (Episode.Status.SUCCEEDED, float(index % 2)) if index < 3 else (Episode.Status.FAILED, None)
+        episode = Episode.objects.create(run=run, task=task, sample_index=0, status=status, reward=reward,
+                                         started_at=start + timedelta(seconds=5 * index),
+                                         finished_at=start + timedelta(seconds=20 + 5 * index))  # fmt: skip
+        Step.objects.create(episode=episode, index=0, action="ls", completed_at=start + timedelta(seconds=10))
+    return run
+
+
+def test_the_run_list_shows_progress_success_rate_and_reward(admin_client, finished_run):
+    page = admin_client.get("/admin/orchestrator/run/").content.decode()
+    assert "4/4" in page and "25%" in page and "0.333" in page  # 1 of 4 solved; rewards 0, 1, 0
+
+
+def test_a_run_page_draws_its_charts(admin_client, finished_run):
+    page = admin_client.get(f"/admin/orchestrator/run/{finished_run.pk}/change/").content.decode()
+    assert page.count("<svg xmlns=\"http://www.w3.org/2000/svg\" width=") == 3
+    for title in ("Episodes by status over time", "Steps per second", "Reward distribution (3 episodes)"):
+        assert title in page
+
+
+def test_admin_actions_retry_and_export(admin_client, finished_run):
+    response = admin_client.post("/admin/orchestrator/run/", {"action": "export_trajectories",
+                                                             "_selected_action": [finished_run.pk]})  # fmt: skip
+    lines = b"".join(response.streaming_content).decode().splitlines()
+    assert response["Content-Type"] == "application/x-ndjson" and len(lines) == 4
+    admin_client.post("/admin/orchestrator/run/", {"action": "retry_failed_episodes",
+                                                  "_selected_action": [finished_run.pk]})  # fmt: skip
+    assert finished_run.episodes.filter(status=Episode.Status.QUEUED, attempt=2).count() == 1
+    finished_run.refresh_from_db()
+    assert finished_run.status == Run.Status.RUNNING
