@@ -40,7 +40,7 @@ def test_the_run_list_shows_progress_success_rate_and_reward(admin_client, finis
 
 def test_a_run_page_draws_its_charts(admin_client, finished_run):
     page = admin_client.get(f"/admin/orchestrator/run/{finished_run.pk}/change/").content.decode()
-    assert page.count("<svg xmlns=\"http://www.w3.org/2000/svg\" width=") == 3
+    assert page.count('<svg xmlns="http://www.w3.org/2000/svg" width=') == 3
     for title in ("Episodes by status over time", "Steps per second", "Reward distribution (3 episodes)"):
         assert title in page
 
