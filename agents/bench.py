@@ -36,9 +36,13 @@ NAIVE_REDIS_URL = "redis://127.0.0.1:6379/10"  # the naive baseline's own databa
 MAX_SAMPLES_PER_TASK = 1000
 
 
-def percentile(values: list[float], q: float) -> float:
+def percentile(values: list[float], q: float) -> float | None:
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))] if ordered else math.nan
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))] if ordered else None
+
+
+def ms(seconds: float | None) -> float | None:
+    return None if seconds is None else seconds * 1000
 
 
 def bench_environment(args, max_level: int) -> dict[str, str]:
@@ -171,8 +175,8 @@ def run_orchestrated(level: int, args, log_dir: Path) -> dict:
         "wall_s": finished,
         "episodes_per_s": statuses.get(Episode.Status.SUCCEEDED, 0) / finished,
         "steps_per_s": len(steps) / finished,
-        "overhead_p50_ms": percentile(overheads, 0.5) * 1000,
-        "overhead_p99_ms": percentile(overheads, 0.99) * 1000,
+        "overhead_p50_ms": ms(percentile(overheads, 0.5)),
+        "overhead_p99_ms": ms(percentile(overheads, 0.99)),
         "worker_processes": len(specs),
     }
 
@@ -205,8 +209,8 @@ async def run_raw(level: int, args, prepare_execs: int, evaluate_execs: int) -> 
         "wall_s": wall,
         "steps_per_s": level * args.steps / wall,
         "episodes_per_s": level / wall,
-        "overhead_p50_ms": percentile(overheads, 0.5) * 1000,
-        "overhead_p99_ms": percentile(overheads, 0.99) * 1000,
+        "overhead_p50_ms": ms(percentile(overheads, 0.5)),
+        "overhead_p99_ms": ms(percentile(overheads, 0.99)),
     }
 
 
@@ -250,12 +254,16 @@ def run_naive(level: int, processes: int, args, prepare_execs: int, evaluate_exe
         "window_s": args.naive_window,
         "processes": processes,
         "steps_per_s": len(in_window) / args.naive_window,
-        "overhead_p50_ms": percentile(overheads, 0.5) * 1000,
-        "overhead_p99_ms": percentile(overheads, 0.99) * 1000,
+        "overhead_p50_ms": ms(percentile(overheads, 0.5)),
+        "overhead_p99_ms": ms(percentile(overheads, 0.99)),
     }
 
 
 # --- report ---------------------------------------------------------------------------------------------------
+
+
+def shown(milliseconds: float | None) -> str:
+    return f"{'-':>8}" if milliseconds is None else f"{milliseconds:>6.1f}ms"
 
 
 def print_table(rows: list[dict]) -> None:
@@ -267,8 +275,8 @@ def print_table(rows: list[dict]) -> None:
         print(
             f"{row['concurrency']:>11}  {row['episodes_per_s']:>10.1f}  {row['steps_per_s']:>8.1f}  "
             f"{row['raw']['steps_per_s']:>8.1f}  {row['naive']['steps_per_s']:>7.2f}  {row['ratio_vs_raw']:>6.2f}  "
-            f"{row['ratio_vs_naive']:>8.1f}  {row['overhead_p50_ms']:>6.1f}ms  {row['overhead_p99_ms']:>6.1f}ms  "
-            f"{row['raw']['overhead_p99_ms']:>6.1f}ms  {'completed' if row['completed'] else 'NOT COMPLETED'}"
+            f"{row['ratio_vs_naive']:>8.1f}  {shown(row['overhead_p50_ms'])}  {shown(row['overhead_p99_ms'])}  "
+            f"{shown(row['raw']['overhead_p99_ms'])}  {'completed' if row['completed'] else 'NOT COMPLETED'}"
         )
 
 
