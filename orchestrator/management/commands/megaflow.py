@@ -333,8 +333,9 @@ class Command(BaseCommand):
         self.stdout.write(
             f"\nLook around: admin http://127.0.0.1:{web}/admin/orchestrator/run/{run.pk}/ "
             "(python manage.py createsuperuser), "
-            f"the OpenAI gateway http://127.0.0.1:{web}/v1/ (python manage.py drf_create_token USER), "
-            f"Flower http://127.0.0.1:{flower}/"
+            f"the API http://127.0.0.1:{web}/api/v1/docs/ and the OpenAI gateway http://127.0.0.1:{web}/v1/ "
+            "(python manage.py drf_create_token USER), "
+            f"Flower http://127.0.0.1:{flower}/ (user:password in var/flower_auth)"
         )
         succeeded = sum(episode.status == Episode.Status.SUCCEEDED for episode in episodes)
         failed = sum(episode.status in (Episode.Status.FAILED, Episode.Status.TIMED_OUT) for episode in episodes)
