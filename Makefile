@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export MEGAFLOW_VENV := $(abspath $(VENV))
 
-.PHONY: help bootstrap up down status demo test lint workers bench bench-env bench-model
+.PHONY: help bootstrap up down status demo test lint workers bench bench-env bench-model chaos
 
 help:
 	@echo "make demo    run the demo on the embedded default (SQLite, local Redis, local Docker)"
@@ -13,6 +13,7 @@ help:
 	@echo "make status  show the local stack"
 	@echo "make workers print the worker command of every queue"
 	@echo "make bench   orchestration overhead per step vs raw asyncio and naive Celery (writes bench-results.json)"
+	@echo "make chaos   runs of 200 episodes under injected faults; every episode must end (writes chaos-results.json)"
 	@echo "make bench-env  Environment Service vs the raw docker SDK (writes bench-env-results.json)"
 	@echo "make bench-model  gateway overhead and server batch sizes (writes bench-model-results.json)"
 
@@ -42,6 +43,9 @@ test: lint
 
 bench: bootstrap
 	@$(PY) -m agents.bench $(BENCH_ARGS)
+
+chaos: bootstrap
+	@$(PY) -m deploy.chaos $(CHAOS_ARGS)
 
 bench-env: bootstrap
 	@$(PY) -m envs.bench

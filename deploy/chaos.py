@@ -1,0 +1,274 @@
+"""``make chaos``: runs of many episodes through real workers while faults are injected, and the proof after.
+
+Each fault gets its own run (``--episodes``, 200 by default) on the ``sim`` model and ``sim`` environment backend
+(short fixed latencies), so that what is measured is the orchestration's recovery. The stack is the real one:
+a worker per queue plus beat (the watchdog), a Redis server of its own (append-only, as a production broker
+should be, so that it can be restarted without disturbing anyone else's), PostgreSQL.
+
+Faults: ``kill-workers`` (kill -9 a random worker of each service, repeatedly, and start a new one),
+``sigterm-worker`` (SIGTERM each service's worker: Celery's warm shutdown finishes or requeues in-flight
+work), ``restart-redis`` (the broker goes away mid-run and comes back). As systemd or Kubernetes would, a supervisor
+starts a new worker in place of one that exited on its own; the report counts those as "crashed".
+
+For every fault it reports episodes, terminal, lost (not terminal when the run's deadline passed), duplicated
+steps (a trajectory whose indexes are not exactly 0..n-1), retried (episodes on a second attempt) and failures
+without a recorded reason, writes ``chaos-results.json``, and exits 1 if any run lost an episode, duplicated
+a step or failed one without saying why.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+CHAOS_DATABASE_URL = "postgres://postgres@127.0.0.1:5432/megaflow_chaos"
+CHAOS_REDIS_PORT = 6391
+
+
+def data_dir_for(args) -> Path:
+    return REPO / "var" / "chaos" / str(args.redis_port)  # two chaos runs on one machine keep apart by port
+
+
+def chaos_environment(args) -> dict[str, str]:
+    return {
+        "DJANGO_SETTINGS_MODULE": "megaflow_site.settings",
+        "DATABASE_URL": os.environ.get("MEGAFLOW_CHAOS_DATABASE_URL", CHAOS_DATABASE_URL),
+        "MEGAFLOW_REDIS_URL": f"redis://127.0.0.1:{args.redis_port}/0",
+        "MEGAFLOW_DATA_DIR": str(data_dir_for(args)),
+        "MEGAFLOW_MODELS": "sim",
+        "MEGAFLOW_ENV_POOLS": "default",
+        "MEGAFLOW_ENV_BACKEND": "sim",
+        "MEGAFLOW_MODEL_CONFIG": json.dumps({"sim": {"backend": "sim", "latency_s": 0.05, "steps": args.steps}}),
+        "MEGAFLOW_SIM_EXEC_LATENCY_S": "0.05",
+        "MEGAFLOW_MAX_LIVE_EPISODES": str(args.concurrency),
+        # Short enough that a message lost with a killed worker comes back, or is re-driven, within minutes.
+        "MEGAFLOW_TASK_TIME_LIMIT_S": "30",
+        "MEGAFLOW_VISIBILITY_TIMEOUT_S": "60",
+        "MEGAFLOW_RETRY_BACKOFF_S": "1",
+        "MEGAFLOW_LOG_LEVEL": "WARNING",
+    }
+
+
+class Broker:
+    """A redis-server of the chaos run's own, append-only, that a fault may stop and start."""
+
+    def __init__(self, port: int, data_dir: Path):
+        self.port, self.data_dir = port, data_dir
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.process = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--appendonly", "yes",
+             "--appendfsync", "always", "--save", "", "--dir", str(self.data_dir)],
+            stdout=(self.data_dir / "redis.log").open("ab"), stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        for _ in range(100):
+            if subprocess.run(["redis-cli", "-p", str(self.port), "ping"], capture_output=True).returncode == 0:
+                return
+            time.sleep(0.1)
+        raise RuntimeError(f"redis-server on port {self.port} did not start; see {self.data_dir / 'redis.log'}")
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()  # SIGTERM: redis-server flushes its append-only file and exits
+            self.process.wait(30)
+
+
+# --- faults ------------------------------------------------------------------------------------------------------
+
+# Faults and the supervisor below both replace workers; one at a time.
+WORKERS_LOCK = threading.Lock()
+
+
+def supervise(workers) -> list[str]:
+    """What systemd or Kubernetes does in a deployment: start a new worker in place of one that exited."""
+    restarted = []
+    with WORKERS_LOCK:
+        for queue, worker in list(workers.by_queue.items()):
+            if worker.process.poll() is not None:
+                workers.wait_ready([workers.start(worker.spec)])
+                restarted.append(f"{queue} (exit {worker.process.returncode})")
+    return restarted
+
+
+def kill_workers(workers, broker, stop: threading.Event) -> list[str]:
+    done = []
+    for _ in range(3):
+        for queue in random.sample(sorted(workers.by_queue), len(workers.by_queue)):
+            if stop.wait(2.0):
+                return done
+            with WORKERS_LOCK:
+                workers.kill(queue)
+            done.append(f"kill -9 {queue}")
+    return done
+
+
+def sigterm_worker(workers, broker, stop: threading.Event) -> list[str]:
+    done = []
+    for queue in sorted(workers.by_queue):
+        if stop.wait(2.0):
+            return done
+        with WORKERS_LOCK:
+            workers.restart(queue)
+        done.append(f"SIGTERM {queue}")
+    return done
+
+
+def restart_redis(workers, broker, stop: threading.Event) -> list[str]:
+    if stop.wait(2.0):
+        return []
+    broker.stop()
+    time.sleep(5)
+    broker.start()
+    return ["redis-server stopped for 5 s"]
+
+
+FAULTS = {"kill-workers": kill_workers, "sigterm-worker": sigterm_worker, "restart-redis": restart_redis}
+
+
+# --- one run under one fault ----------------------------------------------------------------------------------------
+
+
+def audit(run) -> dict:
+    """The proof: every episode terminal, no step twice, every failure with its reason."""
+    from django.db.models import Count
+
+    from orchestrator.models import Episode
+
+    episodes = list(run.episodes.all())
+    terminal = [episode for episode in episodes if episode.status in Episode.TERMINAL]
+    duplicated = 0
+    for episode in episodes:
+        indexes = list(episode.steps.order_by("index").values_list("index", flat=True))
+        duplicated += indexes != list(range(len(indexes)))
+    silent = [e.pk for e in terminal if e.status != Episode.Status.SUCCEEDED and not e.failure_reason]
+    return {
+        "episodes": len(episodes),
+        "terminal": len(terminal),
+        "lost": len(episodes) - len(terminal),
+        "duplicated_steps": duplicated,
+        "retried": sum(episode.attempt > 1 for episode in episodes),
+        "failed_without_reason": len(silent),
+        "statuses": dict(run.episodes.values_list("status").annotate(n=Count("pk")).order_by()),
+        "run_status": run.status,
+    }
+
+
+def run_under(fault: str, workers, broker, args) -> dict:
+    from megaflow_site.celery import app
+    from orchestrator.models import Dataset, Run, Task
+
+    dataset, _ = Dataset.objects.get_or_create(name="chaos")
+    task, _ = Task.objects.get_or_create(
+        dataset=dataset, instance_id="chaos-1",
+        defaults={"problem_statement": "Chaos episode.", "test_command": "true", "fail_to_pass": ["t"]},
+    )  # fmt: skip
+    run = Run.objects.create(name=f"chaos {fault}", dataset=dataset, model_name="sim", env_pool="default",
+                             samples_per_task=args.episodes, max_concurrent_episodes=args.concurrency,
+                             max_steps=args.steps + 2, max_attempts=3)  # fmt: skip
+    run.tasks.set([task])
+    began = time.monotonic()
+    app.send_task("agents.start_run", kwargs={"run_id": run.pk})
+    stop = threading.Event()
+    injected: list[str] = []
+    injector = threading.Thread(target=lambda: injected.extend(FAULTS[fault](workers, broker, stop)))
+    injector.start()
+    deadline = time.monotonic() + args.timeout
+    restarted: list[str] = []
+    while time.monotonic() < deadline:
+        restarted += supervise(workers)
+        run.refresh_from_db()
+        if run.status in Run.TERMINAL and not injector.is_alive():
+            break
+        time.sleep(1)
+    stop.set()
+    injector.join()
+    run.refresh_from_db()
+    seconds = round(time.monotonic() - began, 1)
+    return {"fault": fault, "injected": injected, "supervisor_restarts": restarted, "seconds": seconds, **audit(run)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--faults", default=",".join(FAULTS), help=f"comma-separated, of {', '.join(FAULTS)}")
+    parser.add_argument("--episodes", type=int, default=200)
+    parser.add_argument("--concurrency", type=int, default=50)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--timeout", type=float, default=600, help="seconds a run may take before it is judged")
+    parser.add_argument("--redis-port", type=int, default=CHAOS_REDIS_PORT)
+    parser.add_argument("--output", default="chaos-results.json")
+    args = parser.parse_args()
+    faults = args.faults.split(",")
+    if unknown := set(faults) - set(FAULTS):
+        parser.error(f"unknown fault(s): {', '.join(sorted(unknown))}")
+
+    os.environ.update(chaos_environment(args))
+    data_dir = data_dir_for(args)
+    shutil.rmtree(data_dir / "redis", ignore_errors=True)  # an aborted run's queues must not replay into this one
+    broker = Broker(args.redis_port, data_dir / "redis")
+    broker.start()
+    import django
+
+    django.setup()
+    from django.core.management import call_command
+
+    from agents.bench import ensure_database
+    from deploy.worker_processes import CeleryWorkers
+    from megaflow_site.topology import all_worker_specs
+
+    ensure_database(os.environ["DATABASE_URL"])
+    call_command("migrate", verbosity=0)
+    log_dir = data_dir / "log"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    workers = CeleryWorkers({**os.environ}, log_dir, name="chaos")
+    beat = subprocess.Popen(
+        [str(Path(sys.executable).with_name("celery")), "-A", "megaflow_site", "beat", "--loglevel", "WARNING",
+         "--schedule", str(data_dir / "celerybeat-schedule")],
+        cwd=REPO, stdout=(log_dir / "beat.log").open("wb"), stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    rows = []
+    try:
+        workers.wait_ready([workers.start(spec) for spec in all_worker_specs()])
+        for fault in faults:
+            rows.append(run_under(fault, workers, broker, args))
+            print(format_row(rows[-1]), flush=True)
+    finally:
+        beat.terminate()
+        workers.stop_all()
+        broker.stop()
+    Path(args.output).write_text(json.dumps(rows, indent=2) + "\n")
+    print()
+    print(HEADER)
+    for row in rows:
+        print(format_row(row))
+    print(f"wrote {args.output}")
+    broken = [row["fault"] for row in rows if row["lost"] or row["duplicated_steps"] or row["failed_without_reason"]]
+    if broken:
+        print(f"chaos: FAILED under {', '.join(broken)}")
+        sys.exit(1)
+    print(f"chaos: {len(rows)} faults, every episode terminal, no step duplicated, every failure explained")
+
+
+HEADER = (f"{'fault':<16} {'episodes':>8} {'terminal':>8} {'lost':>5} {'dup steps':>9} {'retried':>7} "
+          f"{'no reason':>9} {'crashed':>7}  run")  # fmt: skip
+
+
+def format_row(row: dict) -> str:
+    return (f"{row['fault']:<16} {row['episodes']:>8} {row['terminal']:>8} {row['lost']:>5} "
+            f"{row['duplicated_steps']:>9} {row['retried']:>7} {row['failed_without_reason']:>9} "
+            f"{len(row['supervisor_restarts']):>7}  "
+            f"{row['run_status']} in {row['seconds']} s")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
