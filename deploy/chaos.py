@@ -7,8 +7,10 @@ should be, so that it can be restarted without disturbing anyone else's), Postgr
 
 Faults: ``kill-workers`` (kill -9 a random worker of each service, repeatedly, and start a new one),
 ``sigterm-worker`` (SIGTERM each service's worker: Celery's warm shutdown finishes or requeues in-flight
-work), ``restart-redis`` (the broker goes away mid-run and comes back). As systemd or Kubernetes would, a supervisor
-starts a new worker in place of one that exited on its own; the report counts those as "crashed".
+work), ``restart-redis`` (the broker goes away mid-run and comes back), ``model-faults`` (the run's model, a real tiny
+model behind modelserving/hf_server.py, answers 500s, then hangs past the client's timeout, then recovers). As
+systemd or Kubernetes would, a supervisor starts a new worker in place of one that exited on its own; the
+report counts those as "crashed".
 
 For every fault it reports episodes, terminal, lost (not terminal when the run's deadline passed), duplicated
 steps (a trajectory whose indexes are not exactly 0..n-1), retried (episodes on a second attempt) and failures
@@ -27,11 +29,20 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # imported in main(), once the environment is set: it loads the Celery app
+    from deploy.worker_processes import CeleryWorkers
 
 REPO = Path(__file__).resolve().parent.parent
 CHAOS_DATABASE_URL = "postgres://postgres@127.0.0.1:5432/megaflow_chaos"
 CHAOS_REDIS_PORT = 6391
+
+
+def model_port(args) -> int:
+    return args.redis_port + 1000
 
 
 def data_dir_for(args) -> Path:
@@ -44,10 +55,22 @@ def chaos_environment(args) -> dict[str, str]:
         "DATABASE_URL": os.environ.get("MEGAFLOW_CHAOS_DATABASE_URL", CHAOS_DATABASE_URL),
         "MEGAFLOW_REDIS_URL": f"redis://127.0.0.1:{args.redis_port}/0",
         "MEGAFLOW_DATA_DIR": str(data_dir_for(args)),
-        "MEGAFLOW_MODELS": "sim",
+        "MEGAFLOW_MODELS": "sim,tiny" if "model-faults" in args.faults else "sim",
         "MEGAFLOW_ENV_POOLS": "default",
         "MEGAFLOW_ENV_BACKEND": "sim",
-        "MEGAFLOW_MODEL_CONFIG": json.dumps({"sim": {"backend": "sim", "latency_s": 0.05, "steps": args.steps}}),
+        "MEGAFLOW_MODEL_CONFIG": json.dumps(
+            {
+                "sim": {"backend": "sim", "latency_s": 0.05, "steps": args.steps},
+                # A real HTTP model server (modelserving/hf_server.py) whose faults the model-faults run injects.
+                "tiny": {
+                    "backend": "openai",
+                    "base_url": f"http://127.0.0.1:{model_port(args)}/v1",
+                    "timeout_s": 5,
+                    "max_attempts": 2,
+                    "backoff_s": 0.2,
+                },
+            }
+        ),  # fmt: skip
         "MEGAFLOW_SIM_EXEC_LATENCY_S": "0.05",
         "MEGAFLOW_MAX_LIVE_EPISODES": str(args.concurrency),
         # Short enough that a message lost with a killed worker comes back, or is re-driven, within minutes.
@@ -86,6 +109,16 @@ class Broker:
 
 # --- faults ------------------------------------------------------------------------------------------------------
 
+
+@dataclass
+class Stack:
+    """What a fault may break."""
+
+    workers: CeleryWorkers
+    broker: Broker
+    model_url: str
+
+
 # Faults and the supervisor below both replace workers; one at a time.
 WORKERS_LOCK = threading.Lock()
 
@@ -101,39 +134,64 @@ def supervise(workers) -> list[str]:
     return restarted
 
 
-def kill_workers(workers, broker, stop: threading.Event) -> list[str]:
+def kill_workers(stack: Stack, stop: threading.Event) -> list[str]:
     done = []
     for _ in range(3):
-        for queue in random.sample(sorted(workers.by_queue), len(workers.by_queue)):
+        for queue in random.sample(sorted(stack.workers.by_queue), len(stack.workers.by_queue)):
             if stop.wait(2.0):
                 return done
             with WORKERS_LOCK:
-                workers.kill(queue)
+                stack.workers.kill(queue)
             done.append(f"kill -9 {queue}")
     return done
 
 
-def sigterm_worker(workers, broker, stop: threading.Event) -> list[str]:
+def sigterm_worker(stack: Stack, stop: threading.Event) -> list[str]:
     done = []
-    for queue in sorted(workers.by_queue):
+    for queue in sorted(stack.workers.by_queue):
         if stop.wait(2.0):
             return done
         with WORKERS_LOCK:
-            workers.restart(queue)
+            stack.workers.restart(queue)
         done.append(f"SIGTERM {queue}")
     return done
 
 
-def restart_redis(workers, broker, stop: threading.Event) -> list[str]:
+def restart_redis(stack: Stack, stop: threading.Event) -> list[str]:
     if stop.wait(2.0):
         return []
-    broker.stop()
+    stack.broker.stop()
     time.sleep(5)
-    broker.start()
+    stack.broker.start()
     return ["redis-server stopped for 5 s"]
 
 
-FAULTS = {"kill-workers": kill_workers, "sigterm-worker": sigterm_worker, "restart-redis": restart_redis}
+def model_faults(stack: Stack, stop: threading.Event) -> list[str]:
+    """The model server answers 500, then hangs past the client's timeout, then comes back."""
+    import httpx
+
+    url = f"{stack.model_url}/admin/faults"
+    done = []
+    for fault, hold_s in (({"status": 500, "count": 40}, 4), ({"hang_s": 8, "count": 6}, 8), ({}, 0)):
+        if stop.wait(1.0):
+            return done
+        httpx.post(url, json=fault, timeout=5).raise_for_status()
+        done.append(f"model server: {fault or 'healthy again'}")
+        stop.wait(hold_s)
+    return done
+
+
+FAULTS = {"kill-workers": kill_workers, "sigterm-worker": sigterm_worker, "restart-redis": restart_redis,
+          "model-faults": model_faults}  # fmt: skip
+MODEL_OF_FAULT = {"model-faults": "tiny"}
+# The tiny model's context is 256 tokens: short prompts, and only the last turn kept.
+TINY_AGENT = {
+    "system_template": "Reply with bash.",
+    "instance_template": "Fix $instance_id.",
+    "format_error_template": "Bad reply: $problem",
+    "max_history_turns": 1,
+    "sampling": {"max_tokens": 8},
+}
 
 
 # --- one run under one fault ----------------------------------------------------------------------------------------
@@ -164,7 +222,7 @@ def audit(run) -> dict:
     }
 
 
-def run_under(fault: str, workers, broker, args) -> dict:
+def run_under(fault: str, stack: Stack, args) -> dict:
     from megaflow_site.celery import app
     from orchestrator.models import Dataset, Run, Task
 
@@ -173,7 +231,8 @@ def run_under(fault: str, workers, broker, args) -> dict:
         dataset=dataset, instance_id="chaos-1",
         defaults={"problem_statement": "Chaos episode.", "test_command": "true", "fail_to_pass": ["t"]},
     )  # fmt: skip
-    run = Run.objects.create(name=f"chaos {fault}", dataset=dataset, model_name="sim", env_pool="default",
+    run = Run.objects.create(name=f"chaos {fault}", dataset=dataset, model_name=MODEL_OF_FAULT.get(fault, "sim"),
+                             agent_config=TINY_AGENT if fault in MODEL_OF_FAULT else {}, env_pool="default",
                              samples_per_task=args.episodes, max_concurrent_episodes=args.concurrency,
                              max_steps=args.steps + 2, max_attempts=3)  # fmt: skip
     run.tasks.set([task])
@@ -181,12 +240,12 @@ def run_under(fault: str, workers, broker, args) -> dict:
     app.send_task("agents.start_run", kwargs={"run_id": run.pk})
     stop = threading.Event()
     injected: list[str] = []
-    injector = threading.Thread(target=lambda: injected.extend(FAULTS[fault](workers, broker, stop)))
+    injector = threading.Thread(target=lambda: injected.extend(FAULTS[fault](stack, stop)))
     injector.start()
     deadline = time.monotonic() + args.timeout
     restarted: list[str] = []
     while time.monotonic() < deadline:
-        restarted += supervise(workers)
+        restarted += supervise(stack.workers)
         run.refresh_from_db()
         if run.status in Run.TERMINAL and not injector.is_alive():
             break
@@ -196,6 +255,30 @@ def run_under(fault: str, workers, broker, args) -> dict:
     run.refresh_from_db()
     seconds = round(time.monotonic() - began, 1)
     return {"fault": fault, "injected": injected, "supervisor_restarts": restarted, "seconds": seconds, **audit(run)}
+
+
+def start_model_server(args, log_dir: Path) -> subprocess.Popen:
+    """The tiny model (random weights, built locally) behind modelserving.hf_server, as the tests run it."""
+    import httpx
+
+    from modelserving.tiny_model import build_tiny_model
+
+    path = build_tiny_model(data_dir_for(args) / "tiny-model")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "modelserving.hf_server", "--model-path", str(path), "--served-model-name", "tiny",
+         "--port", str(model_port(args))],
+        cwd=REPO, stdout=(log_dir / "model-server.log").open("wb"), stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    for _ in range(600):
+        try:
+            if httpx.get(f"http://127.0.0.1:{model_port(args)}/health", timeout=1).status_code == 200:
+                return process
+        except httpx.TransportError:
+            pass
+        if process.poll() is not None:
+            break
+        time.sleep(0.1)
+    raise RuntimeError(f"the model server did not start; see {log_dir / 'model-server.log'}")
 
 
 def main() -> None:
@@ -237,15 +320,20 @@ def main() -> None:
         cwd=REPO, stdout=(log_dir / "beat.log").open("wb"), stderr=subprocess.STDOUT,
     )  # fmt: skip
     rows = []
+    model_server = start_model_server(args, log_dir) if "model-faults" in faults else None
+    stack = Stack(workers, broker, f"http://127.0.0.1:{model_port(args)}")
     try:
         workers.wait_ready([workers.start(spec) for spec in all_worker_specs()])
         for fault in faults:
-            rows.append(run_under(fault, workers, broker, args))
+            rows.append(run_under(fault, stack, args))
             print(format_row(rows[-1]), flush=True)
     finally:
         beat.terminate()
         workers.stop_all()
         broker.stop()
+        if model_server:
+            model_server.terminate()
+            model_server.wait(20)
     Path(args.output).write_text(json.dumps(rows, indent=2) + "\n")
     print()
     print(HEADER)
