@@ -57,6 +57,27 @@ def test_inside_the_sandbox_there_is_no_network_no_socket_and_no_writable_root(d
     assert docker_backend.exec(sandbox_id, "cat /etc/hostname; grep -c . /proc/mounts", 10).exit_code == 0
 
 
+def test_host_files_are_out_of_reach(docker_backend, sandbox):
+    # The sandbox's filesystem is the image's, with nothing of the host mounted: not this repository, not the
+    # host's secrets, not the daemon's files; and its PID 1 is the sandbox's own shell.
+    sandbox_id = sandbox(limits=SMALL)
+    secret = settings.DATA_DIR / "secret_key"
+
+    def run(command: str) -> str:
+        return docker_backend.exec(sandbox_id, command, 10).output
+
+    for host_path in (settings.BASE_DIR / "manage.py", secret, "/var/lib/docker/containers"):
+        assert "No such file or directory" in run(f"ls {host_path}"), host_path
+    mounts = run("cat /proc/mounts")
+    # Docker's own per-container files are the only host-disk mounts, and read-only.
+    docker_files = {"/etc/resolv.conf", "/etc/hostname", "/etc/hosts"}
+    host_disk = [line.split() for line in mounts.splitlines() if " ext4 " in line or str(settings.BASE_DIR) in line]
+    assert {fields[1] for fields in host_disk} <= docker_files, mounts
+    assert all(fields[3].startswith("ro,") for fields in host_disk), mounts
+    assert secret.read_text().strip() not in run("grep -rs . /etc /root /tmp 2>/dev/null | head -c 100000")
+    assert run("tr '\\0' ' ' < /proc/1/cmdline").startswith("/bin/sh -c trap")
+
+
 def test_exec_returns_exit_code_and_both_streams(docker_backend, sandbox):
     sandbox_id = sandbox()
     result = docker_backend.exec(sandbox_id, "echo out; echo err >&2; pwd; exit 3", 10)
