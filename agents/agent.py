@@ -92,6 +92,11 @@ register_agent = _registry.register
 available_agents = _registry.names
 
 
+def run_agent(name: str, agent_config: dict | None) -> Agent:
+    """The agent of a run; ``agent_config["sampling"]`` is the model's sampling parameters, not the agent's."""
+    return get_agent(name, {key: value for key, value in (agent_config or {}).items() if key != "sampling"})
+
+
 def get_agent(name: str, config: dict | None = None) -> Agent:
     """An agent ``name`` configured by ``config`` (a run's agent_config); AgentConfigError for a bad one."""
     agent = _registry.load(name)

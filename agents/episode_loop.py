@@ -33,7 +33,7 @@ from django.db import IntegrityError, transaction
 from django.db.models import F
 from django.utils import timezone
 
-from agents.agent import CommandResult, TaskView, Turn, get_agent, submitted
+from agents.agent import CommandResult, TaskView, Turn, run_agent, submitted
 from orchestrator import episodes as episode_state
 from orchestrator.db import release_connection
 from orchestrator.hot_state import redis_client
@@ -215,10 +215,8 @@ def _task(task_id: int) -> Task:
 
 @functools.lru_cache(maxsize=1024)
 def _agent_for(run_id: int):
-    """The run's agent; ``agent_config["sampling"]`` is the model's sampling parameters, not the agent's."""
     run = _run(run_id)
-    config = {key: value for key, value in (run.agent_config or {}).items() if key != "sampling"}
-    return get_agent(run.agent_name, config)
+    return run_agent(run.agent_name, run.agent_config)
 
 
 @dataclass(frozen=True)
@@ -275,14 +273,9 @@ def episode_start(episode_id: int, pool: str) -> None:
     if not started["ok"]:
         _finish(episode_id)  # the env service recorded why
         return
-    episode = Episode.objects.select_related("run").get(pk=episode_id)
-    _send(
-        "modelserving.episode_turn",
-        episode_id=episode_id,
-        step=0,
-        model=episode.run.model_name,
-        attempt=episode.attempt,
-    )
+    episode = _live(episode_id)
+    _send("modelserving.episode_turn", episode_id=episode_id, step=0, model=episode.run.model_name,
+          attempt=episode.attempt)  # fmt: skip
 
 
 def episode_step(

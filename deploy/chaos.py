@@ -314,11 +314,7 @@ def main() -> None:
     log_dir = data_dir / "log"
     log_dir.mkdir(parents=True, exist_ok=True)
     workers = CeleryWorkers({**os.environ}, log_dir, name="chaos")
-    beat = subprocess.Popen(
-        [str(Path(sys.executable).with_name("celery")), "-A", "megaflow_site", "beat", "--loglevel", "WARNING",
-         "--schedule", str(data_dir / "celerybeat-schedule")],
-        cwd=REPO, stdout=(log_dir / "beat.log").open("wb"), stderr=subprocess.STDOUT,
-    )  # fmt: skip
+    workers.start_beat(data_dir / "celerybeat-schedule", loglevel="WARNING")
     rows = []
     model_server = start_model_server(args, log_dir) if "model-faults" in faults else None
     stack = Stack(workers, broker, f"http://127.0.0.1:{model_port(args)}")
@@ -328,7 +324,6 @@ def main() -> None:
             rows.append(run_under(fault, stack, args))
             print(format_row(rows[-1]), flush=True)
     finally:
-        beat.terminate()
         workers.stop_all()
         broker.stop()
         if model_server:

@@ -37,6 +37,7 @@ class CeleryWorkers:
         self.name = name
         self.by_queue: dict[str, WorkerProcess] = {}  # the latest worker started for each queue
         self.extra: list[WorkerProcess] = []  # further workers of a queue (start(..., index=2))
+        self.beat: subprocess.Popen | None = None
 
     @property
     def nodes(self) -> list[str]:
@@ -61,6 +62,13 @@ class CeleryWorkers:
         else:
             self.by_queue[spec.queue] = worker
         return worker
+
+    def start_beat(self, schedule: Path, loglevel: str = "INFO") -> None:
+        """celery beat, as in production: admission catch-up, the episode watchdog, the reaper."""
+        argv = [str(Path(sys.executable).with_name("celery")), "-A", "megaflow_site", "beat", "--loglevel", loglevel,
+                "--schedule", str(schedule)]  # fmt: skip
+        log = (self.log_dir / "beat.log").open("wb")
+        self.beat = subprocess.Popen(argv, cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT)
 
     def wait_ready(self, workers: list[WorkerProcess]) -> None:
         deadline = time.monotonic() + WORKER_START_TIMEOUT_S
@@ -102,6 +110,9 @@ class CeleryWorkers:
                 worker.process.wait()
 
     def stop_all(self) -> None:
+        if self.beat is not None:
+            self.beat.terminate()
+            self.beat.wait(20)
         everyone = [*self.by_queue.values(), *self.extra]
         for worker in everyone:
             if worker.process.poll() is None:

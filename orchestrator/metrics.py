@@ -56,17 +56,22 @@ def step_latencies(since) -> dict[str, list[float]]:
     return samples
 
 
+def queue_depths() -> dict[str, int]:
+    """Messages waiting in each declared queue, read from the broker."""
+    from celery import current_app
+
+    from megaflow_site.topology import declared_queues
+
+    with current_app.connection_for_read() as connection:
+        client = connection.default_channel.client
+        return {queue.name: client.llen(queue.name) for queue in declared_queues()}
+
+
 class FleetCollector:
     def collect(self):
-        from celery import current_app
-
-        from megaflow_site.topology import declared_queues
-
         depth = GaugeMetricFamily("megaflow_queue_depth", "Messages waiting in each queue.", labels=["queue"])
-        with current_app.connection_for_read() as connection:
-            client = connection.default_channel.client
-            for queue in declared_queues():
-                depth.add_metric([queue.name], client.llen(queue.name))
+        for queue, waiting in queue_depths().items():
+            depth.add_metric([queue], waiting)
         yield depth
 
         episodes = GaugeMetricFamily("megaflow_episodes", "Episodes by status.", labels=["status"])

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 
-from agents.agent import TaskView, Turn, get_agent
+from agents.agent import TaskView, Turn, run_agent
 from orchestrator.models import Episode, Run
 
 BATCH = 200
@@ -41,8 +41,7 @@ def episode_record(episode: Episode, agent) -> dict:
 
 def export_run(run: Run) -> Iterator[str]:
     """JSON lines, one per episode of ``run``, in (task, sample) order."""
-    config = {key: value for key, value in (run.agent_config or {}).items() if key != "sampling"}
-    agent = get_agent(run.agent_name, config)
+    agent = run_agent(run.agent_name, run.agent_config)
     episodes = (
         run.episodes.select_related("task").prefetch_related("steps").order_by("task__instance_id", "sample_index")
     )

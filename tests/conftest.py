@@ -63,18 +63,11 @@ def celery_workers(django_db_setup, django_db_blocker, broker) -> CeleryWorkers:
     with django_db_blocker.unblock():
         env = {**os.environ, "DATABASE_URL": database_url(connection.settings_dict)}
     workers = CeleryWorkers(env, log_dir)
-    # Beat too, as in production: admission catch-up, the episode watchdog, the reaper.
-    beat_argv = [str(Path(sys.executable).with_name("celery")), "-A", "megaflow_site", "beat", "--loglevel", "INFO",
-                 "--schedule", str(settings.DATA_DIR / "test-celerybeat-schedule")]  # fmt: skip
-    beat = subprocess.Popen(
-        beat_argv, cwd=REPO, env=env, stdout=(log_dir / "beat.log").open("wb"), stderr=subprocess.STDOUT
-    )
+    workers.start_beat(settings.DATA_DIR / "test-celerybeat-schedule")
     try:
         workers.wait_ready([workers.start(spec) for spec in all_worker_specs()])
         yield workers
     finally:
-        beat.terminate()
-        beat.wait(20)
         workers.stop_all()
 
 

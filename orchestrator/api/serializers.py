@@ -7,18 +7,14 @@ import hashlib
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models import Avg, Count, Sum
+from django.db.models import Avg, Count, Q, Sum
 from django.utils import timezone
 from rest_framework import serializers
 
-from agents.agent import AgentConfigError, get_agent
+from agents.agent import AgentConfigError, run_agent
 from megaflow_site.topology import Service, known_keys
 from orchestrator.models import Dataset, Episode, Run, Step, Task
 from orchestrator.task_format import TaskFormatError, parse_lines, parse_task, spec_digest, store_dataset
-
-
-def format_error(error: TaskFormatError) -> str:
-    return str(error)
 
 
 class DatasetSerializer(serializers.ModelSerializer):
@@ -47,7 +43,7 @@ class DatasetUploadSerializer(serializers.Serializer):
         try:
             return parse_lines(text.splitlines(), source=upload.name or "the upload")
         except TaskFormatError as error:
-            raise serializers.ValidationError(format_error(error)) from None
+            raise serializers.ValidationError(str(error)) from None
 
     def create(self, validated):
         owner = self.context.get("owner")
@@ -56,7 +52,7 @@ class DatasetUploadSerializer(serializers.Serializer):
                 validated["file"], validated["name"], validated["description"], source="upload", owner=owner
             )
         except TaskFormatError as error:
-            raise serializers.ValidationError({"name": [format_error(error)]}) from None
+            raise serializers.ValidationError({"name": [str(error)]}) from None
 
 
 class TaskSerializer(serializers.ModelSerializer):
@@ -108,7 +104,7 @@ class RunSerializer(serializers.ModelSerializer):
         }
 
     def get_progress(self, run) -> dict:
-        return self.context.get("progress", {}).get(run.pk) or run_progress(run)
+        return run_progress(run)
 
     def validate_model_name(self, value):
         if value not in known_keys(Service.MODEL):
@@ -130,9 +126,8 @@ class RunSerializer(serializers.ModelSerializer):
         return value
 
     def validate(self, attrs):
-        config = {key: value for key, value in (attrs.get("agent_config") or {}).items() if key != "sampling"}
         try:
-            get_agent(attrs.get("agent_name", "bash"), config)
+            run_agent(attrs.get("agent_name", "bash"), attrs.get("agent_config"))
         except AgentConfigError as error:
             field, _, reason = str(error).partition(": ")
             raise serializers.ValidationError({field if reason else "agent_config": [reason or str(error)]}) from None
@@ -147,7 +142,7 @@ class RunSerializer(serializers.ModelSerializer):
                 try:
                     attrs["specs"].append(parse_task(obj))
                 except TaskFormatError as error:
-                    raise serializers.ValidationError({"tasks": [f"tasks[{index}]: {format_error(error)}"]}) from None
+                    raise serializers.ValidationError({"tasks": [f"tasks[{index}]: {str(error)}"]}) from None
         else:
             chosen = dataset.tasks.all()
             if wanted := attrs.get("instance_ids"):
@@ -189,10 +184,11 @@ def run_progress(run: Run) -> dict:
     counts = dict(run.episodes.values_list("status").annotate(n=Count("pk")).order_by())
     total = sum(counts.values())
     totals = run.episodes.aggregate(
-        steps=Sum("step_count"), prompt=Sum("prompt_tokens"), completion=Sum("completion_tokens"), reward=Avg("reward")
-    )
+        steps=Sum("step_count"), prompt=Sum("prompt_tokens"), completion=Sum("completion_tokens"),
+        mean_reward=Avg("reward"), solved=Count("pk", filter=Q(reward__gte=1.0)),
+    )  # fmt: skip
     terminal = sum(counts.get(status, 0) for status in Episode.TERMINAL)
-    solved = run.episodes.filter(reward__gte=1.0).count()
+    solved = totals["solved"]
     elapsed = None
     if run.started_at:
         elapsed = ((run.finished_at or timezone.now()) - run.started_at).total_seconds()
@@ -203,7 +199,7 @@ def run_progress(run: Run) -> dict:
         "done": terminal,
         "fraction_done": terminal / total if total else 0.0,
         "success_rate": solved / terminal if terminal else None,  # solved (reward 1.0) among finished episodes
-        "mean_reward": totals["reward"],
+        "mean_reward": totals["mean_reward"],
         "steps": steps,
         "prompt_tokens": totals["prompt"] or 0,
         "completion_tokens": totals["completion"] or 0,

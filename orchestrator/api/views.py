@@ -26,8 +26,15 @@ from orchestrator.models import Dataset, Episode, Run, Step, Task
 # --- datasets and tasks -------------------------------------------------------------------------------------------
 
 
+class CreatedByRequestUser:
+    """What a user creates is theirs: serializers get the request's user as ``owner``."""
+
+    def get_serializer_context(self):
+        return {**super().get_serializer_context(), "owner": self.request.user}
+
+
 @extend_schema(tags=["datasets"])
-class DatasetViewSet(mixins.CreateModelMixin, viewsets.ReadOnlyModelViewSet):
+class DatasetViewSet(CreatedByRequestUser, mixins.CreateModelMixin, viewsets.ReadOnlyModelViewSet):
     """Datasets of tasks. Create one by uploading a JSONL file in the task format (multipart: name, file)."""
 
     queryset = Dataset.objects.select_related("owner").order_by("name")
@@ -35,9 +42,6 @@ class DatasetViewSet(mixins.CreateModelMixin, viewsets.ReadOnlyModelViewSet):
     parser_classes = [MultiPartParser, FormParser]
     filterset_fields = {"name": ["exact", "icontains"]}
     ordering_fields = ["name", "created_at"]
-
-    def get_serializer_context(self):
-        return {**super().get_serializer_context(), "owner": self.request.user}
 
     def get_serializer_class(self):
         return serializers.DatasetUploadSerializer if self.action == "create" else serializers.DatasetSerializer
@@ -74,14 +78,10 @@ class TaskViewSet(viewsets.ReadOnlyModelViewSet):
 # --- runs ------------------------------------------------------------------------------------------------------
 
 
-class OwnedQuerysetMixin:
-    """Staff see everything; everyone else sees what they own (``owner_path`` leads to the owner). What a user
-    creates is theirs."""
+class OwnedQuerysetMixin(CreatedByRequestUser):
+    """Staff see everything; everyone else sees what they own (``owner_path`` leads to the owner)."""
 
     owner_path = "owner"
-
-    def get_serializer_context(self):
-        return {**super().get_serializer_context(), "owner": self.request.user}
 
     def get_queryset(self):
         queryset = super().get_queryset()

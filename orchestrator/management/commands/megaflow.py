@@ -26,9 +26,10 @@ from envs import gold_check, reaper, swebench_import
 from envs.backend import get_backend
 from envs.suite_builder import SUITES_DIR, SuiteError, build_suite
 from megaflow_site import preflight
-from megaflow_site.topology import AGENT_QUEUE, Service, UnknownQueue, declared_queues, default_key, queue_name
+from megaflow_site.topology import AGENT_QUEUE, Service, UnknownQueue, default_key, queue_name
 from orchestrator import probe, trajectories
 from orchestrator.api.serializers import RunSerializer, run_progress
+from orchestrator.metrics import queue_depths
 from orchestrator.models import Dataset, Episode, Run
 from orchestrator.task_format import TaskFormatError, load_dataset
 
@@ -287,9 +288,7 @@ class Command(BaseCommand):
             reward = "-" if progress["mean_reward"] is None else f"{progress['mean_reward']:.3f}"
             done = f"{progress['done']}/{progress['episodes']}"
             self.stdout.write(f"{run.pk:>5}  {run.status:<10} {done:>11} {reward:>7}  {run.model_name:<12} {run.name}")
-        with current_app.connection_for_read() as connection:
-            client = connection.default_channel.client
-            depths = ", ".join(f"{queue.name} {client.llen(queue.name)}" for queue in declared_queues())
+        depths = ", ".join(f"{queue} {waiting}" for queue, waiting in queue_depths().items())
         self.stdout.write(f"queues: {depths}")
 
     def handle_demo(self, tasks=None, **_):
