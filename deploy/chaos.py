@@ -3,11 +3,15 @@
 Each fault gets its own run (``--episodes``, 200 by default) on the ``sim`` model and ``sim`` environment backend
 (short fixed latencies), so that what is measured is the orchestration's recovery. The stack is the real one:
 a worker per queue plus beat (the watchdog), a Redis server of its own (append-only, as a production broker
-should be, so that it can be restarted without disturbing anyone else's), PostgreSQL.
+should be, so that it can be restarted without disturbing anyone else's), PostgreSQL. The Docker faults run
+their episodes in real containers instead, on an env pool ``docker`` served by a dockerd of the chaos run's own
+(its own socket, data root and containerd namespace), which can be restarted without touching anyone else's.
 
 Faults: ``kill-workers`` (kill -9 a random worker of each service, repeatedly, and start a new one),
 ``sigterm-worker`` (SIGTERM each service's worker: Celery's warm shutdown finishes or requeues in-flight
-work), ``restart-redis`` (the broker goes away mid-run and comes back), ``model-faults`` (the run's model, a real tiny
+work), ``restart-redis`` (the broker goes away mid-run and comes back), ``restart-docker`` (the Docker daemon
+stops mid-run, taking every sandbox with it, and comes back), ``kill-containers`` (sandboxes killed from
+outside, round after round), ``model-faults`` (the run's model, a real tiny
 model behind modelserving/hf_server.py, answers 500s, then hangs past the client's timeout, then recovers). As
 systemd or Kubernetes would, a supervisor starts a new worker in place of one that exited on its own; the
 report counts those as "crashed".
@@ -56,7 +60,7 @@ def chaos_environment(args) -> dict[str, str]:
         "MEGAFLOW_REDIS_URL": f"redis://127.0.0.1:{args.redis_port}/0",
         "MEGAFLOW_DATA_DIR": str(data_dir_for(args)),
         "MEGAFLOW_MODELS": "sim,tiny" if "model-faults" in args.faults else "sim",
-        "MEGAFLOW_ENV_POOLS": "default",
+        "MEGAFLOW_ENV_POOLS": "default,docker" if DOCKER_FAULTS & set(args.faults.split(",")) else "default",
         "MEGAFLOW_ENV_BACKEND": "sim",
         "MEGAFLOW_MODEL_CONFIG": json.dumps(
             {
@@ -77,6 +81,7 @@ def chaos_environment(args) -> dict[str, str]:
         "MEGAFLOW_TASK_TIME_LIMIT_S": "30",
         "MEGAFLOW_VISIBILITY_TIMEOUT_S": "60",
         "MEGAFLOW_RETRY_BACKOFF_S": "1",
+        "MEGAFLOW_DOCKER_RECONNECT_S": "60",
         "MEGAFLOW_LOG_LEVEL": "WARNING",
     }
 
@@ -107,6 +112,55 @@ class Broker:
             self.process.wait(30)
 
 
+class DockerDaemon:
+    """A dockerd of the chaos run's own: its own socket, data root, exec root and containerd namespace, no
+    network (as bootstrap.sh starts the shared one). Restarting it disturbs no one else's containers."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.host = f"unix://{root / 'docker.sock'}"
+        self.process: subprocess.Popen | None = None
+
+    def docker(self, *argv: str, **kwargs) -> subprocess.CompletedProcess:
+        return subprocess.run(["docker", "-H", self.host, *argv], capture_output=True, **kwargs)
+
+    def start(self) -> None:
+        (self.root / "exec").mkdir(parents=True, exist_ok=True)
+        self.process = subprocess.Popen(
+            ["dockerd", "--host", self.host, "--data-root", str(self.root / "data"),
+             "--exec-root", str(self.root / "exec"), "--pidfile", str(self.root / "dockerd.pid"),
+             "--containerd-namespace", "megaflow-chaos", "--containerd-plugins-namespace", "megaflow-chaos-plugins",
+             "--bridge=none", "--iptables=false", "--ip6tables=false"],
+            stdout=(self.root / "dockerd.log").open("ab"), stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+        for _ in range(300):
+            if self.docker("info").returncode == 0:
+                return
+            if self.process.poll() is not None:
+                break
+            time.sleep(0.1)
+        raise RuntimeError(f"dockerd did not start; see {self.root / 'dockerd.log'}")
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()  # stops the containers (no live-restore), as a daemon upgrade would
+            self.process.wait(60)
+
+    def ensure_image(self, image: str) -> None:
+        """Copy ``image`` from the shared daemon, once (the data root outlives chaos runs)."""
+        if self.docker("image", "inspect", image).returncode == 0:
+            return
+        save = subprocess.Popen(["docker", "save", image], stdout=subprocess.PIPE)
+        loaded = self.docker("load", stdin=save.stdout)
+        save.wait()
+        if save.returncode or loaded.returncode:
+            raise RuntimeError(f"could not copy {image} into the chaos dockerd: {loaded.stderr.decode()[-500:]}")
+
+    def sandboxes(self) -> list[str]:
+        listed = self.docker("ps", "-q", "--filter", "label=megaflow.managed=1", text=True)
+        return listed.stdout.split()
+
+
 # --- faults ------------------------------------------------------------------------------------------------------
 
 
@@ -117,6 +171,7 @@ class Stack:
     workers: CeleryWorkers
     broker: Broker
     model_url: str
+    docker: DockerDaemon | None
 
 
 # Faults and the supervisor below both replace workers; one at a time.
@@ -166,6 +221,29 @@ def restart_redis(stack: Stack, stop: threading.Event) -> list[str]:
     return ["redis-server stopped for 5 s"]
 
 
+def restart_docker(stack: Stack, stop: threading.Event) -> list[str]:
+    if stop.wait(4.0):
+        return []
+    running = len(stack.docker.sandboxes())
+    stack.docker.stop()
+    time.sleep(5)
+    stack.docker.start()
+    return [f"dockerd stopped for 5 s with {running} sandboxes running"]
+
+
+def kill_containers(stack: Stack, stop: threading.Event) -> list[str]:
+    """Every 2 s, kill a few of the running sandboxes from outside (an OOM killer, an operator, a node agent)."""
+    done = []
+    for _ in range(5):
+        if stop.wait(2.0):
+            return done
+        running = stack.docker.sandboxes()
+        victims = random.sample(running, min(5, len(running)))
+        killed = stack.docker.docker("kill", *victims, text=True).stdout.split() if victims else []
+        done.append(f"docker kill: {len(killed)} of {len(running)} sandboxes")
+    return done
+
+
 def model_faults(stack: Stack, stop: threading.Event) -> list[str]:
     """The model server answers 500, then hangs past the client's timeout, then comes back."""
     import httpx
@@ -182,8 +260,10 @@ def model_faults(stack: Stack, stop: threading.Event) -> list[str]:
 
 
 FAULTS = {"kill-workers": kill_workers, "sigterm-worker": sigterm_worker, "restart-redis": restart_redis,
+          "restart-docker": restart_docker, "kill-containers": kill_containers,
           "model-faults": model_faults}  # fmt: skip
 MODEL_OF_FAULT = {"model-faults": "tiny"}
+DOCKER_FAULTS = {"restart-docker", "kill-containers"}  # their episodes run in real containers, on pool "docker"
 # The tiny model's context is 256 tokens: short prompts, and only the last turn kept.
 TINY_AGENT = {
     "system_template": "Reply with bash.",
@@ -232,7 +312,8 @@ def run_under(fault: str, stack: Stack, args) -> dict:
         defaults={"problem_statement": "Chaos episode.", "test_command": "true", "fail_to_pass": ["t"]},
     )  # fmt: skip
     run = Run.objects.create(name=f"chaos {fault}", dataset=dataset, model_name=MODEL_OF_FAULT.get(fault, "sim"),
-                             agent_config=TINY_AGENT if fault in MODEL_OF_FAULT else {}, env_pool="default",
+                             agent_config=TINY_AGENT if fault in MODEL_OF_FAULT else {},
+                             env_pool="docker" if fault in DOCKER_FAULTS else "default",
                              samples_per_task=args.episodes, max_concurrent_episodes=args.concurrency,
                              max_steps=args.steps + 2, max_attempts=3)  # fmt: skip
     run.tasks.set([task])
@@ -303,6 +384,7 @@ def main() -> None:
     import django
 
     django.setup()
+    from django.conf import settings
     from django.core.management import call_command
 
     from agents.bench import ensure_database
@@ -317,7 +399,13 @@ def main() -> None:
     workers.start_beat(data_dir / "celerybeat-schedule", loglevel="WARNING")
     rows = []
     model_server = start_model_server(args, log_dir) if "model-faults" in faults else None
-    stack = Stack(workers, broker, f"http://127.0.0.1:{model_port(args)}")
+    docker = None
+    if DOCKER_FAULTS & set(faults):
+        docker = DockerDaemon(data_dir / "docker")
+        docker.start()
+        docker.ensure_image(settings.MEGAFLOW_BASE_IMAGE)
+        workers.queue_env["env.docker"] = {"MEGAFLOW_ENV_BACKEND": "docker", "DOCKER_HOST": docker.host}
+    stack = Stack(workers, broker, f"http://127.0.0.1:{model_port(args)}", docker)
     try:
         workers.wait_ready([workers.start(spec) for spec in all_worker_specs()])
         for fault in faults:
@@ -326,6 +414,8 @@ def main() -> None:
     finally:
         workers.stop_all()
         broker.stop()
+        if docker:
+            docker.stop()
         if model_server:
             model_server.terminate()
             model_server.wait(20)

@@ -33,6 +33,8 @@ class CeleryWorkers:
 
     def __init__(self, env: dict[str, str], log_dir: Path, name: str = "pytest"):
         self.env = env
+        # Per-queue additions to ``env``: one env pool's workers may run another backend, as on their own hosts.
+        self.queue_env: dict[str, dict[str, str]] = {}
         self.log_dir = log_dir
         self.name = name
         self.by_queue: dict[str, WorkerProcess] = {}  # the latest worker started for each queue
@@ -53,8 +55,9 @@ class CeleryWorkers:
         log = self.log_dir / f"{node}.log"
         argv = spec.argv(node_name=node)
         argv[0] = str(Path(sys.executable).with_name("celery"))
+        env = {**self.env, **self.queue_env.get(spec.queue, {})}
         process = subprocess.Popen(
-            argv, cwd=REPO, env=self.env, stdout=log.open("wb"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+            argv, cwd=REPO, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
         )
         worker = WorkerProcess(spec, node, process, log)
         if index > 1:

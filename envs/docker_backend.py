@@ -17,6 +17,12 @@ root; there the disk is bounded only where the daemon supports ``storage_opt`` s
 Files are copied in by streaming a tar into ``tar -x`` through exec's stdin, because the archive API cannot
 write into tmpfs mounts or read-only roots.
 
+The daemon may restart under us (an upgrade, a crash). A call that cannot reach it waits for it, retrying in
+place for up to ``MEGAFLOW_DOCKER_RECONNECT_S``, instead of spending one of the episode's attempts on every
+second of the outage; past that it is a retryable ``SandboxError``. A daemon without live-restore kills its
+containers when it stops: the episode's next command finds its sandbox stopped and the episode gets a fresh
+attempt, whose sandbox waits for the daemon in the same way.
+
 Commands run through exec with a host-side deadline. At the deadline, or when a command has printed more than
 ``MEGAFLOW_OUTPUT_KILL_BYTES``, every process in the container but PID 1 is killed (``kill -9 -1`` from a
 fresh exec): that takes the whole process tree, including children that left the command's process group.
@@ -24,6 +30,7 @@ fresh exec): that takes the whole process tree, including children that left the
 
 from __future__ import annotations
 
+import logging
 import re
 import socket
 import struct
@@ -32,6 +39,7 @@ import time
 
 import docker
 import requests
+import tenacity
 from django.conf import settings
 
 from envs.backend import (
@@ -44,6 +52,8 @@ from envs.backend import (
     register_backend,
 )
 from envs.startup_control import start_gate
+
+logger = logging.getLogger("megaflow.envs.docker")
 
 LABEL_MANAGED = "megaflow.managed"
 LABEL_EPISODE = "megaflow.episode"
@@ -74,6 +84,44 @@ def sandbox_labels(spec: SandboxSpec) -> dict[str, str]:
         LABEL_CREATED: str(int(time.time())),
         LABEL_DEPLOYMENT: settings.MEGAFLOW_DEPLOYMENT,
     }
+
+
+def _unreachable(exc: BaseException) -> bool:
+    """The daemon did not answer at all (not running, restarting): worth waiting for."""
+    if isinstance(exc, requests.ConnectionError):
+        return True
+    # The client's version probe wraps whatever it met in a DockerException.
+    return isinstance(exc, docker.errors.DockerException) and isinstance(exc.__cause__, requests.ConnectionError)
+
+
+def _log_wait(state: tenacity.RetryCallState) -> None:
+    logger.warning("Docker daemon unreachable (%s); waiting for it", _brief(state.outcome.exception()))
+
+
+def _waited_long_enough(state: tenacity.RetryCallState) -> bool:
+    return state.seconds_since_start >= settings.MEGAFLOW_DOCKER_RECONNECT_S
+
+
+_wait_for_daemon = tenacity.Retrying(
+    retry=tenacity.retry_if_exception(_unreachable),
+    wait=tenacity.wait_exponential(multiplier=0.2, max=2),
+    stop=_waited_long_enough,
+    before_sleep=_log_wait,
+    reraise=True,
+)
+
+
+def daemon_call(fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` against the daemon, waiting out a restart (``MEGAFLOW_DOCKER_RECONNECT_S``)."""
+    try:
+        return _wait_for_daemon(fn, *args, **kwargs)
+    except (requests.ConnectionError, docker.errors.DockerException) as exc:
+        if not _unreachable(exc):
+            raise
+        raise SandboxError(
+            f"the Docker daemon at {settings.DOCKER_HOST} did not answer for "
+            f"{settings.MEGAFLOW_DOCKER_RECONNECT_S} s: {_brief(exc)}"
+        ) from None
 
 
 def container_options(spec: SandboxSpec) -> dict:
@@ -112,7 +160,9 @@ class DockerBackend(EnvironmentBackend):
 
     def __init__(self, client: docker.DockerClient | None = None):
         # One HTTP connection per concurrent call: env workers run many threads.
-        self.client = client or docker.DockerClient(base_url=settings.DOCKER_HOST, timeout=120, max_pool_size=64)
+        self.client = client or daemon_call(
+            docker.DockerClient, base_url=settings.DOCKER_HOST, timeout=120, max_pool_size=64
+        )
         self.api = self.client.api
 
     # --- lifecycle ---------------------------------------------------------------------------------------
@@ -121,13 +171,13 @@ class DockerBackend(EnvironmentBackend):
         options = container_options(spec)
         with start_gate():
             try:
-                container = self.client.containers.create(spec.image, **options)
+                container = daemon_call(self.client.containers.create, spec.image, **options)
             except docker.errors.ImageNotFound:
                 raise ImageNotFound(spec.image) from None
             except (docker.errors.APIError, requests.RequestException) as exc:
                 raise SandboxError(f"could not create a container from {spec.image}: {_brief(exc)}") from None
             try:
-                container.start()
+                daemon_call(container.start)
             except (docker.errors.APIError, requests.RequestException) as exc:
                 self.destroy(container.id)
                 raise SandboxError(f"container from {spec.image} did not start: {_brief(exc)}") from None
@@ -135,7 +185,7 @@ class DockerBackend(EnvironmentBackend):
 
     def destroy(self, sandbox_id: str) -> None:
         try:
-            self.api.remove_container(sandbox_id, force=True, v=True)
+            daemon_call(self.api.remove_container, sandbox_id, force=True, v=True)
         except docker.errors.NotFound:
             pass
         except docker.errors.APIError as exc:
@@ -144,7 +194,7 @@ class DockerBackend(EnvironmentBackend):
 
     def is_alive(self, sandbox_id: str) -> bool:
         try:
-            return bool(self.api.inspect_container(sandbox_id)["State"]["Running"])
+            return bool(daemon_call(self.api.inspect_container, sandbox_id)["State"]["Running"])
         except docker.errors.NotFound:
             return False
 
@@ -180,7 +230,8 @@ class DockerBackend(EnvironmentBackend):
     ) -> ExecResult:
         started = time.monotonic()
         try:
-            exec_id = self.api.exec_create(sandbox_id, argv, workdir=workdir, stdin=stdin is not None)["Id"]
+            created = daemon_call(self.api.exec_create, sandbox_id, argv, workdir=workdir, stdin=stdin is not None)
+            exec_id = created["Id"]
             stream = self.api.exec_start(exec_id, socket=True)
         except docker.errors.NotFound:
             raise SandboxError("the sandbox container is gone") from None
@@ -236,7 +287,11 @@ class DockerBackend(EnvironmentBackend):
 
     def _exit_code(self, exec_id: str) -> int | None:
         for _ in range(20):
-            info = self.api.exec_inspect(exec_id)
+            try:
+                info = daemon_call(self.api.exec_inspect, exec_id)
+            except docker.errors.NotFound:
+                # The daemon restarted during the command and forgot it; its container went with it.
+                raise SandboxError("the sandbox's command was lost when the Docker daemon restarted") from None
             if not info["Running"]:
                 return info["ExitCode"]
             time.sleep(0.05)
@@ -247,7 +302,7 @@ class DockerBackend(EnvironmentBackend):
         limit is exhausted by a fork bomb), stop the container: the episode then fails with that reason."""
         for _ in range(5):
             try:
-                exec_id = self.api.exec_create(sandbox_id, ["/bin/sh", "-c", "kill -9 -1"])["Id"]
+                exec_id = daemon_call(self.api.exec_create, sandbox_id, ["/bin/sh", "-c", "kill -9 -1"])["Id"]
                 self.api.exec_start(exec_id)
                 return
             except docker.errors.NotFound:

@@ -1,6 +1,7 @@
-"""The fast part of ``make chaos``: 200 episodes through SIGTERMed workers and a restarted broker, with the
-proof (every episode terminal, no step twice, every failure explained). kill -9 waits out the visibility
-timeout and runs in ``make chaos`` only."""
+"""The fast part of ``make chaos``: 200 episodes through SIGTERMed workers and a restarted broker, and 200 in
+real containers through sandboxes killed from outside and a restarted Docker daemon, each with the proof
+(every episode terminal, no step twice, every failure explained). kill -9 waits out the visibility timeout and
+runs in ``make chaos`` only."""
 
 import json
 import os
@@ -13,22 +14,36 @@ from django.conf import settings
 pytestmark = pytest.mark.integration
 
 
-def test_runs_survive_sigterm_and_a_broker_restart(tmp_path):
+def chaos(faults: str, tmp_path) -> tuple[dict, str]:
     slot = int(os.environ["MEGAFLOW_TEST_SLOT"])
     database = settings.DATABASES["default"]
     host = database.get("HOST") or "127.0.0.1" if database["ENGINE"].endswith("postgresql") else "127.0.0.1"
     env = {**os.environ, "MEGAFLOW_CHAOS_DATABASE_URL": f"postgres://postgres@{host}:5432/megaflow_chaos_{slot}"}
+    env.pop("MEGAFLOW_AUTOSCALE_INTERVAL_S", None)  # the chaos stack runs the autoscaler, as a deployment does
     output = tmp_path / "chaos.json"
     result = subprocess.run(
-        [sys.executable, "-m", "deploy.chaos", "--faults", "sigterm-worker,restart-redis", "--episodes", "200",
+        [sys.executable, "-m", "deploy.chaos", "--faults", faults, "--episodes", "200",
          "--redis-port", str(16391 + slot), "--output", str(output)],
         cwd=settings.BASE_DIR, env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     rows = {row["fault"]: row for row in json.loads(output.read_text())}
-    assert set(rows) == {"sigterm-worker", "restart-redis"}
+    assert set(rows) == set(faults.split(","))
     for row in rows.values():
         assert (row["episodes"], row["terminal"], row["lost"], row["duplicated_steps"]) == (200, 200, 0, 0), row
         assert row["run_status"] == "completed" and row["failed_without_reason"] == 0
+    return rows, result.stdout
+
+
+def test_runs_survive_sigterm_and_a_broker_restart(tmp_path):
+    rows, stdout = chaos("sigterm-worker,restart-redis", tmp_path)
     assert rows["sigterm-worker"]["injected"] == ["SIGTERM agent", "SIGTERM env.default", "SIGTERM model.sim"]
-    assert "chaos: 2 faults, every episode terminal" in result.stdout
+    assert "chaos: 2 faults, every episode terminal" in stdout
+
+
+def test_runs_survive_killed_sandboxes_and_a_docker_daemon_restart(tmp_path):
+    rows, _ = chaos("kill-containers,restart-docker", tmp_path)
+    killed = sum(int(entry.split()[2]) for entry in rows["kill-containers"]["injected"])
+    assert killed > 0 and rows["kill-containers"]["retried"] > 0, rows["kill-containers"]["injected"]
+    [restart] = rows["restart-docker"]["injected"]
+    assert restart.startswith("dockerd stopped for 5 s") and rows["restart-docker"]["retried"] > 0

@@ -49,6 +49,10 @@ def test_a_run_survives_kill_9_of_a_worker_of_each_service(celery_workers, swe_m
         assert episode.steps.filter(completed_at__isnull=True).count() == 0
         if episode.status == Episode.Status.SUCCEEDED:
             assert indexes == [0, 1, 2] and episode.step_count == 3
+    # The run is closed by the last episode's episode_done message, a moment after that episode ends.
+    deadline = time.monotonic() + 30
+    while Run.objects.get(pk=run.pk).status not in Run.TERMINAL and time.monotonic() < deadline:
+        time.sleep(0.2)
     run.refresh_from_db()
     assert run.status == Run.Status.COMPLETED
     assert sum(episode.status == Episode.Status.SUCCEEDED for episode in episodes) >= 18
