@@ -35,6 +35,7 @@ from django.utils import timezone
 
 from agents.agent import CommandResult, TaskView, Turn, run_agent, submitted
 from orchestrator import episodes as episode_state
+from orchestrator.autoscale import admission_limit
 from orchestrator.db import release_connection
 from orchestrator.hot_state import redis_client
 from orchestrator.models import Episode, Run, Step, Task
@@ -74,10 +75,14 @@ def start_run(run_id: int) -> int:
 
 def admit() -> list[int]:
     """Start queued episodes while their run and the whole fleet have room (``Run.max_concurrent_episodes``,
-    ``MEGAFLOW_MAX_LIVE_EPISODES``). One admitter at a time (a Redis lock), oldest runs first."""
+    ``MEGAFLOW_MAX_LIVE_EPISODES``, the autoscaler's admission limit). One admitter at a time (a Redis lock),
+    oldest runs first."""
     admitted: list[tuple[int, str]] = []
     with redis_client().lock("megaflow:admission", timeout=60, blocking_timeout=30):
-        room = settings.MEGAFLOW_MAX_LIVE_EPISODES - Episode.objects.filter(status__in=LIVE).count()
+        ceiling = settings.MEGAFLOW_MAX_LIVE_EPISODES
+        if (throttle := admission_limit()) is not None:  # the autoscaler's, while the latency SLO is breached
+            ceiling = min(ceiling, throttle)
+        room = ceiling - Episode.objects.filter(status__in=LIVE).count()
         for run in Run.objects.filter(status=Run.Status.RUNNING).order_by("created_at"):
             if room <= 0:
                 break

@@ -31,3 +31,11 @@ def watchdog() -> list[int]:
 @retry_on_database_errors
 def admit() -> list[int]:
     return episode_loop.admit()
+
+
+@shared_task(name="agents.autoscale")
+@retry_on_database_errors
+def autoscale() -> dict:
+    from orchestrator import autoscale
+
+    return autoscale.tick()

@@ -1,7 +1,7 @@
 """The Celery app, configured from Django settings (``CELERY_*``) and the topology module.
 
 Start a worker of one service with the command ``python -m megaflow_site.topology`` prints, e.g.
-``celery -A megaflow_site worker -Q agent -n agent@%h --pool threads --concurrency 8``.
+``celery -A megaflow_site worker -Q agent -n agent@%h --concurrency 8``.
 """
 
 import os

@@ -238,6 +238,8 @@ MEGAFLOW_WEB_PORT = env_int("MEGAFLOW_WEB_PORT", 8000)
 MEGAFLOW_FLOWER_PORT = env_int("MEGAFLOW_FLOWER_PORT", 5555)
 # Docker daemon address for the preflight check; the docker SDK itself also honours DOCKER_HOST.
 DOCKER_HOST = env_str("DOCKER_HOST", "unix:///var/run/docker.sock")
+# How long a call waits for a Docker daemon that does not answer (restarting) before the episode's attempt fails.
+MEGAFLOW_DOCKER_RECONNECT_S = env_int("MEGAFLOW_DOCKER_RECONNECT_S", 60)
 
 # --- Model service ------------------------------------------------------------------------------------------
 # Per-model backend configuration, JSON: {"qwen3-8b": {"backend": "vllm", "model_path": "...", "gpus": "0"}}.
@@ -257,6 +259,12 @@ except ValueError:
 # Admission control: episodes live (starting, running, evaluating) at once across all runs.
 MEGAFLOW_MAX_LIVE_EPISODES = env_int("MEGAFLOW_MAX_LIVE_EPISODES", 256)
 MEGAFLOW_MAX_RUN_EPISODES = env_int("MEGAFLOW_MAX_RUN_EPISODES", 1_000_000)
+# The coordinated autoscaler (orchestrator/autoscale.py): a decision every interval (0: off), the step-latency
+# SLO it defends (p95 wall time between an episode's steps), and the most workers it asks for per pool.
+MEGAFLOW_AUTOSCALE_INTERVAL_S = env_int("MEGAFLOW_AUTOSCALE_INTERVAL_S", 15)
+MEGAFLOW_LATENCY_SLO_S = env_float("MEGAFLOW_LATENCY_SLO_S", 120.0)
+MEGAFLOW_AUTOSCALE_MAX_GPU_WORKERS = env_int("MEGAFLOW_AUTOSCALE_MAX_GPU_WORKERS", 128)
+MEGAFLOW_AUTOSCALE_MAX_ENV_WORKERS = env_int("MEGAFLOW_AUTOSCALE_MAX_ENV_WORKERS", 1024)
 # An episode retried after an infrastructure failure waits this long, doubling with each further attempt.
 MEGAFLOW_RETRY_BACKOFF_S = env_int("MEGAFLOW_RETRY_BACKOFF_S", 10)
 # The gateway waits this long for a model worker's answer before replying 504.
@@ -335,6 +343,8 @@ CELERY_TASK_ACKS_LATE = True
 CELERY_TASK_REJECT_ON_WORKER_LOST = True
 # With late acks a prefetched message is held hostage by a busy worker; take one at a time.
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+# Celery's thread pool plus grow/shrink, so the autoscaler can resize workers (megaflow_site/worker_pool.py).
+CELERY_WORKER_POOL = "megaflow_site.worker_pool:ResizableThreadPool"
 # No result backend on the hot path: a task's effect is the next message it publishes or the rows it writes.
 CELERY_TASK_IGNORE_RESULT = True
 CELERY_RESULT_BACKEND = None
@@ -361,3 +371,5 @@ CELERY_BEAT_SCHEDULE = {
 CELERY_BEAT_SCHEDULE["admit-episodes"] = {"task": "agents.admit", "schedule": 5.0}
 # ...and stalled episodes (a message lost with a killed worker) are re-driven from the database.
 CELERY_BEAT_SCHEDULE["episode-watchdog"] = {"task": "agents.watchdog", "schedule": 15.0}
+if MEGAFLOW_AUTOSCALE_INTERVAL_S > 0:
+    CELERY_BEAT_SCHEDULE["autoscale"] = {"task": "agents.autoscale", "schedule": float(MEGAFLOW_AUTOSCALE_INTERVAL_S)}

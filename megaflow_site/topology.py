@@ -113,7 +113,6 @@ class WorkerSpec:
             "celery", "-A", "megaflow_site", "worker",
             "-Q", self.queue,
             "-n", node_name or self.node_name,
-            "--pool", "threads",
             "--concurrency", str(self.concurrency or self.DEFAULT_CONCURRENCY[self.service]),
             "--loglevel", loglevel,
             "--without-mingle", "--without-gossip",

@@ -35,13 +35,14 @@ def histogram(name: str, documentation: str, samples: dict[str, list[float]]) ->
 
 
 def step_latencies(since) -> dict[str, list[float]]:
-    """Model time, command time and overhead (wall time since the previous step, minus both) of recent steps."""
+    """Model time, command time, wall time since the previous step, and overhead (wall minus both) of recent
+    steps."""
     rows = (
         Step.objects.filter(completed_at__gte=since - timedelta(minutes=1))
         .order_by("episode_id", "index")
         .values_list("episode_id", "index", "completed_at", "model_latency_s", "env_latency_s")[:MAX_STEPS_SCANNED]
     )
-    samples: dict[str, list[float]] = {"model": [], "env": [], "overhead": []}
+    samples: dict[str, list[float]] = {"model": [], "env": [], "overhead": [], "wall": []}
     previous = {}
     for episode_id, index, completed_at, model_s, env_s in rows:
         before = previous.get((episode_id, index - 1))
@@ -52,6 +53,7 @@ def step_latencies(since) -> dict[str, list[float]]:
         samples["env"].append(env_s or 0.0)
         if before is not None:
             wall = (completed_at - before).total_seconds()
+            samples["wall"].append(wall)
             samples["overhead"].append(max(0.0, wall - (model_s or 0) - (env_s or 0)))
     return samples
 
@@ -83,7 +85,8 @@ class FleetCollector:
         now = timezone.now()
         yield histogram(
             "megaflow_step_seconds",
-            f"Step latency over the last {int(WINDOW.total_seconds())} s: model, environment, orchestration overhead.",
+            f"Step latency over the last {int(WINDOW.total_seconds())} s: model, environment, orchestration overhead, "
+            "and wall time (from the previous step's end).",
             step_latencies(now - WINDOW),
         )
         recent = Step.objects.filter(completed_at__gte=now - RATE_WINDOW).aggregate(
@@ -94,6 +97,27 @@ class FleetCollector:
                                 value=recent["steps"] / seconds)  # fmt: skip
         yield GaugeMetricFamily("megaflow_tokens_per_second", "Prompt + completion tokens per second (last 60 s).",
                                 value=(recent["tokens"] or 0) / seconds)  # fmt: skip
+        yield from autoscaler_metrics()
+
+
+def autoscaler_metrics():
+    """The coordinated autoscaler's last decision: desired replicas per pool (for KEDA or an HPA), the
+    admission limit it holds, and the demand it sized them for."""
+    from orchestrator.autoscale import last_decision
+
+    decision = last_decision()
+    if decision is None:
+        return
+    desired = GaugeMetricFamily("megaflow_desired_replicas", "Worker replicas the autoscaler wants, per pool.",
+                                labels=["pool"])  # fmt: skip
+    for pool, replicas in decision["replicas"].items():
+        desired.add_metric([pool], replicas)
+    yield desired
+    yield GaugeMetricFamily("megaflow_autoscale_demand_steps_per_second", "Steps/s the autoscaler sized the pools for.",
+                            value=decision["demand_steps_per_s"])  # fmt: skip
+    limit = decision["admission_limit"]
+    yield GaugeMetricFamily("megaflow_admission_limit", "Live episodes admitted at most (-1: unthrottled).",
+                            value=-1 if limit is None else limit)  # fmt: skip
 
 
 class PrometheusText(BaseRenderer):

@@ -35,6 +35,8 @@ os.environ.setdefault("MEGAFLOW_DB_CONN_MAX_AGE", "0")
 # Short limits so that messages of a worker killed with -9 come back within a test's patience (test_fault_recovery).
 os.environ.setdefault("MEGAFLOW_TASK_TIME_LIMIT_S", "30")
 os.environ.setdefault("MEGAFLOW_RETRY_BACKOFF_S", "1")
+# The autoscaler's beat task is off: tests call orchestrator.autoscale.tick themselves, with settings of their own.
+os.environ.setdefault("MEGAFLOW_AUTOSCALE_INTERVAL_S", "0")
 os.environ.setdefault("MEGAFLOW_VISIBILITY_TIMEOUT_S", "60")
 os.environ.setdefault("MEGAFLOW_DATA_DIR", str(Path(__file__).resolve().parent.parent / "var" / "test"))
 os.environ.setdefault("MEGAFLOW_MODELS", "replay,sim,tiny")
