@@ -161,7 +161,7 @@ def tick() -> dict:
     observation = observe(nodes, time.time())
     decision = scaler.decide(observation)
     resized = resize_workers(decision, nodes)
-    ttl = max(30, 4 * settings.MEGAFLOW_AUTOSCALE_INTERVAL_S)
+    ttl = max(120, 4 * settings.MEGAFLOW_AUTOSCALE_INTERVAL_S)
     record = {**asdict(decision), "at": observation.now, "steps_per_s": observation.steps_per_s,
               "latency_p95_s": observation.latency_p95_s, "resized": resized}  # fmt: skip
     with client.pipeline() as pipe:
