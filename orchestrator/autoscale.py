@@ -4,7 +4,7 @@ Beat runs ``tick`` every ``MEGAFLOW_AUTOSCALE_INTERVAL_S`` (task ``agents.autosc
 (the default model's queue) and the CPU pool (the default env pool's queue) together.
 
 Observed, per tick: steps/s and the p95 step wall time from the database (the steps of the last minute), live
-episodes, each queue's depth from the broker, and from the workers themselves (one ``inspect`` broadcast each
+episodes and those waiting for admission, each queue's depth from the broker, and from the workers themselves (one ``inspect`` broadcast each
 for stats, active tasks and queues) every worker node, the pool it consumes, its concurrency and its tasks in
 service. The controller's memory lives in Redis between ticks, so any agent worker can run the next one.
 
@@ -98,11 +98,13 @@ def worker_nodes(timeout: float = 1.0) -> list[Node]:
 def observe(nodes: list[Node], now: float) -> Observation:
     from agents.episode_loop import LIVE
     from orchestrator.metrics import queue_depths, step_latencies
-    from orchestrator.models import Episode, Step
+    from orchestrator.models import Episode, Run, Step
 
     since = timezone.now() - WINDOW
     steps = Step.objects.filter(completed_at__gte=since).count()
-    walls = sorted(step_latencies(since)["wall"])
+    samples = step_latencies(since)
+    walls = sorted(samples["wall"])
+    service = [model + env for model, env in zip(samples["model"], samples["env"])]
     depths = queue_depths()
     pools_seen = {}
     for pool in pools():
@@ -118,6 +120,8 @@ def observe(nodes: list[Node], now: float) -> Observation:
         steps_per_s=steps / WINDOW.total_seconds(),
         latency_p95_s=walls[int(0.95 * (len(walls) - 1))] if walls else None,
         live_episodes=Episode.objects.filter(status__in=LIVE).count(),
+        service_s=sum(service) / len(service) if service else None,
+        waiting_episodes=Episode.objects.filter(status=Episode.Status.QUEUED, run__status=Run.Status.RUNNING).count(),
         pools=pools_seen,
     )
 

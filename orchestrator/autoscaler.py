@@ -11,11 +11,15 @@ One decision (``CoordinatedAutoscaler.decide``, every ``interval_s``):
    the fleet's steps/s and busy_p = in_service_p / slots_p is how many replicas' worth of work pool p is
    serving. Smoothed (EWMA); a pool with no work in service keeps its last estimate (at first, the prior
    ``nominal_steps_per_replica``). x_gpu / x_cpu is the measured CPU:GPU replica ratio.
-2. **Demand** (proportional control on throughput): D = T + backlog / drain_s, where backlog is the work
-   waiting in the pools' queues: the throughput the fleet is asked for, not the one it manages.
+2. **Demand** (proportional control on throughput): the steps/s the fleet is asked for, not the ones it
+   manages. With the mean service time of a step s (model + command, queueing excluded: what the steps
+   record), D = (live + waiting) / s by Little's law, where waiting counts episodes wanted but not admitted;
+   a saturated pool's queueing then shows as demand above T. Without s, D = T × (live + waiting) / live +
+   backlog / drain_s, backlog being the work in the pools' queues.
 3. **Latency SLO, negative feedback**: when the p95 step latency is over the SLO, admission of new episodes is
-   throttled first (limit = live × SLO / latency); only if the breach outlasts ``throttle_grace`` decisions does
-   D grow by latency / SLO (capped at ``max_slo_boost``). Under ``recover_below`` × SLO the limit grows again,
+   throttled first (limit = live × SLO / latency) and capacity is held; only if the breach outlasts
+   ``throttle_grace`` decisions is capacity sized for (T + backlog / drain_s) × latency / SLO (the boost
+   capped at ``max_slo_boost``; the waiting episodes are what the throttle keeps out). Under ``recover_below`` × SLO the limit grows again,
    by ``admission_step_fraction`` of itself per decision, and is lifted once back at the live count where the
    breach began (or once it no longer binds).
 4. **Desired replicas**: desired_p = ⌈D / (x_p × target_utilisation)⌉ within [min_p, max_p].
@@ -79,6 +83,8 @@ class Observation:
     latency_p95_s: float | None  # step latency; None when no step completed in the window
     live_episodes: int
     pools: dict[str, PoolObservation]
+    waiting_episodes: int = 0  # wanted but not admitted yet (queued in running runs)
+    service_s: float | None = None  # mean model + command time of a step, queueing excluded; None: unknown
 
 
 @dataclass(frozen=True)
@@ -136,17 +142,28 @@ class CoordinatedAutoscaler:
             if throughput > 0 and busy > 0:
                 state = self.pools[pool.name]
                 state.capacity += config.ewma * (throughput / busy - state.capacity)
-        demand = throughput + backlog / config.drain_s
+        wanted_episodes = observation.live_episodes + observation.waiting_episodes
+        if observation.service_s:
+            # Little's law: unqueued, every wanted episode would take a step per service time.
+            demand = wanted_episodes / observation.service_s
+        else:
+            # Episodes waiting for admission would step as fast as the live ones do; queued work drains.
+            per_episode = throughput / observation.live_episodes if observation.live_episodes else 0.0
+            demand = throughput + observation.waiting_episodes * per_episode + backlog / config.drain_s
 
         breached, reason = self._admission(observation)
-        if breached and self.breached_for > config.throttle_grace:
+        holding = breached and self.breached_for <= config.throttle_grace
+        if breached and not holding:
             boost = min(config.max_slo_boost, observation.latency_p95_s / config.latency_slo_s)
-            demand *= boost
+            demand = (throughput + backlog / config.drain_s) * boost
             reason = f"SLO breached for {self.breached_for} decisions: capacity ×{boost:.2f}"
 
         replicas = {}
         for pool in config.pools:
             current = observation.pools[pool.name].replicas
+            if holding:  # throttling comes first; capacity only if the breach outlasts the grace
+                replicas[pool.name] = current
+                continue
             wanted = math.ceil(demand / (self.pools[pool.name].capacity * config.target_utilisation))
             replicas[pool.name] = self._damped(pool, current, min(pool.max_replicas, max(pool.min_replicas, wanted)),
                                                observation.now)  # fmt: skip
