@@ -276,7 +276,7 @@ class Simulation:
             pool.remove(worker)
 
     def tick(self) -> None:
-        cluster, now = self.cluster, self.now
+        now = self.now
         while self.recent_steps and self.recent_steps[0][0] < now - 60:
             self.recent_steps.popleft()
         latencies = sorted(latency for _, latency, _ in self.recent_steps)
@@ -292,7 +292,8 @@ class Simulation:
                 now=now, steps_per_s=len(latencies) / 60, latency_p95_s=p95, live_episodes=self.live,
                 waiting_episodes=max(0, self.demand(now) - self.live), service_s=service_s,
                 pools={GPU: PoolObservation(replicas[GPU], len(self.model_queue), sum(w.busy for w in gpus)),
-                       CPU: PoolObservation(replicas[CPU], len(self.env_queue), sum(w.busy for w in cpus))}))  # fmt: skip
+                       CPU: PoolObservation(replicas[CPU], len(self.env_queue), sum(w.busy for w in cpus))},
+            ))  # fmt: skip
             wanted, self.admission_limit = decision.replicas, decision.admission_limit
         else:
             ready_gpus = [w for w in gpus if w.ready_at <= now] or gpus
@@ -369,7 +370,8 @@ def plot(results: dict[str, Simulation], path: Path, slo_s: float) -> None:
     axes[0].plot([p["t"] / first.day_s * 24 for p in first.timeline], [p["demand"] for p in first.timeline],
                  color="grey", linestyle="--", label="wanted by the trainer")  # fmt: skip
     axes[3].axhline(slo_s, color="black", linestyle=":", label="SLO")
-    for axis, title in zip(axes, ("episodes live", "GPU workers", "CPU workers", "p95 step latency (s)")):
+    titles = ("episodes live", "GPU workers", "CPU workers", "p95 step latency (s)")
+    for axis, title in zip(axes, titles, strict=True):
         axis.set_ylabel(title)
         axis.legend(loc="upper left", fontsize=8)
         axis.grid(alpha=0.3)
@@ -399,8 +401,9 @@ def main() -> None:
         rows.append(simulation.run())
         results[policy] = simulation
         print(f"{policy}: simulated {args.day_s:.0f} s in {time.monotonic() - began:.1f} s", flush=True)
-    Path(args.output).write_text(json.dumps({"args": vars(args), "cluster": vars(cluster), "results": rows,
-                                             "timelines": {p: s.timeline for p, s in results.items()}}) + "\n")  # fmt: skip
+    timelines = {policy: simulation.timeline for policy, simulation in results.items()}
+    report = {"args": vars(args), "cluster": vars(cluster), "results": rows, "timelines": timelines}
+    Path(args.output).write_text(json.dumps(report) + "\n")
     plot(results, Path(args.plot), args.slo_s)
     print()
     print(table(rows))

@@ -3,10 +3,11 @@
 Beat runs ``tick`` every ``MEGAFLOW_AUTOSCALE_INTERVAL_S`` (task ``agents.autoscale``). It scales the GPU pool
 (the default model's queue) and the CPU pool (the default env pool's queue) together.
 
-Observed, per tick: steps/s and the p95 step wall time from the database (the steps of the last minute), live
-episodes and those waiting for admission, each queue's depth from the broker, and from the workers themselves (one ``inspect`` broadcast each
-for stats, active tasks and queues) every worker node, the pool it consumes, its concurrency and its tasks in
-service. The controller's memory lives in Redis between ticks, so any agent worker can run the next one.
+Observed, per tick: from the database, steps/s, the p95 step wall time and the mean service time (model +
+command) of the steps of the last minute, live episodes and those waiting for admission; each queue's depth
+from the broker; and from the workers themselves (one ``inspect`` broadcast each for stats, active tasks and
+queues) every worker node, the pool it consumes, its concurrency and its tasks in service. The controller's
+memory lives in Redis between ticks, so any agent worker can run the next one.
 
 Actuated, three ways, from fast to slow:
 - **Admission**: the controller's limit on live episodes goes to Redis (``ADMISSION_KEY``, expiring after a few
@@ -104,7 +105,7 @@ def observe(nodes: list[Node], now: float) -> Observation:
     steps = Step.objects.filter(completed_at__gte=since).count()
     samples = step_latencies(since)
     walls = sorted(samples["wall"])
-    service = [model + env for model, env in zip(samples["model"], samples["env"])]
+    service = [model + env for model, env in zip(samples["model"], samples["env"], strict=True)]
     depths = queue_depths()
     pools_seen = {}
     for pool in pools():

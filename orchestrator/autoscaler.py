@@ -18,10 +18,10 @@ One decision (``CoordinatedAutoscaler.decide``, every ``interval_s``):
    backlog / drain_s, backlog being the work in the pools' queues.
 3. **Latency SLO, negative feedback**: when the p95 step latency is over the SLO, admission of new episodes is
    throttled first (limit = live × SLO / latency) and capacity is held; only if the breach outlasts
-   ``throttle_grace`` decisions is capacity sized for (T + backlog / drain_s) × latency / SLO (the boost
-   capped at ``max_slo_boost``; the waiting episodes are what the throttle keeps out). Under ``recover_below`` × SLO the limit grows again,
-   by ``admission_step_fraction`` of itself per decision, and is lifted once back at the live count where the
-   breach began (or once it no longer binds).
+   ``throttle_grace`` decisions is capacity sized for the live episodes' demand × latency / SLO (the boost
+   capped at ``max_slo_boost``; the waiting episodes are what the throttle keeps out). Under
+   ``recover_below`` × SLO the limit grows again, by ``admission_step_fraction`` of itself per decision, and
+   is lifted once back at the live count where the breach began (or once it no longer binds).
 4. **Desired replicas**: desired_p = ⌈D / (x_p × target_utilisation)⌉ within [min_p, max_p].
 5. **Hysteresis and cooldown**: a pool changes only when desired is outside a dead band around the current
    count (``up_band``, ``down_band``), and no sooner than ``up_cooldown_s`` / ``down_cooldown_s`` after its
@@ -142,20 +142,20 @@ class CoordinatedAutoscaler:
             if throughput > 0 and busy > 0:
                 state = self.pools[pool.name]
                 state.capacity += config.ewma * (throughput / busy - state.capacity)
-        wanted_episodes = observation.live_episodes + observation.waiting_episodes
         if observation.service_s:
-            # Little's law: unqueued, every wanted episode would take a step per service time.
-            demand = wanted_episodes / observation.service_s
+            # Little's law: unqueued, every episode would take a step per service time.
+            per_episode, live_demand = 1 / observation.service_s, observation.live_episodes / observation.service_s
         else:
             # Episodes waiting for admission would step as fast as the live ones do; queued work drains.
             per_episode = throughput / observation.live_episodes if observation.live_episodes else 0.0
-            demand = throughput + observation.waiting_episodes * per_episode + backlog / config.drain_s
+            live_demand = throughput + backlog / config.drain_s
+        demand = live_demand + observation.waiting_episodes * per_episode
 
         breached, reason = self._admission(observation)
         holding = breached and self.breached_for <= config.throttle_grace
         if breached and not holding:
             boost = min(config.max_slo_boost, observation.latency_p95_s / config.latency_slo_s)
-            demand = (throughput + backlog / config.drain_s) * boost
+            demand = live_demand * boost
             reason = f"SLO breached for {self.breached_for} decisions: capacity ×{boost:.2f}"
 
         replicas = {}
