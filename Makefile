@@ -3,7 +3,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export MEGAFLOW_VENV := $(abspath $(VENV))
 
-.PHONY: help bootstrap up down status demo test lint workers bench bench-env bench-model chaos
+.PHONY: help bootstrap up down status demo test lint workers bench bench-env bench-model chaos sim-autoscale \
+	bench-autoscale
 
 help:
 	@echo "make demo    run the demo on the embedded default (SQLite, local Redis, local Docker)"
@@ -16,6 +17,8 @@ help:
 	@echo "make chaos   runs of 200 episodes under injected faults; every episode must end (writes chaos-results.json)"
 	@echo "make bench-env  Environment Service vs the raw docker SDK (writes bench-env-results.json)"
 	@echo "make bench-model  gateway overhead and server batch sizes (writes bench-model-results.json)"
+	@echo "make sim-autoscale  coordinated vs per-pool utilisation autoscaling, simulated 128-GPU fleet (table + plot)"
+	@echo "make bench-autoscale  microseconds per autoscaling decision (writes bench-autoscale-results.json)"
 
 bootstrap:
 	@deploy/bootstrap.sh
@@ -52,3 +55,9 @@ bench-env: bootstrap
 
 bench-model: bootstrap
 	@$(PY) -m modelserving.bench
+
+sim-autoscale: bootstrap
+	@$(PY) -m deploy.autoscale_sim --plot deploy/autoscale-sim.png $(SIM_ARGS)
+
+bench-autoscale: bootstrap
+	@$(PY) -m deploy.autoscale_bench

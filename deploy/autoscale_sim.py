@@ -59,7 +59,7 @@ class Cluster:
     min_cpu_workers: int = 8
 
 
-@dataclass
+@dataclass(eq=False)  # identity: workers sit in dicts and lists, and are told apart by who they are
 class Worker:
     kind: str
     ready_at: float
@@ -120,7 +120,7 @@ class Simulation:
         self.model_queue: deque = deque()
         self.env_queue: deque = deque()
         self.idle_gpus: list[Worker] = []
-        self.free_cpus: list[Worker] = []
+        self.free_cpus: dict[Worker, None] = {}  # CPU workers with a free slot, in insertion order
         self.live = 0
         self.admission_limit: int | None = None
         self.recent_steps: deque = deque()  # (time, latency) of the last minute
@@ -194,7 +194,7 @@ class Simulation:
         for episode in batch:
             self.env_queue.append(episode)
         while self.env_queue and self.free_cpus:
-            self.start_command(self.free_cpus[-1])
+            self.start_command(next(reversed(self.free_cpus)))
         self.gpu_free(gpu)
 
     def gpu_free(self, gpu: Worker) -> None:
@@ -209,14 +209,14 @@ class Simulation:
         episode = self.env_queue.popleft()
         cpu.busy += 1
         if cpu.busy == cpu.slots:
-            self.free_cpus.remove(cpu)
+            del self.free_cpus[cpu]
         seconds = self.random.expovariate(1 / self.cluster.command_mean_s)
         episode.service_s += seconds
         self.at(self.now + seconds, self.command_done, cpu, episode)
 
     def command_done(self, cpu: Worker, episode: Episode) -> None:
         if cpu.busy == cpu.slots and not cpu.draining:
-            self.free_cpus.append(cpu)
+            self.free_cpus[cpu] = None
         cpu.busy -= 1
         latency = self.now - episode.step_started
         self.totals.steps += 1
@@ -264,16 +264,17 @@ class Simulation:
         if worker.kind == GPU:
             self.gpu_free(worker)
         else:
-            self.free_cpus.append(worker)
+            self.free_cpus[worker] = None
             while self.env_queue and worker.busy < worker.slots:
                 self.start_command(worker)
 
     def retire(self, worker: Worker) -> None:
         worker.gone = True
         self.workers[worker.kind].remove(worker)
-        pool = self.idle_gpus if worker.kind == GPU else self.free_cpus
-        if worker in pool:
-            pool.remove(worker)
+        if worker.kind == CPU:
+            self.free_cpus.pop(worker, None)
+        elif worker in self.idle_gpus:
+            self.idle_gpus.remove(worker)
 
     def tick(self) -> None:
         now = self.now
@@ -286,14 +287,16 @@ class Simulation:
         replicas = {GPU: len(self.provisioned(GPU)), CPU: len(self.provisioned(CPU))}
         self.totals.gpu_s += len(gpus) * self.tick_s
         self.totals.cpu_s += len(cpus) * self.tick_s
-        started = time.perf_counter()
         if self.policy == "coordinated":
-            decision = self.controller.decide(Observation(
-                now=now, steps_per_s=len(latencies) / 60, latency_p95_s=p95, live_episodes=self.live,
+            observation = Observation(
+                now=now, steps_per_s=len(latencies) / min(60.0, now), latency_p95_s=p95, live_episodes=self.live,
                 waiting_episodes=max(0, self.demand(now) - self.live), service_s=service_s,
                 pools={GPU: PoolObservation(replicas[GPU], len(self.model_queue), sum(w.busy for w in gpus)),
                        CPU: PoolObservation(replicas[CPU], len(self.env_queue), sum(w.busy for w in cpus))},
-            ))  # fmt: skip
+            )  # fmt: skip
+            started = time.perf_counter()
+            decision = self.controller.decide(observation)
+            self.decision_s.append(time.perf_counter() - started)
             wanted, self.admission_limit = decision.replicas, decision.admission_limit
         else:
             ready_gpus = [w for w in gpus if w.ready_at <= now] or gpus
@@ -301,8 +304,9 @@ class Simulation:
                 GPU: min(1.0, (self.gpu_busy_s - self.gpu_busy_at_tick) / (self.tick_s * max(1, len(ready_gpus)))),
                 CPU: sum(w.busy for w in cpus) / max(1, sum(w.slots for w in cpus if w.ready_at <= now)),
             }
+            started = time.perf_counter()
             wanted = self.controller.decide(now, utilisation, replicas)
-        self.decision_s.append(time.perf_counter() - started)
+            self.decision_s.append(time.perf_counter() - started)
         self.gpu_busy_at_tick = self.gpu_busy_s
         for kind in (GPU, CPU):
             if wanted[kind] != replicas[kind]:
