@@ -173,6 +173,15 @@ def test_inline_tasks_make_a_run_of_their_own_dataset(api):
     ]
 
 
+def test_date_filters_take_any_iso_offset_and_refuse_what_overflows(api, swe_mini):
+    api.post("/api/v1/runs/", {"dataset": "swe_mini", "model_name": "replay", "name": "dated"}, format="json")
+    # Found by the fuzz test on PostgreSQL, which refuses offsets beyond ±15:59: compared in UTC instead.
+    assert api.get("/api/v1/runs/", {"created_after": "2035-02-10T19:32:41-21:57"}).data["count"] == 0
+    assert api.get("/api/v1/runs/", {"created_before": "2035-02-10T19:32:41-21:57"}).data["count"] == 1
+    overflow = api.get("/api/v1/runs/", {"created_after": "0001-01-01T00:00:00+23:59"})
+    assert overflow.status_code == 400 and "created_after" in overflow.data
+
+
 def test_cancel_and_retry_failed(api, swe_mini):
     run = Run.objects.get(pk=create_run(api, swe_mini, samples_per_task=2).json()["id"])
     run_id = run.pk

@@ -1,7 +1,13 @@
-"""API-wide conventions named in settings.REST_FRAMEWORK: pagination, and errors as status codes."""
+"""API-wide conventions named in settings.REST_FRAMEWORK: pagination, and errors as status codes; and the
+datetime filter every date-range query parameter uses."""
 
+from datetime import UTC
+
+from django import forms
 from django.conf import settings
 from django.core.exceptions import RequestDataTooBig
+from django_filters import rest_framework as filters
+from django_filters.fields import IsoDateTimeField
 from rest_framework import status
 from rest_framework.exceptions import APIException
 from rest_framework.pagination import PageNumberPagination
@@ -36,3 +42,20 @@ def reject_oversize(request) -> None:
     length = request.META.get("CONTENT_LENGTH") or "0"
     if length.isdigit() and int(length) > settings.MEGAFLOW_MAX_UPLOAD_BYTES:
         raise PayloadTooLarge(f"request body is over {settings.MEGAFLOW_MAX_UPLOAD_BYTES} bytes")
+
+
+class UtcIsoDateTimeField(IsoDateTimeField):
+    """ISO 8601 allows offsets up to ±23:59, PostgreSQL only ±15:59: a value is compared in UTC instead."""
+
+    def to_python(self, value):
+        value = super().to_python(value)
+        if value is None or value.tzinfo is None:
+            return value
+        try:
+            return value.astimezone(UTC)
+        except OverflowError:
+            raise forms.ValidationError("is out of range once converted to UTC", code="invalid") from None
+
+
+class UtcIsoDateTimeFilter(filters.IsoDateTimeFilter):
+    field_class = UtcIsoDateTimeField

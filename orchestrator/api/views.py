@@ -20,7 +20,7 @@ from rest_framework.response import Response
 from agents import episode_loop
 from orchestrator import trajectories
 from orchestrator.api import serializers
-from orchestrator.api.conventions import Conflict, reject_oversize
+from orchestrator.api.conventions import Conflict, UtcIsoDateTimeFilter, reject_oversize
 from orchestrator.models import Dataset, Episode, Run, Step, Task
 
 # --- datasets and tasks -------------------------------------------------------------------------------------------
@@ -91,8 +91,8 @@ class OwnedQuerysetMixin(CreatedByRequestUser):
 
 class RunFilter(filters.FilterSet):
     dataset = filters.CharFilter(field_name="dataset__name")
-    created_after = filters.IsoDateTimeFilter(field_name="created_at", lookup_expr="gte")
-    created_before = filters.IsoDateTimeFilter(field_name="created_at", lookup_expr="lt")
+    created_after = UtcIsoDateTimeFilter(field_name="created_at", lookup_expr="gte")
+    created_before = UtcIsoDateTimeFilter(field_name="created_at", lookup_expr="lt")
 
     class Meta:
         model = Run
