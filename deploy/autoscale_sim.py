@@ -33,6 +33,7 @@ import json
 import math
 import random
 import time
+from array import array
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,7 +84,7 @@ class Totals:
     episodes: int = 0
     gpu_s: float = 0.0  # provisioned worker-seconds
     cpu_s: float = 0.0
-    latencies: list[float] = field(default_factory=list)
+    latencies: array = field(default_factory=lambda: array("d"))  # one per step: millions, 8 bytes each
 
 
 class UtilisationAutoscaler:

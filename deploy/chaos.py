@@ -40,6 +40,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # imported in main(), once the environment is set: it loads the Celery app
     from deploy.worker_processes import CeleryWorkers
 
+from modelserving.tiny_model import TINY_AGENT_CONFIG
+
 REPO = Path(__file__).resolve().parent.parent
 CHAOS_DATABASE_URL = "postgres://postgres@127.0.0.1:5432/megaflow_chaos"
 CHAOS_REDIS_PORT = 6391
@@ -189,27 +191,26 @@ def supervise(workers) -> list[str]:
     return restarted
 
 
-def kill_workers(stack: Stack, stop: threading.Event) -> list[str]:
+def one_worker_at_a_time(stop: threading.Event, queues: list[str], act, label: str) -> list[str]:
+    """``act(queue)`` on each queue's worker in turn, 2 s apart, until the run ends."""
     done = []
-    for _ in range(3):
-        for queue in random.sample(sorted(stack.workers.by_queue), len(stack.workers.by_queue)):
-            if stop.wait(2.0):
-                return done
-            with WORKERS_LOCK:
-                stack.workers.kill(queue)
-            done.append(f"kill -9 {queue}")
-    return done
-
-
-def sigterm_worker(stack: Stack, stop: threading.Event) -> list[str]:
-    done = []
-    for queue in sorted(stack.workers.by_queue):
+    for queue in queues:
         if stop.wait(2.0):
             return done
         with WORKERS_LOCK:
-            stack.workers.restart(queue)
-        done.append(f"SIGTERM {queue}")
+            act(queue)
+        done.append(f"{label} {queue}")
     return done
+
+
+def kill_workers(stack: Stack, stop: threading.Event) -> list[str]:
+    queues = sorted(stack.workers.by_queue)
+    rounds = [queue for _ in range(3) for queue in random.sample(queues, len(queues))]
+    return one_worker_at_a_time(stop, rounds, stack.workers.kill, "kill -9")
+
+
+def sigterm_worker(stack: Stack, stop: threading.Event) -> list[str]:
+    return one_worker_at_a_time(stop, sorted(stack.workers.by_queue), stack.workers.restart, "SIGTERM")
 
 
 def restart_redis(stack: Stack, stop: threading.Event) -> list[str]:
@@ -264,14 +265,6 @@ FAULTS = {"kill-workers": kill_workers, "sigterm-worker": sigterm_worker, "resta
           "model-faults": model_faults}  # fmt: skip
 MODEL_OF_FAULT = {"model-faults": "tiny"}
 DOCKER_FAULTS = {"restart-docker", "kill-containers"}  # their episodes run in real containers, on pool "docker"
-# The tiny model's context is 256 tokens: short prompts, and only the last turn kept.
-TINY_AGENT = {
-    "system_template": "Reply with bash.",
-    "instance_template": "Fix $instance_id.",
-    "format_error_template": "Bad reply: $problem",
-    "max_history_turns": 1,
-    "sampling": {"max_tokens": 8},
-}
 
 
 # --- one run under one fault ----------------------------------------------------------------------------------------
@@ -312,7 +305,7 @@ def run_under(fault: str, stack: Stack, args) -> dict:
         defaults={"problem_statement": "Chaos episode.", "test_command": "true", "fail_to_pass": ["t"]},
     )  # fmt: skip
     run = Run.objects.create(name=f"chaos {fault}", dataset=dataset, model_name=MODEL_OF_FAULT.get(fault, "sim"),
-                             agent_config=TINY_AGENT if fault in MODEL_OF_FAULT else {},
+                             agent_config=TINY_AGENT_CONFIG if fault in MODEL_OF_FAULT else {},
                              env_pool="docker" if fault in DOCKER_FAULTS else "default",
                              samples_per_task=args.episodes, max_concurrent_episodes=args.concurrency,
                              max_steps=args.steps + 2, max_attempts=3)  # fmt: skip

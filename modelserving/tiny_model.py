@@ -14,6 +14,14 @@ import sys
 from pathlib import Path
 
 CORPUS = Path(__file__).resolve().parent.parent / "envs" / "suites" / "swe_mini" / "projects"
+# An agent config that fits the tiny model's 256-token context: short prompts, and only the last turn kept.
+TINY_AGENT_CONFIG = {
+    "system_template": "Reply with bash.",
+    "instance_template": "Fix $instance_id.",
+    "format_error_template": "Bad reply: $problem",
+    "max_history_turns": 1,
+    "sampling": {"max_tokens": 8},
+}
 CHAT_TEMPLATE = (
     "{% for message in messages %}<s>{{ message['role'] }}\n{{ message['content'] }}</s>\n{% endfor %}"
     "{% if add_generation_prompt %}<s>assistant\n{% endif %}"

@@ -136,9 +136,9 @@ class CoordinatedAutoscaler:
         for pool in config.pools:
             seen = observation.pools[pool.name]
             backlog += seen.queue_depth
-            busy = seen.in_service / pool.slots_per_replica
-            if seen.slots:  # workers resized by pool grow/shrink: a replica's slots are what it has now
-                busy = seen.in_service * seen.replicas / seen.slots
+            # Replicas' worth of work in service; resized workers (pool grow/shrink) count by their present slots.
+            per_replica = seen.slots / seen.replicas if seen.slots else pool.slots_per_replica
+            busy = seen.in_service / per_replica
             if throughput > 0 and busy > 0:
                 state = self.pools[pool.name]
                 state.capacity += config.ewma * (throughput / busy - state.capacity)

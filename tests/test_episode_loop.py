@@ -7,6 +7,7 @@ import pytest
 from celery import current_app
 
 from agents import episode_loop
+from modelserving.tiny_model import TINY_AGENT_CONFIG
 from orchestrator.models import Episode, Run
 
 pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
@@ -70,15 +71,7 @@ def test_the_step_budget_ends_an_episode_and_grades_its_tree(celery_workers, swe
 def test_malformed_replies_become_feedback_and_cancelling_frees_the_sandboxes(
     celery_workers, tiny_model_server, swe_mini
 ):
-    # The tiny model's context is 256 tokens: short prompts, and only the last turn kept.
-    short = {
-        "system_template": "Reply with bash.",
-        "instance_template": "Fix $instance_id.",
-        "format_error_template": "Bad reply: $problem",
-        "max_history_turns": 1,
-        "sampling": {"max_tokens": 8},
-    }
-    run = make_run(swe_mini, ["ledger-1", "ledger-2"], model_name="tiny", max_steps=200, agent_config=short)
+    run = make_run(swe_mini, ["ledger-1", "ledger-2"], model_name="tiny", max_steps=200, agent_config=TINY_AGENT_CONFIG)
     current_app.send_task("agents.start_run", kwargs={"run_id": run.pk})
     deadline = time.monotonic() + 120
     while Episode.objects.filter(run=run, step_count__gte=3).count() < 2 and time.monotonic() < deadline:

@@ -136,14 +136,12 @@ def host_secret():
 def hostile_dataset(directory: Path, secret_path: Path, secret_sha256: str):
     """The ordinary swe_mini tasks and one task per attack, all on the calendarx-1 repository."""
     (directory / "archives").mkdir()
-    shutil.copy(SWE_MINI / "archives" / "calendarx-1.tar.gz", directory / "archives")
+    for name in ORDINARY:
+        shutil.copy(SWE_MINI / "archives" / f"{name}.tar.gz", directory / "archives")
     lines = [
         line for line in (SWE_MINI / "tasks.jsonl").read_text().splitlines()
         if json.loads(line)["instance_id"] in ORDINARY
     ]  # fmt: skip
-    for name in ORDINARY:
-        if name != "calendarx-1":
-            shutil.copy(SWE_MINI / "archives" / f"{name}.tar.gz", directory / "archives")
     for name, attack in ATTACKS.items():
         code = textwrap.dedent(attack).strip().replace("{secret_path}", str(secret_path))
         code = code.replace("{secret_sha256}", secret_sha256)
