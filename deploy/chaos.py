@@ -181,13 +181,17 @@ WORKERS_LOCK = threading.Lock()
 
 
 def supervise(workers) -> list[str]:
-    """What systemd or Kubernetes does in a deployment: start a new worker in place of one that exited."""
+    """What systemd or Kubernetes does in a deployment: start a new worker in place of one that exited, and
+    keep trying while a new one cannot start (its preflight refuses an unreachable broker)."""
     restarted = []
     with WORKERS_LOCK:
         for queue, worker in list(workers.by_queue.items()):
             if worker.process.poll() is not None:
-                workers.wait_ready([workers.start(worker.spec)])
                 restarted.append(f"{queue} (exit {worker.process.returncode})")
+                try:
+                    workers.wait_ready([workers.start(worker.spec)])
+                except RuntimeError:
+                    pass  # e.g. the broker is down and the worker refuses to start: tried again next time
     return restarted
 
 

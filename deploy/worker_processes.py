@@ -57,7 +57,13 @@ class CeleryWorkers:
         argv[0] = str(Path(sys.executable).with_name("celery"))
         env = {**self.env, **self.queue_env.get(spec.queue, {})}
         process = subprocess.Popen(
-            argv, cwd=REPO, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+            # Appended: a worker started in place of one that died keeps its predecessor's last words.
+            argv,
+            cwd=REPO,
+            env=env,
+            stdout=log.open("ab"),
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
         )
         worker = WorkerProcess(spec, node, process, log)
         if index > 1:
@@ -76,8 +82,15 @@ class CeleryWorkers:
     def wait_ready(self, workers: list[WorkerProcess]) -> None:
         deadline = time.monotonic() + WORKER_START_TIMEOUT_S
         pending = {worker.node: worker for worker in workers}
+        # The broker may itself be down for a moment (a chaos run restarts it): keep asking until the deadline.
+        broker_down = app.connection_for_read().connection_errors
         while pending:
-            for reply in app.control.ping(destination=list(pending), timeout=0.5):
+            try:
+                replies = app.control.ping(destination=list(pending), timeout=0.5)
+            except broker_down:
+                replies = []
+                time.sleep(0.5)
+            for reply in replies:
                 for node in reply:
                     pending.pop(node, None)
             for worker in pending.values():
