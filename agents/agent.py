@@ -55,11 +55,13 @@ class Action:
 
 @dataclass(frozen=True)
 class CommandResult:
-    """The part of an environment's ExecResult an agent turns into an observation."""
+    """The part of an environment's ExecResult an agent turns into an observation. ``output`` is already cut to
+    the agent's ``output_limit`` by the sandbox (head and tail around a marker: the one truncation rule), and
+    ``note`` is the sandbox's line on how the command ended when it did not just exit (``ExecResult.note``)."""
 
     output: str
     exit_code: int | None
-    timed_out: bool = False
+    note: str = ""
 
 
 def submitted(output: str) -> bool:
@@ -69,6 +71,8 @@ def submitted(output: str) -> bool:
 
 class Agent(abc.ABC):
     name: str = ""
+    # Bytes of a command's output the agent wants to see (head and tail); None: the sandbox's own cap.
+    output_limit: int | None = None
 
     @abc.abstractmethod
     def messages(self, task: TaskView, history: list[Turn]) -> list[dict]:

@@ -8,8 +8,8 @@ Every prompt is a ``string.Template`` a run may replace through its ``agent_conf
     format_error_template  after a malformed reply        $problem
 
 Templates are checked when the agent is made, so a bad placeholder fails the run's creation, not its episodes.
-Other options: ``max_observation_chars`` (head and tail are kept) and ``max_history_turns`` (older turns give
-way to a one-line note, so long episodes fit the context window).
+Other options: ``max_observation_chars`` (the sandbox keeps that much of a command's output, head and tail)
+and ``max_history_turns`` (older turns give way to a one-line note, so long episodes fit the context window).
 """
 
 from __future__ import annotations
@@ -65,14 +65,6 @@ def _checked_template(field: str, text: object) -> Template:
     return template
 
 
-def truncate_middle(text: str, limit: int) -> str:
-    """``text`` cut to about ``limit`` characters, keeping its head and tail around a visible marker."""
-    if len(text) <= limit:
-        return text
-    half = limit // 2
-    return f"{text[:half]}\n[... {len(text) - 2 * half} characters omitted ...]\n{text[-half:]}"
-
-
 @register_agent("bash")
 class BashAgent(Agent):
     def __init__(
@@ -95,7 +87,7 @@ class BashAgent(Agent):
             raise AgentConfigError("max_observation_chars: must be a whole number of at least 100")
         if max_history_turns is not None and (not isinstance(max_history_turns, int) or max_history_turns < 1):
             raise AgentConfigError("max_history_turns: must be a whole number of at least 1")
-        self.max_observation_chars = max_observation_chars
+        self.output_limit = max_observation_chars
         self.max_history_turns = max_history_turns
 
     def messages(self, task: TaskView, history: list[Turn]) -> list[dict]:
@@ -130,7 +122,6 @@ class BashAgent(Agent):
         return Action(command)
 
     def observation(self, result: CommandResult) -> str:
-        note = "\n[the command timed out and was killed]" if result.timed_out else ""
+        note = f"\n{result.note}" if result.note else ""
         exit_code = "none" if result.exit_code is None else str(result.exit_code)
-        output = truncate_middle(result.output, self.max_observation_chars)
-        return self.observation_template.substitute(exit_code=exit_code, output=output, note=note)
+        return self.observation_template.substitute(exit_code=exit_code, output=result.output, note=note)

@@ -1,9 +1,8 @@
 """The Environment Service's one backend interface, its value types, and the registry that picks a backend.
 
 A backend runs sandboxes: ``create`` one for an episode, ``exec`` commands in it with a timeout that kills
-the whole process tree, ``copy_in`` files, ``evaluate`` the task's tree, ``destroy`` it. Task-level work
-(unpacking the repository, grading the tests) is written once over exec and copy_in in
-``envs/task_sandbox.py``; ``evaluate`` defaults to it.
+the whole process tree, ``copy_in`` files, ``destroy`` it. Task-level work (unpacking the repository, grading
+the tests) is written once over exec and copy_in in ``envs/task_sandbox.py``.
 
 Adding a backend is adding one module that subclasses ``EnvironmentBackend`` and decorates it with
 ``@register_backend("name")`` in ``envs/<name>_backend.py``; ``MEGAFLOW_ENV_BACKEND`` selects it by name.
@@ -16,14 +15,10 @@ import functools
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from django.conf import settings
 
 from megaflow_site.backend_registry import BackendRegistry
-
-if TYPE_CHECKING:
-    from envs.task_sandbox import Evaluation
 
 
 class SandboxError(Exception):
@@ -85,16 +80,21 @@ class ExecResult:
     output_bytes: int = 0
     killed_reason: str = ""
 
-    def observation(self) -> str:
-        """What the agent sees: the output, then a line saying how the command ended if it did not just exit."""
-        notes = []
+    @property
+    def note(self) -> str:
+        """A line saying how the command ended when it did not just exit; empty when it did."""
         if self.timed_out:
-            notes.append(f"[megaflow: command timed out after {self.duration_s:.0f} s and was killed]")
-        elif self.killed_reason:
-            notes.append(f"[megaflow: command killed: {self.killed_reason}]")
-        elif self.exit_code == 137:
-            notes.append("[megaflow: command was killed (SIGKILL): it may have exceeded the memory limit]")
-        return "\n".join([self.output.rstrip("\n"), *notes]).strip("\n")
+            return f"[megaflow: command timed out after {self.duration_s:.0f} s and was killed]"
+        if self.killed_reason:
+            return f"[megaflow: command killed: {self.killed_reason}]"
+        if self.exit_code == 137:
+            return "[megaflow: command was killed (SIGKILL): it may have exceeded the memory limit]"
+        return ""
+
+    def observation(self) -> str:
+        """The output, then the note on how the command ended (logs and error reasons; an agent renders its own
+        observation from ``output`` and ``note``)."""
+        return "\n".join([self.output.rstrip("\n"), self.note]).strip("\n")
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -175,13 +175,6 @@ class EnvironmentBackend(abc.ABC):
     @abc.abstractmethod
     def destroy(self, sandbox_id: str) -> None:
         """Remove the sandbox and everything in it; a sandbox that is already gone is not an error."""
-
-    def evaluate(self, sandbox_id: str, task) -> Evaluation:
-        """Grade the task's tree in the sandbox (see envs/task_sandbox.py); written once over exec and copy_in,
-        and open to a backend with a faster native way."""
-        from envs import task_sandbox
-
-        return task_sandbox.evaluate(self, sandbox_id, task)
 
     def is_alive(self, sandbox_id: str) -> bool:
         """Whether the sandbox still runs (the warm pool checks before lending one)."""

@@ -37,7 +37,7 @@ def check_task(backend: EnvironmentBackend, task: Task) -> GoldResult:
         sandbox_id = backend.create(task_sandbox.sandbox_spec(task))
         task_sandbox.prepare(backend, sandbox_id, task)
 
-        before = backend.evaluate(sandbox_id, task)
+        before = task_sandbox.evaluate(backend, sandbox_id, task)
         if before.error:
             result.problems.append(f"base tree: {before.error}")
         result.problems += [f"FAIL_TO_PASS {name} passes on the base tree" for name in task.fail_to_pass
@@ -50,7 +50,7 @@ def check_task(backend: EnvironmentBackend, task: Task) -> GoldResult:
         if applied.exit_code != 0:
             result.problems.append(f"reference patch does not apply: {applied.output.strip()[-300:]}")
         else:
-            after = backend.evaluate(sandbox_id, task)
+            after = task_sandbox.evaluate(backend, sandbox_id, task)
             result.problems += [f"{name} does not pass with the reference patch ({after.tests.get(name)})"
                                 for name in after.failing]  # fmt: skip
             if after.error:

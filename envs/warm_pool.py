@@ -103,6 +103,8 @@ class WarmPool:
         if not meta:
             self.backend.destroy(container_id)
             return False
+        if meta.get("state") == IDLE:
+            return True  # released twice (a cancel and the episode's own stop): lend it out once, not twice
         uses = int(meta.get("uses", 0)) + 1
         shape = meta["shape"]
         idle_key = _idle_key(self.pool, shape)

@@ -8,6 +8,9 @@ import os
 
 from celery import Celery, signals
 
+from megaflow_site import preflight, topology
+from megaflow_site.config_errors import ConfigError, exit_with
+
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "megaflow_site.settings")
 
 app = Celery("megaflow")
@@ -17,8 +20,6 @@ app.autodiscover_tasks()
 
 @app.on_after_configure.connect
 def _declare_topology(sender: Celery, **_) -> None:
-    from megaflow_site import topology
-
     sender.conf.task_queues = topology.declared_queues()
     sender.conf.task_default_queue = topology.AGENT_QUEUE
     sender.conf.task_routes = (topology.route_task,)
@@ -29,9 +30,6 @@ def _declare_topology(sender: Celery, **_) -> None:
 @signals.worker_init.connect
 def _preflight_worker(**_) -> None:
     """Refuse to start a worker against a database or broker it cannot reach: one line, no traceback."""
-    from megaflow_site import preflight
-    from megaflow_site.config_errors import ConfigError, exit_with
-
     try:
         preflight.check_database()
         preflight.check_redis()
@@ -39,5 +37,5 @@ def _preflight_worker(**_) -> None:
         exit_with(error)
 
 
-# Queue-wait and duration telemetry for every task is wired once, here, not per task.
-import megaflow_site.task_telemetry  # noqa: E402,F401
+# Every publisher stamps its messages' send time, for the queue wait each task records (megaflow_site/megaflow_task.py).
+import megaflow_site.megaflow_task  # noqa: E402,F401

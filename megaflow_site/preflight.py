@@ -1,7 +1,11 @@
 """Checks that the services MegaFlow needs are reachable, each failing with a ``ConfigError`` that says
 what is wrong and how to fix it. ``python manage.py megaflow preflight`` runs them all."""
 
+import docker
+import redis
+import requests
 from django.conf import settings
+from django.db import DatabaseError, connection
 
 from megaflow_site.config_errors import ConfigError, redact
 
@@ -12,8 +16,6 @@ def _first_line(exc: BaseException) -> str:
 
 
 def check_database() -> None:
-    from django.db import DatabaseError, connection
-
     try:
         connection.ensure_connection()
     except DatabaseError as exc:
@@ -24,8 +26,6 @@ def check_database() -> None:
 
 
 def check_redis() -> None:
-    import redis
-
     try:
         redis.Redis.from_url(settings.REDIS_URL, socket_connect_timeout=3, socket_timeout=3).ping()
     except (redis.RedisError, ValueError) as exc:
@@ -37,9 +37,6 @@ def check_redis() -> None:
 
 def docker_client():
     """A docker SDK client for ``DOCKER_HOST``; raises ``ConfigError`` when the daemon does not answer."""
-    import docker
-    import requests
-
     try:
         client = docker.DockerClient(base_url=settings.DOCKER_HOST, timeout=10)
         client.ping()
@@ -52,8 +49,6 @@ def docker_client():
 
 
 def check_docker() -> None:
-    import docker
-
     client = docker_client()
     try:
         client.images.get(settings.MEGAFLOW_BASE_IMAGE)

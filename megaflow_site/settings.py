@@ -368,8 +368,11 @@ CELERY_BEAT_SCHEDULE = {
     if size > 0
 }
 # Admission catches up every few seconds too: an episode that ended in another run frees fleet-wide room.
-CELERY_BEAT_SCHEDULE["admit-episodes"] = {"task": "agents.admit", "schedule": 5.0}
+CELERY_BEAT_SCHEDULE["admit-episodes"] = {"task": "orchestrator.admit", "schedule": 5.0}
 # ...and stalled episodes (a message lost with a killed worker) are re-driven from the database.
-CELERY_BEAT_SCHEDULE["episode-watchdog"] = {"task": "agents.watchdog", "schedule": 15.0}
+CELERY_BEAT_SCHEDULE["episode-watchdog"] = {"task": "orchestrator.watchdog", "schedule": 15.0}
 if MEGAFLOW_AUTOSCALE_INTERVAL_S > 0:
-    CELERY_BEAT_SCHEDULE["autoscale"] = {"task": "agents.autoscale", "schedule": float(MEGAFLOW_AUTOSCALE_INTERVAL_S)}
+    CELERY_BEAT_SCHEDULE["autoscale"] = {
+        "task": "orchestrator.autoscale",
+        "schedule": float(MEGAFLOW_AUTOSCALE_INTERVAL_S),
+    }

@@ -17,9 +17,11 @@ queue that no worker consumes.
 from __future__ import annotations
 
 import enum
+import os
 import sys
 from dataclasses import dataclass
 
+import django
 from django.conf import settings
 from kombu import Queue
 
@@ -121,8 +123,6 @@ class WorkerSpec:
 
 def flower_argv(celery: str, port: int) -> list[str]:
     """Flower on loopback behind basic auth (``FLOWER_BASIC_AUTH``; its HTTP API needs the same)."""
-    from django.conf import settings
-
     return [celery, "-A", "megaflow_site", "flower", "--address=127.0.0.1", f"--port={port}",
             f"--basic-auth={settings.FLOWER_BASIC_AUTH}"]  # fmt: skip
 
@@ -136,8 +136,6 @@ def all_worker_specs() -> list[WorkerSpec]:
 
 
 def main() -> None:
-    import django
-
     django.setup()
     for spec in all_worker_specs():
         print(f"# {spec.service} service, queue {spec.queue}")
@@ -146,7 +144,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    import os
-
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "megaflow_site.settings")
     main()

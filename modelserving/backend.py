@@ -91,6 +91,12 @@ class Generation:
     def as_dict(self) -> dict:
         return asdict(self)
 
+    @property
+    def infrastructure_failure(self) -> bool:
+        """A server down past its retries (worth another attempt of the episode), not a prompt too long or a
+        bad model name."""
+        return self.error.startswith("model server")
+
 
 class ModelBackend(abc.ABC):
     """Generation for one model name. Implementations must be safe to call from many threads at once."""

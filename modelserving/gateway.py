@@ -20,9 +20,9 @@ from rest_framework.authentication import TokenAuthentication
 from rest_framework.permissions import IsAuthenticated
 from rest_framework.views import APIView
 
-from modelserving import service
 from modelserving.backend import Generation, UnknownModel
 from modelserving.openai_format import completion_body, error_body, stream_events
+from modelserving.tasks import publish_generation
 from orchestrator import replies
 
 
@@ -137,7 +137,7 @@ class ChatCompletionsView(OpenAIErrorsMixin, APIView):
         }
         inbox = replies.new_inbox()
         try:
-            service.publish_generation(model, [generation_request], reply_to=inbox)
+            publish_generation(model, [generation_request], reply_to=inbox)
         except UnknownModel as error:
             return JsonResponse(
                 error_body(error.reason, "model_not_found", "model"), status=status.HTTP_400_BAD_REQUEST

@@ -9,6 +9,7 @@ import functools
 import time
 
 from modelserving.backend import Generation, GenerationRequest, ModelBackend, ModelError, register_backend
+from orchestrator.models import Task
 
 LABEL = "# replay policy: applying the task's reference solution (no model is configured)"
 DELIMITER = "MEGAFLOW_REPLAY_PATCH"
@@ -16,8 +17,6 @@ DELIMITER = "MEGAFLOW_REPLAY_PATCH"
 
 @functools.lru_cache(maxsize=4096)
 def _patch_of(task_id: int) -> str:
-    from orchestrator.models import Task
-
     try:
         return Task.objects.values_list("patch", flat=True).get(pk=task_id)
     except Task.DoesNotExist:

@@ -1,35 +1,36 @@
 """Celery tasks of the Model Service (queues ``model.<name>``): thin wrappers over modelserving/service.py.
 
 ``model=`` routes each task to its model's queue. A GPU worker runs many of these at once (threads), so that
-its inference server always has a batch to work on.
+its inference server always has a batch to work on. (The episode loop's model hop, ``modelserving.episode_turn``,
+is declared with the loop in orchestrator/tasks.py.)
 """
 
-from celery import shared_task
-
-from megaflow_site.topology import Service
+from megaflow_site.megaflow_task import megaflow_task
+from megaflow_site.topology import Service, UnknownQueue
 from modelserving import service
+from modelserving.backend import GenerationRequest, UnknownModel
 from orchestrator import replies
-from orchestrator.db import retry_on_database_errors
 from orchestrator.probe import define_probe_task
 
 probe = define_probe_task(Service.MODEL)
 
 
-@shared_task(name="modelserving.generate")
-def generate(
-    model: str, requests: list[dict], episode_id: int | None = None, reply_to: str | None = None
-) -> list[dict]:
+@megaflow_task("modelserving.generate")
+def generate(model: str, requests: list[dict], reply_to: str | None = None) -> list[dict]:
     """``reply_to``: a reply inbox (orchestrator/replies.py) the generations are pushed to, for a caller that
     waits (the gateway) without the extra hop of a link callback."""
-    generations = service.generate(model, requests, episode_id)
+    parsed = [GenerationRequest.from_dict(request) for request in requests]
+    generations = [generation.as_dict() for generation in service.generate(model, parsed)]
     if reply_to:
         replies.deliver(reply_to, generations)
     return generations
 
 
-@shared_task(name="modelserving.episode_turn")
-@retry_on_database_errors
-def episode_turn(episode_id: int, step: int, model: str, attempt: int = 1) -> None:
-    from agents import episode_loop
-
-    episode_loop.episode_turn(episode_id, step, model, attempt)
+def publish_generation(model: str, requests: list[dict], **options) -> None:
+    """Send ``requests`` to ``model.<model>`` (``options``: ``reply_to``, ``link``, ...); ``UnknownModel`` when
+    the model has no queue, since no worker could ever answer."""
+    link = options.pop("link", None)
+    try:
+        generate.apply_async(kwargs={"model": model, "requests": requests, **options}, link=link)
+    except UnknownQueue:
+        raise UnknownModel(model) from None

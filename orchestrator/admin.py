@@ -4,8 +4,7 @@ from django.contrib import admin, messages
 from django.db.models import Avg, Count, Q
 from django.http import StreamingHttpResponse
 
-from agents import episode_loop
-from orchestrator import run_charts, trajectories
+from orchestrator import run_charts, runs, trajectories
 from orchestrator.models import Dataset, Episode, Run, Step, Task
 
 
@@ -74,14 +73,14 @@ class RunAdmin(admin.ModelAdmin):
     @admin.action(description="Cancel the selected runs")
     def cancel_runs(self, request, queryset):
         cancelled = sum(
-            episode_loop.cancel_run(run.pk, f"cancelled by {request.user.get_username()} (admin)")
+            runs.cancel_run(run.pk, f"cancelled by {request.user.get_username()} (admin)")
             for run in queryset.exclude(status__in=Run.TERMINAL)
         )
         self.message_user(request, f"{cancelled} episodes cancelled", messages.SUCCESS)
 
     @admin.action(description="Retry the failed episodes of the selected runs")
     def retry_failed_episodes(self, request, queryset):
-        retried = sum(episode_loop.retry_failed(run.pk) for run in queryset.exclude(status=Run.Status.CANCELLED))
+        retried = sum(runs.retry_failed(run.pk) for run in queryset.exclude(status=Run.Status.CANCELLED))
         self.message_user(request, f"{retried} episodes queued for another attempt", messages.SUCCESS)
 
     @admin.action(description="Export the trajectories of the selected runs (JSONL)")

@@ -1,6 +1,6 @@
 """The coordinated autoscaler on the live fleet: observe, decide (orchestrator/autoscaler.py), actuate.
 
-Beat runs ``tick`` every ``MEGAFLOW_AUTOSCALE_INTERVAL_S`` (task ``agents.autoscale``). It scales the GPU pool
+Beat runs ``tick`` every ``MEGAFLOW_AUTOSCALE_INTERVAL_S`` (task ``orchestrator.autoscale``). It scales the GPU pool
 (the default model's queue) and the CPU pool (the default env pool's queue) together.
 
 Observed, per tick: from the database, steps/s, the p95 step wall time and the mean service time (model +
@@ -11,7 +11,7 @@ memory lives in Redis between ticks, so any agent worker can run the next one.
 
 Actuated, three ways, from fast to slow:
 - **Admission**: the controller's limit on live episodes goes to Redis (``ADMISSION_KEY``, expiring after a few
-  ticks so that a stopped autoscaler throttles nothing) and ``episode_loop.admit`` honours it.
+  ticks so that a stopped autoscaler throttles nothing) and ``orchestrator.runs.admit`` honours it.
 - **Celery pool grow/shrink**: each worker node of a pool is resized (``pool_grow`` / ``pool_shrink``,
   megaflow_site/worker_pool.py) so that the nodes there are carry the desired capacity, between the
   concurrency they were started with and ``MAX_SLOTS_FACTOR`` times that. Seconds, with no new process.
@@ -28,9 +28,12 @@ import time
 from dataclasses import asdict, dataclass
 from datetime import timedelta
 
+from celery import current_app
 from django.conf import settings
 from django.utils import timezone
 
+from megaflow_site.topology import Service, WorkerSpec, queue_name
+from orchestrator import transitions
 from orchestrator.autoscaler import (
     ControllerConfig,
     CoordinatedAutoscaler,
@@ -39,7 +42,9 @@ from orchestrator.autoscaler import (
     PoolConfig,
     PoolObservation,
 )
+from orchestrator.fleet import queue_depths, step_latencies
 from orchestrator.hot_state import redis_client
+from orchestrator.models import Episode, Run, Step
 
 logger = logging.getLogger("megaflow.autoscale")
 
@@ -52,8 +57,6 @@ WINDOW = timedelta(seconds=60)
 
 
 def pools() -> tuple[PoolConfig, ...]:
-    from megaflow_site.topology import Service, WorkerSpec, queue_name
-
     return tuple(
         PoolConfig(queue_name(service), min_replicas=1, max_replicas=maximum,
                    slots_per_replica=WorkerSpec.DEFAULT_CONCURRENCY[service])
@@ -84,9 +87,7 @@ class Node:
 
 def worker_nodes(timeout: float = 1.0) -> list[Node]:
     """Every worker node that answers, with the queue it consumes, its concurrency and its tasks in service."""
-    from megaflow_site.celery import app
-
-    inspect = app.control.inspect(timeout=timeout)
+    inspect = current_app.control.inspect(timeout=timeout)
     stats, active, queues = inspect.stats() or {}, inspect.active() or {}, inspect.active_queues() or {}
     nodes = []
     for name, info in stats.items():
@@ -97,10 +98,6 @@ def worker_nodes(timeout: float = 1.0) -> list[Node]:
 
 
 def observe(nodes: list[Node], now: float) -> Observation:
-    from agents.episode_loop import LIVE
-    from orchestrator.metrics import queue_depths, step_latencies
-    from orchestrator.models import Episode, Run, Step
-
     since = timezone.now() - WINDOW
     steps = Step.objects.filter(completed_at__gte=since).count()
     samples = step_latencies(since)
@@ -120,7 +117,7 @@ def observe(nodes: list[Node], now: float) -> Observation:
         now=now,
         steps_per_s=steps / WINDOW.total_seconds(),
         latency_p95_s=walls[int(0.95 * (len(walls) - 1))] if walls else None,
-        live_episodes=Episode.objects.filter(status__in=LIVE).count(),
+        live_episodes=Episode.objects.filter(status__in=transitions.LIVE).count(),
         service_s=sum(service) / len(service) if service else None,
         waiting_episodes=Episode.objects.filter(status=Episode.Status.QUEUED, run__status=Run.Status.RUNNING).count(),
         pools=pools_seen,
@@ -132,8 +129,6 @@ def resize_workers(decision: Decision, nodes: list[Node]) -> dict[str, int]:
     up: node size = base × desired / replicas, within [base, ``MAX_SLOTS_FACTOR`` × base], where base is the
     concurrency the node was started with (its operator's choice; removing capacity below it is the replica
     scaler's job). Returns node → delta."""
-    from megaflow_site.celery import app
-
     client = redis_client()
     known = client.hgetall(BASE_KEY)
     if fresh := {node.key: node.concurrency for node in nodes if node.key not in known}:
@@ -148,9 +143,9 @@ def resize_workers(decision: Decision, nodes: list[Node]) -> dict[str, int]:
             scale = min(MAX_SLOTS_FACTOR, max(1.0, decision.replicas[pool.name] / len(mine)))
             delta = math.ceil(base * scale) - node.concurrency
             if delta > 0:
-                app.control.pool_grow(delta, destination=[node.name])
+                current_app.control.pool_grow(delta, destination=[node.name])
             elif delta < 0:
-                app.control.pool_shrink(-delta, destination=[node.name])
+                current_app.control.pool_shrink(-delta, destination=[node.name])
             if delta:
                 deltas[node.name] = delta
     return deltas

@@ -18,11 +18,12 @@ from rest_framework.renderers import BaseRenderer
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from orchestrator.autoscale import last_decision
+from orchestrator.fleet import queue_depths, step_latencies
 from orchestrator.models import Episode, Step
 
 WINDOW = timedelta(minutes=5)
 RATE_WINDOW = timedelta(seconds=60)
-MAX_STEPS_SCANNED = 50_000
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 
 
@@ -32,41 +33,6 @@ def histogram(name: str, documentation: str, samples: dict[str, list[float]]) ->
         buckets = [(str(edge), sum(value <= edge for value in values)) for edge in BUCKETS]
         family.add_metric([phase], buckets + [("+Inf", len(values))], sum(values))
     return family
-
-
-def step_latencies(since) -> dict[str, list[float]]:
-    """Model time, command time, wall time since the previous step, and overhead (wall minus both) of recent
-    steps."""
-    rows = (
-        Step.objects.filter(completed_at__gte=since - timedelta(minutes=1))
-        .order_by("episode_id", "index")
-        .values_list("episode_id", "index", "completed_at", "model_latency_s", "env_latency_s")[:MAX_STEPS_SCANNED]
-    )
-    samples: dict[str, list[float]] = {"model": [], "env": [], "overhead": [], "wall": []}
-    previous = {}
-    for episode_id, index, completed_at, model_s, env_s in rows:
-        before = previous.get((episode_id, index - 1))
-        previous[(episode_id, index)] = completed_at
-        if completed_at < since:
-            continue
-        samples["model"].append(model_s or 0.0)
-        samples["env"].append(env_s or 0.0)
-        if before is not None:
-            wall = (completed_at - before).total_seconds()
-            samples["wall"].append(wall)
-            samples["overhead"].append(max(0.0, wall - (model_s or 0) - (env_s or 0)))
-    return samples
-
-
-def queue_depths() -> dict[str, int]:
-    """Messages waiting in each declared queue, read from the broker."""
-    from celery import current_app
-
-    from megaflow_site.topology import declared_queues
-
-    with current_app.connection_for_read() as connection:
-        client = connection.default_channel.client
-        return {queue.name: client.llen(queue.name) for queue in declared_queues()}
 
 
 class FleetCollector:
@@ -103,8 +69,6 @@ class FleetCollector:
 def autoscaler_metrics():
     """The coordinated autoscaler's last decision: desired replicas per pool (for KEDA or an HPA), the
     admission limit it holds, and the demand it sized them for."""
-    from orchestrator.autoscale import last_decision
-
     decision = last_decision()
     if decision is None:
         return

@@ -12,8 +12,9 @@ from __future__ import annotations
 import time
 import uuid
 
-from celery import current_app, shared_task
+from celery import current_app
 
+from megaflow_site.megaflow_task import megaflow_task
 from megaflow_site.topology import ROUTING_KWARG, Service, queue_name
 from orchestrator import replies
 
@@ -72,7 +73,7 @@ def relay(request, service: Service, probe_id: str, route: list[str], index: int
 def define_probe_task(service: Service):
     """The thin ``<package>.probe`` Celery task for ``service``; each service package defines one."""
 
-    @shared_task(name=PROBE_TASK_NAME[service], bind=True)
+    @megaflow_task(PROBE_TASK_NAME[service], bind=True)
     def probe(self, probe_id: str, route: list[str], index: int, trace: list[dict], **routing) -> None:
         relay(self.request, service, probe_id, route, index, trace)
 

@@ -1,11 +1,71 @@
-"""Celery tasks of the control plane (queue ``agent``)."""
+"""Celery tasks of the control plane and the episode loop: thin wrappers over orchestrator/runs.py and
+orchestrator/episode_loop.py.
 
-from celery import shared_task
+The control plane runs on the ``agent`` queue. The episode loop's hops run where their data is: the name's
+package prefix routes them (``envs.*`` to ``env.<pool>``, ``modelserving.*`` to ``model.<model>``), so they are
+declared here, beside the loop they drive, while the service packages stay free of the episode lifecycle.
+"""
 
-from orchestrator import replies
+from megaflow_site.megaflow_task import megaflow_task
+from orchestrator import autoscale as autoscaler
+from orchestrator import episode_loop, replies, runs
+
+# --- control plane (queue agent) ---------------------------------------------------------------------------------
 
 
-@shared_task(name="orchestrator.deliver_reply")
+@megaflow_task("orchestrator.start_run")
+def start_run(run_id: int) -> int:
+    return runs.start_run(run_id)
+
+
+@megaflow_task("orchestrator.episode_done")
+def episode_done(episode_id: int) -> None:
+    runs.episode_done(episode_id)
+
+
+@megaflow_task("orchestrator.admit")
+def admit() -> list[int]:
+    return runs.admit()
+
+
+@megaflow_task("orchestrator.watchdog")
+def watchdog() -> list[int]:
+    return runs.watchdog()
+
+
+@megaflow_task("orchestrator.autoscale")
+def autoscale() -> dict:
+    return autoscaler.tick()
+
+
+@megaflow_task("orchestrator.deliver_reply")
 def deliver_reply(result, inbox: str) -> None:
     """Link callback: push the linked task's return value into ``inbox`` (see orchestrator/replies.py)."""
     replies.deliver(inbox, result)
+
+
+# --- the episode loop (queues env.<pool> and model.<model>) ----------------------------------------------------
+
+
+@megaflow_task("envs.episode_start")
+def episode_start(episode_id: int, pool: str, attempt: int | None = None) -> None:
+    episode_loop.episode_start(episode_id, pool, attempt)
+
+
+@megaflow_task("envs.episode_step")
+def episode_step(
+    episode_id: int,
+    step: int,
+    reply: str,
+    pool: str,
+    prompt_tokens: int = 0,
+    completion_tokens: int = 0,
+    model_latency_s: float = 0.0,
+    attempt: int | None = None,
+) -> None:
+    episode_loop.episode_step(episode_id, step, reply, prompt_tokens, completion_tokens, model_latency_s, attempt)
+
+
+@megaflow_task("modelserving.episode_turn")
+def episode_turn(episode_id: int, step: int, model: str, attempt: int | None = None) -> None:
+    episode_loop.episode_turn(episode_id, step, model, attempt)

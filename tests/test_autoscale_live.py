@@ -51,7 +51,7 @@ def test_a_worker_grows_and_shrinks_through_celery_remote_control(celery_workers
 def test_a_tick_sizes_both_pools_from_the_live_fleet_and_publishes_them(celery_workers, swe_mini):
     run = Run.objects.create(dataset=swe_mini, samples_per_task=2, model_name="sim", env_pool="default")
     run.tasks.set(swe_mini.tasks.all()[:4])
-    current_app.send_task("agents.start_run", kwargs={"run_id": run.pk})
+    current_app.send_task("orchestrator.start_run", kwargs={"run_id": run.pk})
     assert finish(run).status == Run.Status.COMPLETED
 
     record = autoscale.tick()
@@ -71,7 +71,7 @@ def test_a_tick_sizes_both_pools_from_the_live_fleet_and_publishes_them(celery_w
 def test_an_slo_breach_throttles_admission_on_the_workers(celery_workers, swe_mini, settings):
     warm_up = Run.objects.create(dataset=swe_mini, model_name="sim", env_pool="default")
     warm_up.tasks.set(swe_mini.tasks.all()[:3])
-    current_app.send_task("agents.start_run", kwargs={"run_id": warm_up.pk})
+    current_app.send_task("orchestrator.start_run", kwargs={"run_id": warm_up.pk})
     assert finish(warm_up).status == Run.Status.COMPLETED
 
     settings.MEGAFLOW_LATENCY_SLO_S = 0.001  # every step of the warm-up breached it
@@ -81,7 +81,7 @@ def test_an_slo_breach_throttles_admission_on_the_workers(celery_workers, swe_mi
 
     run = Run.objects.create(dataset=swe_mini, model_name="sim", env_pool="default", max_concurrent_episodes=8)
     run.tasks.set(swe_mini.tasks.all()[:5])
-    current_app.send_task("agents.start_run", kwargs={"run_id": run.pk})
+    current_app.send_task("orchestrator.start_run", kwargs={"run_id": run.pk})
     most_live = 0
     deadline = time.monotonic() + 120
     while Run.objects.get(pk=run.pk).status not in Run.TERMINAL and time.monotonic() < deadline:

@@ -1,107 +1,119 @@
-"""The Environment Service end to end: Celery tasks on real env workers, real containers, Episode rows."""
+"""The Environment Service on real containers: its typed operations (envs/service.py), the episode loop's
+start on top of them, and its Celery task on a real env worker."""
 
 import base64
 
 import docker
 import pytest
 
-from envs import tasks as env_tasks
-from orchestrator import replies
+from envs import service
+from envs.backend import SandboxError
+from envs.tasks import stop_sandbox
+from orchestrator import episode_loop, replies
 from orchestrator.models import Episode, Run, Task
 from orchestrator.tasks import deliver_reply
 
 pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
 
 
-def call(task, wait_s: float = 90, **kwargs) -> dict:
-    """Send ``task`` to its queue and wait for its return value through a reply inbox."""
-    inbox = replies.new_inbox()
-    task.apply_async(kwargs=kwargs, link=deliver_reply.s(inbox=inbox))
-    reply = replies.wait_for_reply(inbox, wait_s)
-    assert reply is not None, f"{task.name} sent no reply in {wait_s} s"
-    return reply
-
-
-def episodes_for(task: Task, count: int, pool: str) -> list[Episode]:
-    run = Run.objects.create(model_name="replay", env_pool=pool, samples_per_task=count)
+def episodes_for(task: Task, count: int, pool: str, status=Episode.Status.QUEUED) -> list[Episode]:
+    run = Run.objects.create(model_name="replay", env_pool=pool, samples_per_task=count, status=Run.Status.RUNNING)
     run.tasks.add(task)
-    return [Episode.objects.create(run=run, task=task, sample_index=index) for index in range(count)]
+    return [Episode.objects.create(run=run, task=task, sample_index=index, status=status) for index in range(count)]
 
 
-def containers_of(episode: Episode) -> list:
-    return docker.from_env().containers.list(all=True, filters={"label": f"megaflow.episode={episode.pk}"})
+def containers_labelled(episode_id: int) -> list:
+    return docker.from_env().containers.list(all=True, filters={"label": f"megaflow.episode={episode_id}"})
 
 
-def test_an_episode_is_started_driven_and_graded_by_the_env_workers(celery_workers, swe_mini):
+@pytest.fixture
+def sent(monkeypatch) -> list[tuple[str, dict]]:
+    messages = []
+    monkeypatch.setattr(episode_loop, "send", lambda name, **kwargs: messages.append((name, kwargs)))
+    return messages
+
+
+def test_a_sandbox_is_prepared_driven_graded_and_released(swe_mini):
     task = swe_mini.tasks.get(instance_id="ledger-3")  # the multi-file fix
-    solved, unsolved = episodes_for(task, 2, pool="heavy")
-
+    [solved, unsolved] = episodes_for(task, 2, pool="heavy")
+    sandboxes = {}
     for episode in (solved, unsolved):
-        started = call(env_tasks.start_sandbox, episode_id=episode.pk, pool="heavy")
-        assert started["ok"], started
-        episode.refresh_from_db()
-        assert episode.status == Episode.Status.RUNNING and episode.container_id == started["container_id"]
-        assert [c.id for c in containers_of(episode)] == [episode.container_id]
-
-    # A redelivered start finds the live sandbox instead of making a second one.
-    again = call(env_tasks.start_sandbox, episode_id=solved.pk, pool="heavy")
-    assert again["reused"] and again["container_id"] == solved.container_id and len(containers_of(solved)) == 1
+        sandbox = service.create_sandbox(task, episode.pk, episode.run_id, "heavy")
+        service.prepare_sandbox(sandbox.container_id, task)
+        assert [c.id for c in containers_labelled(episode.pk)] == [sandbox.container_id]
+        sandboxes[episode.pk] = sandbox.container_id
 
     encoded = base64.b64encode(task.patch.encode()).decode()
-    edit = call(env_tasks.exec_command, episode_id=solved.pk, pool="heavy",
-                command=f"echo {encoded} | base64 -d | git apply && git status --short")  # fmt: skip
-    assert edit["exit_code"] == 0 and sorted(edit["observation"].split()) == [
-        "M",
-        "M",
-        "ledger/account.py",
-        "ledger/money.py",
-    ]
+    edit = service.run_command(sandboxes[solved.pk], f"echo {encoded} | base64 -d | git apply && git status --short",
+                               60, task.workdir)  # fmt: skip
+    assert edit.exit_code == 0 and sorted(edit.output.split()) == ["M", "M", "ledger/account.py", "ledger/money.py"]
 
-    graded = call(env_tasks.evaluate, episode_id=solved.pk, pool="heavy")
-    assert graded["reward"] == 1.0 and graded["failing"] == []
-    failed = call(env_tasks.evaluate, episode_id=unsolved.pk, pool="heavy")
-    assert failed["reward"] == 0.0 and failed["failing"] == task.fail_to_pass
+    graded = service.evaluate(sandboxes[solved.pk], task)
+    assert graded.reward == 1.0 and graded.failing == []
+    failed = service.evaluate(sandboxes[unsolved.pk], task)
+    assert failed.reward == 0.0 and failed.failing == task.fail_to_pass
 
-    for episode, reward in ((solved, 1.0), (unsolved, 0.0)):
-        episode.refresh_from_db()
-        assert (episode.status, episode.reward) == (Episode.Status.SUCCEEDED, reward)
-        assert episode.finished_at is not None
-        assert containers_of(episode) == [], "an ephemeral sandbox is destroyed when its episode ends"
+    for episode in (solved, unsolved):
+        service.release(sandboxes[episode.pk], "heavy")
+        assert containers_labelled(episode.pk) == [], "an ephemeral sandbox is destroyed when released"
 
 
-def test_a_missing_image_fails_the_episode_with_the_image_name(celery_workers, swe_mini):
+def test_the_loop_starts_an_episode_once_however_often_its_start_is_delivered(swe_mini, sent):
+    [episode] = episodes_for(swe_mini.tasks.get(instance_id="kvconf-1"), 1, pool="default",
+                             status=Episode.Status.STARTING)  # fmt: skip
+    episode_loop.episode_start(episode.pk, "default", attempt=1)
+    episode.refresh_from_db()
+    assert episode.status == Episode.Status.RUNNING
+    assert [c.id for c in containers_labelled(episode.pk)] == [episode.container_id]
+    # A redelivered start finds the live sandbox instead of making a second one, and publishes the first turn.
+    episode_loop.episode_start(episode.pk, "default", attempt=1)
+    assert [c.id for c in containers_labelled(episode.pk)] == [episode.container_id]
+    assert [name for name, _ in sent] == ["modelserving.episode_turn"] * 2
+    service.release(episode.container_id, "default")
+
+
+def test_a_missing_image_fails_the_episode_with_the_image_name(swe_mini, sent):
     ghost = Task.objects.create(
         dataset=swe_mini, instance_id="ghost-1", problem_statement="p", image="megaflow/ghost:never-built",
         test_command="true", fail_to_pass=["t"], spec_sha256="0" * 64,
     )  # fmt: skip
-    [episode] = episodes_for(ghost, 1, pool="default")
-    reply = call(env_tasks.start_sandbox, episode_id=episode.pk, pool="default")
-    assert reply == {
-        "ok": False,
-        "episode_id": episode.pk,
-        "error": "image not found: megaflow/ghost:never-built",
-        "outcome": "failed",  # a missing image is permanent: not retried
-    }
+    [episode] = episodes_for(ghost, 1, pool="default", status=Episode.Status.STARTING)
+    with pytest.raises(SandboxError, match="image not found: megaflow/ghost:never-built") as raised:
+        service.create_sandbox(ghost, episode.pk, episode.run_id, "default")
+    assert not raised.value.retryable, "a missing image is permanent"
+
+    episode_loop.episode_start(episode.pk, "default", attempt=1)
     episode.refresh_from_db()
-    assert episode.status == Episode.Status.FAILED
+    assert (episode.status, episode.attempt) == (Episode.Status.FAILED, 1), "not retried"
     assert episode.failure_reason == "image not found: megaflow/ghost:never-built"
+    assert [name for name, _ in sent] == ["orchestrator.episode_done"]
 
 
-def test_a_hanging_command_comes_back_as_an_observation(celery_workers, swe_mini):
-    [episode] = episodes_for(swe_mini.tasks.get(instance_id="textkit-1"), 1, pool="default")
-    assert call(env_tasks.start_sandbox, episode_id=episode.pk, pool="default")["ok"]
-    reply = call(env_tasks.exec_command, episode_id=episode.pk, pool="default", command="sleep 60", timeout_s=1)
-    assert reply["ok"] and reply["timed_out"]
-    assert reply["observation"] == "[megaflow: command timed out after 1 s and was killed]"
-    stopped = call(env_tasks.stop_sandbox, episode_id=episode.pk, pool="default")
-    assert stopped["ok"] and containers_of(episode) == []
+def test_a_hanging_command_comes_back_with_a_note_on_how_it_ended(swe_mini):
+    task = swe_mini.tasks.get(instance_id="textkit-1")
+    [episode] = episodes_for(task, 1, pool="default")
+    sandbox = service.create_sandbox(task, episode.pk, episode.run_id, "default")
+    result = service.run_command(sandbox.container_id, "sleep 60", 1, task.workdir)
+    assert result.timed_out and result.note == "[megaflow: command timed out after 1 s and was killed]"
+    service.release(sandbox.container_id, "default")
 
 
-def test_commands_for_a_finished_episode_are_refused(celery_workers, swe_mini):
-    [episode] = episodes_for(swe_mini.tasks.get(instance_id="textkit-2"), 1, pool="default")
-    Episode.objects.filter(pk=episode.pk).update(status=Episode.Status.CANCELLED)
-    assert (
-        call(env_tasks.start_sandbox, episode_id=episode.pk, pool="default")["error"] == "episode is already cancelled"
-    )
-    reply = call(env_tasks.exec_command, episode_id=episode.pk, pool="default", command="ls")
-    assert reply["ok"] is False and containers_of(episode) == []
+def test_a_finished_episode_gets_no_sandbox(swe_mini, sent):
+    [episode] = episodes_for(swe_mini.tasks.get(instance_id="textkit-2"), 1, pool="default",
+                             status=Episode.Status.CANCELLED)  # fmt: skip
+    episode_loop.episode_start(episode.pk, "default", attempt=1)
+    episode_loop.episode_step(episode.pk, 0, "```bash\nls\n```", attempt=1)
+    assert containers_labelled(episode.pk) == [] and sent == []
+    assert not episode.steps.exists()
+
+
+def test_an_env_worker_releases_a_sandbox_on_request(celery_workers, swe_mini):
+    task = swe_mini.tasks.get(instance_id="textkit-3")
+    [episode] = episodes_for(task, 1, pool="default")
+    sandbox = service.create_sandbox(task, episode.pk, episode.run_id, "default")
+    inbox = replies.new_inbox()
+    stop_sandbox.apply_async(kwargs={"pool": "default", "container_id": sandbox.container_id,
+                                     "episode_id": episode.pk}, link=deliver_reply.s(inbox=inbox))  # fmt: skip
+    reply = replies.wait_for_reply(inbox, 60)
+    assert reply == {"episode_id": episode.pk, "container_id": sandbox.container_id}
+    assert containers_labelled(episode.pk) == []

@@ -6,8 +6,8 @@ import docker
 import pytest
 from celery import current_app
 
-from agents import episode_loop
 from modelserving.tiny_model import TINY_AGENT_CONFIG
+from orchestrator import runs, transitions
 from orchestrator.models import Episode, Run
 
 pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
@@ -20,7 +20,7 @@ def make_run(dataset, instance_ids, **fields) -> Run:
 
 
 def start_and_wait(run: Run, timeout_s: float = 240, watch=None) -> Run:
-    current_app.send_task("agents.start_run", kwargs={"run_id": run.pk})
+    current_app.send_task("orchestrator.start_run", kwargs={"run_id": run.pk})
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if watch:
@@ -72,11 +72,11 @@ def test_malformed_replies_become_feedback_and_cancelling_frees_the_sandboxes(
     celery_workers, tiny_model_server, swe_mini
 ):
     run = make_run(swe_mini, ["ledger-1", "ledger-2"], model_name="tiny", max_steps=200, agent_config=TINY_AGENT_CONFIG)
-    current_app.send_task("agents.start_run", kwargs={"run_id": run.pk})
+    current_app.send_task("orchestrator.start_run", kwargs={"run_id": run.pk})
     deadline = time.monotonic() + 120
     while Episode.objects.filter(run=run, step_count__gte=3).count() < 2 and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert episode_loop.cancel_run(run.pk, "cancelled by the test") == 2
+    assert runs.cancel_run(run.pk, "cancelled by the test") == 2
     time.sleep(3)  # in-flight transitions reach the cancellation
     run.refresh_from_db()
     assert run.status == Run.Status.CANCELLED
@@ -94,7 +94,7 @@ def test_admission_keeps_a_run_within_its_limit(celery_workers, swe_mini):
     most_live = []
 
     def watch(run):
-        most_live.append(run.episodes.filter(status__in=episode_loop.LIVE).count())
+        most_live.append(run.episodes.filter(status__in=transitions.LIVE).count())
 
     ids = ["calendarx-2", "calendarx-3", "kvconf-2", "kvconf-3"]
     run = start_and_wait(make_run(swe_mini, ids, max_concurrent_episodes=1), watch=watch)

@@ -2,10 +2,14 @@
 a step twice or skips one."""
 
 import time
+from datetime import timedelta
 
+import docker
 import pytest
 from celery import current_app
+from django.utils import timezone
 
+from orchestrator import episode_loop, runs, transitions
 from orchestrator.models import Episode, Run, Step
 
 pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
@@ -15,7 +19,7 @@ def test_a_run_survives_kill_9_of_a_worker_of_each_service(celery_workers, swe_m
     run = Run.objects.create(dataset=swe_mini, samples_per_task=2, model_name="sim", env_pool="default",
                              max_steps=10, max_concurrent_episodes=8)  # fmt: skip
     run.tasks.set(swe_mini.tasks.all()[:10])
-    current_app.send_task("agents.start_run", kwargs={"run_id": run.pk})
+    current_app.send_task("orchestrator.start_run", kwargs={"run_id": run.pk})
 
     killed = []
     for queue in ("env.default", "model.sim", "agent"):
@@ -58,23 +62,19 @@ def test_a_run_survives_kill_9_of_a_worker_of_each_service(celery_workers, swe_m
     assert sum(episode.status == Episode.Status.SUCCEEDED for episode in episodes) >= 18
 
 
-def test_the_watchdog_re_drives_an_episode_whose_message_was_lost(celery_workers, swe_mini):
-    from datetime import timedelta
-
-    from django.utils import timezone
-
-    from agents import episode_loop
-    from envs import service as env_service
-
+def test_the_watchdog_re_drives_an_episode_whose_message_was_lost(celery_workers, swe_mini, monkeypatch):
     run = Run.objects.create(dataset=swe_mini, model_name="sim", env_pool="default", status=Run.Status.RUNNING)
     run.tasks.set(swe_mini.tasks.filter(instance_id="kvconf-2"))
-    episode = Episode.objects.create(run=run, task=run.tasks.get(), sample_index=0)
-    assert env_service.start_sandbox(episode.pk, "default")["ok"]  # sandbox up; the first turn's message "lost"
-    long_ago = timezone.now() - timedelta(seconds=episode_loop.stalled_after_s() + 1)
+    episode = Episode.objects.create(run=run, task=run.tasks.get(), sample_index=0, status=Episode.Status.STARTING)
+    with monkeypatch.context() as lost:
+        lost.setattr(episode_loop, "send", lambda name, **kwargs: None)  # the first turn's message is lost
+        episode_loop.episode_start(episode.pk, "default", attempt=1)
+    assert Episode.objects.get(pk=episode.pk).status == Episode.Status.RUNNING
+    long_ago = timezone.now() - timedelta(seconds=runs.stalled_after_s() + 1)
     Episode.objects.filter(pk=episode.pk).update(updated_at=long_ago)
 
-    assert episode_loop.watchdog() == [episode.pk]
-    assert episode_loop.watchdog() == [], "a re-driven episode is not re-driven again at once"
+    assert runs.watchdog() == [episode.pk]
+    assert runs.watchdog() == [], "a re-driven episode is not re-driven again at once"
     deadline = time.monotonic() + 60
     while not Episode.objects.get(pk=episode.pk).is_terminal and time.monotonic() < deadline:
         time.sleep(0.2)
@@ -83,32 +83,39 @@ def test_the_watchdog_re_drives_an_episode_whose_message_was_lost(celery_workers
     assert list(episode.steps.order_by("index").values_list("index", flat=True)) == [0, 1, 2]
 
 
-def test_a_vanished_container_is_retried_and_a_permanent_failure_is_not(celery_workers, swe_mini):
-    import docker as docker_sdk
-
-    from envs import service as env_service
-
-    run = Run.objects.create(dataset=swe_mini, model_name="sim", env_pool="default", max_attempts=2)
+def test_a_vanished_container_is_retried_and_a_permanent_failure_is_not(swe_mini, monkeypatch):
+    sent = []
+    monkeypatch.setattr(episode_loop, "send", lambda name, **kwargs: sent.append(name))
+    run = Run.objects.create(dataset=swe_mini, model_name="sim", env_pool="default", max_attempts=2,
+                             status=Run.Status.RUNNING)  # fmt: skip
     task = swe_mini.tasks.get(instance_id="textkit-2")
-    episode = Episode.objects.create(run=run, task=task, sample_index=0)
-    first = env_service.start_sandbox(episode.pk, "default")["container_id"]
-    docker_sdk.from_env().containers.get(first).kill()  # the sandbox dies under the episode
+    episode = Episode.objects.create(run=run, task=task, sample_index=0, status=Episode.Status.STARTING)
+    client = docker.from_env()
 
-    reply = env_service.exec_command(episode.pk, "ls", "default")
-    assert reply["outcome"] == "retrying"
+    def start_then_kill(attempt: int) -> str:
+        episode_loop.episode_start(episode.pk, "default", attempt=attempt)
+        container_id = Episode.objects.get(pk=episode.pk).container_id
+        client.containers.get(container_id).kill()  # the sandbox dies under the episode
+        episode_loop.episode_step(episode.pk, 0, "```bash\nls\n```", attempt=attempt)
+        return container_id
+
+    first = start_then_kill(attempt=1)
     episode.refresh_from_db()
     assert (episode.status, episode.attempt, episode.container_id) == (Episode.Status.QUEUED, 2, "")
     assert episode.failure_reason == "attempt 1 failed: the sandbox container stopped"
 
-    second = env_service.start_sandbox(episode.pk, "default")["container_id"]
+    assert transitions.admit(episode.pk, 2)
+    second = start_then_kill(attempt=2)
     assert second != first
-    docker_sdk.from_env().containers.get(second).kill()
-    assert env_service.exec_command(episode.pk, "ls", "default")["outcome"] == "failed", "max_attempts is 2"
     episode.refresh_from_db()
-    assert episode.status == Episode.Status.FAILED
+    assert episode.status == Episode.Status.FAILED, "max_attempts is 2"
     assert episode.failure_reason == "attempt 2: the sandbox container stopped"
+    assert sent.count("orchestrator.episode_done") == 2
 
-    ghost = Episode.objects.create(run=run, task=task, sample_index=1)
+    ghost = Episode.objects.create(run=run, task=task, sample_index=1, status=Episode.Status.STARTING)
     task.image = "megaflow/ghost:never"
     task.save()
-    assert env_service.start_sandbox(ghost.pk, "default")["outcome"] == "failed", "a missing image is not retried"
+    episode_loop.cached_task.cache_clear()
+    episode_loop.episode_start(ghost.pk, "default", attempt=1)
+    ghost.refresh_from_db()
+    assert (ghost.status, ghost.attempt) == (Episode.Status.FAILED, 1), "a missing image is not retried"

@@ -167,7 +167,7 @@ def test_hostile_tasks_are_contained_and_their_neighbours_succeed(celery_workers
     run = Run.objects.create(dataset=dataset, model_name="replay", env_pool="default", max_steps=4,
                              max_concurrent_episodes=len(ATTACKS) + len(ORDINARY))  # fmt: skip
     run.tasks.set(dataset.tasks.all())
-    current_app.send_task("agents.start_run", kwargs={"run_id": run.pk})
+    current_app.send_task("orchestrator.start_run", kwargs={"run_id": run.pk})
 
     deadline = time.monotonic() + 240
     while Run.objects.get(pk=run.pk).status not in Run.TERMINAL and time.monotonic() < deadline:

@@ -10,6 +10,8 @@ import pytest
 from envs import task_sandbox
 from modelserving.backend import GenerationRequest, SamplingParams, UnknownModel, get_backend, model_config
 from modelserving.supervisor import read_metrics
+from modelserving.tasks import publish_generation
+from orchestrator import episode_loop
 from orchestrator.models import Episode, Run
 
 BASH_BLOCK = re.compile(r"```bash\n(.*?)\n```", re.DOTALL)
@@ -65,17 +67,25 @@ def test_replay_without_a_task_is_an_error_not_a_crash():
     assert reply.finish_reason == "error" and "names no task" in reply.error
 
 
-@pytest.mark.django_db
-def test_a_model_failure_is_recorded_on_the_episode(swe_mini):
-    from modelserving import service
+def test_a_model_without_a_queue_is_refused_at_publish():
+    with pytest.raises(UnknownModel, match="unknown model 'gpt-nope'"):
+        publish_generation("gpt-nope", [ask("hi").as_dict()])
 
-    run = Run.objects.create(model_name="gpt-nope")
-    episode = Episode.objects.create(run=run, task=swe_mini.tasks.first(), sample_index=0)
-    with pytest.raises(UnknownModel):
-        service.publish_generation("gpt-nope", [ask("hi").as_dict()], episode_id=episode.pk)
+
+@pytest.mark.django_db
+def test_a_model_failure_is_recorded_on_the_episode(swe_mini, monkeypatch):
+    """A run whose model is no longer served: the turn fails the episode with the reason, not retried, and its
+    sandbox is released."""
+    run = Run.objects.create(model_name="gpt-nope", status=Run.Status.RUNNING)
+    episode = Episode.objects.create(run=run, task=swe_mini.tasks.first(), sample_index=0,
+                                     status=Episode.Status.RUNNING, container_id="c-1")  # fmt: skip
+    sent = []
+    monkeypatch.setattr(episode_loop, "send", lambda name, **kwargs: sent.append((name, kwargs)))
+    episode_loop.episode_turn(episode.pk, 0, "gpt-nope", attempt=1)
     episode.refresh_from_db()
     assert episode.status == Episode.Status.FAILED
     assert episode.failure_reason.startswith("model gpt-nope: unknown model 'gpt-nope'")
+    assert [name for name, _ in sent] == ["envs.stop_sandbox", "orchestrator.episode_done"]
 
 
 @pytest.mark.integration

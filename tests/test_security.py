@@ -78,7 +78,7 @@ def test_celery_speaks_json_only():
 @pytest.mark.django_db(transaction=True)
 def test_a_pickled_message_is_refused_by_the_workers(celery_workers):
     worker = celery_workers.by_queue["agent"]
-    app.send_task("agents.admit", serializer="pickle", queue="agent")
+    app.send_task("orchestrator.admit", serializer="pickle", queue="agent")
     deadline = time.monotonic() + 15
     while "untrusted content of type pickle" not in worker.log.read_text():
         assert time.monotonic() < deadline, "the agent worker did not refuse the pickled message"

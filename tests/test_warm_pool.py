@@ -107,10 +107,13 @@ def test_an_episode_in_a_warm_pool_borrows_and_returns_a_container(pool, swe_min
     run = Run.objects.create(model_name="replay", env_pool=POOL)
     episode = Episode.objects.create(run=run, task=task, sample_index=0)
 
-    started = service.start_sandbox(episode.pk, POOL)
-    assert started["ok"] and started["warm"] and started["container_id"] not in pool.idle_ids()
-    graded = service.evaluate_episode(episode.pk, POOL)
-    assert graded["reward"] == 0.0  # nobody fixed the bug
-    assert started["container_id"] in pool.idle_ids(), "the container went back to the pool"
-    listing = pool.backend.exec(started["container_id"], "ls -A /testbed", 10)
+    sandbox = service.create_sandbox(task, episode.pk, run.pk, POOL)
+    assert sandbox.warm and sandbox.container_id not in pool.idle_ids()
+    service.prepare_sandbox(sandbox.container_id, task)
+    assert service.evaluate(sandbox.container_id, task).reward == 0.0  # nobody fixed the bug
+    service.release(sandbox.container_id, POOL)
+    assert sandbox.container_id in pool.idle_ids(), "the container went back to the pool"
+    service.release(sandbox.container_id, POOL)
+    assert pool.idle_ids().count(sandbox.container_id) == 1, "released twice, it is lent out once"
+    listing = pool.backend.exec(sandbox.container_id, "ls -A /testbed", 10)
     assert listing.output == "", "and came back empty"

@@ -6,19 +6,17 @@ episodes and trajectories belong to whoever created the run.
 
 from __future__ import annotations
 
-from celery import current_app
-from django.db import transaction
 from django.http import StreamingHttpResponse
 from django_filters import rest_framework as filters
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import mixins, status, viewsets
 from rest_framework.decorators import action
+from rest_framework.exceptions import ValidationError
 from rest_framework.parsers import FormParser, JSONParser, MultiPartParser
 from rest_framework.response import Response
 
-from agents import episode_loop
-from orchestrator import trajectories
+from orchestrator import runs, trajectories
 from orchestrator.api import serializers
 from orchestrator.api.conventions import Conflict, UtcIsoDateTimeFilter, reject_oversize
 from orchestrator.models import Dataset, Episode, Run, Step, Task
@@ -120,10 +118,10 @@ class RunViewSet(OwnedQuerysetMixin, mixins.CreateModelMixin, viewsets.ReadOnlyM
         key = request.headers.get("Idempotency-Key", "")[:200]
         if key and (existing := Run.objects.filter(owner=request.user, idempotency_key=key).first()):
             return Response(self.get_serializer(existing).data, status=status.HTTP_200_OK)
-        serializer = self.get_serializer(data=request.data)
-        serializer.is_valid(raise_exception=True)
-        run = serializer.save(idempotency_key=key)
-        transaction.on_commit(lambda: current_app.send_task("agents.start_run", kwargs={"run_id": run.pk}))
+        try:
+            run = runs.create_run(request.data, owner=request.user, idempotency_key=key)
+        except runs.RunRejected as rejected:
+            raise ValidationError(rejected.errors) from None
         return Response(self.get_serializer(run).data, status=status.HTTP_201_CREATED)
 
     @extend_schema(request=None, responses={200: serializers.RunSerializer, 409: OpenApiResponse(description="over")})
@@ -133,7 +131,7 @@ class RunViewSet(OwnedQuerysetMixin, mixins.CreateModelMixin, viewsets.ReadOnlyM
         run = self.get_object()
         if run.status in Run.TERMINAL:
             raise Conflict(f"run {run.pk} is already {run.status}")
-        episode_loop.cancel_run(run.pk, reason=f"cancelled by {request.user.get_username()}")
+        runs.cancel_run(run.pk, reason=f"cancelled by {request.user.get_username()}")
         run.refresh_from_db()
         return Response(self.get_serializer(run).data)
 
@@ -146,7 +144,7 @@ class RunViewSet(OwnedQuerysetMixin, mixins.CreateModelMixin, viewsets.ReadOnlyM
         run = self.get_object()
         if run.status == Run.Status.CANCELLED:
             raise Conflict(f"run {run.pk} was cancelled")
-        retried = episode_loop.retry_failed(run.pk)
+        retried = runs.retry_failed(run.pk)
         run.refresh_from_db()
         return Response({**self.get_serializer(run).data, "retried": retried})
 

@@ -17,7 +17,6 @@ import statistics
 import time
 from pathlib import Path
 
-from celery import current_app
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 from tqdm import tqdm
@@ -27,9 +26,9 @@ from envs.backend import get_backend
 from envs.suite_builder import SUITES_DIR, SuiteError, build_suite
 from megaflow_site import preflight
 from megaflow_site.topology import AGENT_QUEUE, Service, UnknownQueue, default_key, queue_name
-from orchestrator import probe, trajectories
-from orchestrator.api.serializers import RunSerializer, run_progress
-from orchestrator.metrics import queue_depths
+from orchestrator import probe, runs, trajectories
+from orchestrator.api.serializers import run_progress
+from orchestrator.fleet import queue_depths
 from orchestrator.models import Dataset, Episode, Run
 from orchestrator.task_format import TaskFormatError, load_dataset
 
@@ -243,13 +242,11 @@ class Command(BaseCommand):
             "agent_name": agent, "max_steps": max_steps, "max_concurrent_episodes": concurrency,
             "max_attempts": max_attempts, **({"instance_ids": tasks} if tasks else {}),
         }  # fmt: skip
-        form = RunSerializer(data=fields, context={"owner": None})
-        if not form.is_valid():
-            field, reasons = next(iter(form.errors.items()))
-            raise CommandError(f"{field}: {reasons[0]}")
-        run = form.save()
+        try:
+            run = runs.create_run(fields)
+        except runs.RunRejected as rejected:
+            raise CommandError(str(rejected)) from None
         total = run.tasks.count() * run.samples_per_task
-        current_app.send_task("agents.start_run", kwargs={"run_id": run.pk})
         self.stdout.write(
             f"run {run.pk}: {total} episodes ({run.tasks.count()} tasks x {samples}) of {run.agent_name} on "
             f"model.{run.model_name} and env.{run.env_pool}"
@@ -298,25 +295,18 @@ class Command(BaseCommand):
         self.print_probe_table(route, self.run_probes(route, 20, 15.0))
 
         dataset = self.dataset_named("swe_mini")
-        chosen = list(dataset.tasks.order_by("instance_id"))[:tasks]
+        chosen = list(dataset.tasks.order_by("instance_id").values_list("instance_id", flat=True))[:tasks]
         model = settings.MEGAFLOW_MODELS[0]
         policy = "replay (the tasks' reference solutions: no model is configured)" if model == "replay" else model
-        run = Run.objects.create(
-            name="demo",
-            dataset=dataset,
-            samples_per_task=2,
-            model_name=model,
-            env_pool=default_key(Service.ENV),
-            max_steps=30,
-            max_concurrent_episodes=16,
-        )
-        run.tasks.set(chosen)
+        run = runs.create_run({
+            "name": "demo", "dataset": dataset.name, "instance_ids": chosen, "samples_per_task": 2,
+            "model_name": model, "env_pool": default_key(Service.ENV), "max_steps": 30, "max_concurrent_episodes": 16,
+        })  # fmt: skip
         total = len(chosen) * run.samples_per_task
         self.stdout.write(
             f"\n2. Run {run.pk}: {len(chosen)} swe_mini tasks x {run.samples_per_task} samples through all three "
             f"services (agent -> model.{model} -> env.{run.env_pool}), policy: {policy}"
         )
-        current_app.send_task("agents.start_run", kwargs={"run_id": run.pk})
         self.watch_run(run, total)
         episodes = list(run.episodes.select_related("task").order_by("task__instance_id", "sample_index"))
         self.stdout.write(f"\n{'task':<14} {'sample':>6} {'reward':>7} {'steps':>5} {'seconds':>8}  status")

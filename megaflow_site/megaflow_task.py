@@ -1,0 +1,104 @@
+"""How every MegaFlow Celery task is declared: ``@megaflow_task("<package>.<name>")``, and nothing else.
+
+The one decorator (as Sentry wraps every task once) gives each task:
+
+- its **name and queue**: the name's package prefix (``envs.``, ``modelserving.``, ``agents.``,
+  ``orchestrator.``) picks the service, and the router (megaflow_site/topology.py) its queue, from the
+  message's ``pool=`` / ``model=``; a name no service owns is refused when the module loads;
+- **retries on database connection errors**, in place, the message still unacknowledged: a task that cannot
+  reach the database (a pool exhausted by a burst, a server restarting) tries again instead of failing and
+  leaving its episode to the watchdog. Tasks are idempotent, so running one again is always safe;
+- **telemetry**: queue wait (from the send time the publisher stamps on every message) and run time, in
+  Prometheus histograms labelled by task and queue. The queue wait is also left on
+  ``task.request.megaflow_queue_wait_s`` for task code (the probe relay reports it per hop).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import tenacity
+from celery import shared_task, signals
+from django.db import InterfaceError, OperationalError, connection
+from prometheus_client import Histogram
+
+from megaflow_site.topology import service_of_task
+
+logger = logging.getLogger("megaflow.tasks")
+
+SENT_AT_HEADER = "megaflow_sent_at"
+
+# Milliseconds to minutes: a hop is ~1 ms when the fleet is idle, queue waits grow to minutes under load.
+_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900)
+
+QUEUE_WAIT = Histogram(
+    "megaflow_task_queue_wait_seconds", "Time from publish to start of a task.", ["task", "queue"], buckets=_BUCKETS
+)
+RUN_TIME = Histogram("megaflow_task_run_seconds", "Time a task body ran.", ["task", "queue", "state"], buckets=_BUCKETS)
+
+
+def _before_retry(state: tenacity.RetryCallState) -> None:
+    logger.warning("database unavailable (%s); retrying %s", state.outcome.exception(), state.fn.__name__)
+    connection.close_if_unusable_or_obsolete()
+
+
+retry_on_database_errors = tenacity.retry(
+    retry=tenacity.retry_if_exception_type((OperationalError, InterfaceError)),
+    wait=tenacity.wait_exponential_jitter(multiplier=0.5, max=15),
+    stop=tenacity.stop_after_delay(120),
+    before_sleep=_before_retry,
+    reraise=True,
+)
+
+
+@signals.before_task_publish.connect
+def _stamp_send_time(headers=None, **_) -> None:
+    if headers is not None:
+        headers.setdefault(SENT_AT_HEADER, time.time())
+
+
+def _queue_of(task) -> str:
+    return (task.request.delivery_info or {}).get("routing_key") or "unknown"
+
+
+def _record_queue_wait(task) -> None:
+    request = task.request
+    sent_at = request.get(SENT_AT_HEADER) or (request.headers or {}).get(SENT_AT_HEADER)
+    request.megaflow_queue_wait_s = max(0.0, time.time() - float(sent_at)) if sent_at else None
+    if request.megaflow_queue_wait_s is not None:
+        QUEUE_WAIT.labels(task.name, _queue_of(task)).observe(request.megaflow_queue_wait_s)
+
+
+def _record_run_time(task, started: float, state: str) -> None:
+    run_s = time.perf_counter() - started
+    RUN_TIME.labels(task.name, _queue_of(task), state).observe(run_s)
+    logger.debug(
+        "task %s[%s] on %s: waited %s s, ran %.4f s, %s",
+        task.name, task.request.id, _queue_of(task), task.request.megaflow_queue_wait_s, run_s, state,
+    )  # fmt: skip
+
+
+def megaflow_task(name: str, *, bind: bool = False, **options):
+    """Declare ``fn`` as the Celery task ``name`` (see the module docstring). ``bind``: ``fn`` gets the Celery
+    task as its first argument. Other ``options`` go to Celery's ``shared_task``."""
+    if service_of_task(name) is None:
+        raise ValueError(f"task {name!r}: its name must start with the package of a service (envs., ...)")
+
+    def decorate(fn):
+        body = retry_on_database_errors(fn)
+
+        def run(self, *args, **kwargs):
+            _record_queue_wait(self)
+            started, state = time.perf_counter(), "FAILURE"
+            try:
+                result = body(self, *args, **kwargs) if bind else body(*args, **kwargs)
+                state = "SUCCESS"
+                return result
+            finally:
+                _record_run_time(self, started, state)
+
+        run.__name__, run.__qualname__, run.__doc__ = fn.__name__, fn.__qualname__, fn.__doc__
+        return shared_task(name=name, bind=True, typing=False, **options)(run)
+
+    return decorate

@@ -1,0 +1,366 @@
+"""The episode loop: plain functions, one per hop of an episode, each called by a thin Celery task on the queue
+of the service that holds what it needs (orchestrator/tasks.py). Nothing waits on anything: a hop's last act is
+to publish the next one.
+
+    envs.episode_start          env     sandbox up → publish the first model turn
+    modelserving.episode_turn   model   prompt (the agent, from the Step rows) → generate → publish the env step
+    envs.episode_step           env     parse the reply (the agent, inline) → run it → Step row → next turn, or
+                                        evaluate and finish
+    orchestrator.episode_done   agent   run accounting, then admit more (orchestrator/runs.py)
+
+A step costs two hops (model, environment): agent logic is a library call made where the data is. The
+services (envs/service.py, modelserving/service.py) return values and raise typed errors; this module turns
+them into the episode's transitions (orchestrator/transitions.py) and acts only on those that happened.
+
+Exactly-once effects over at-least-once delivery: the Step row is the claim. ``episode_step`` inserts it
+before running the action (the unique (episode, index) decides between two deliveries of one message) and
+marks it complete after. A redelivered step that finds its row complete re-publishes the next turn only while
+the episode has not moved past it; one that finds an incomplete row whose claim is older than the task time
+limit takes it over (the action may run twice; the trajectory never holds it twice). A redelivered model turn
+whose step is already claimed is dropped. Every message carries the episode's attempt: one of an earlier
+attempt is a straggler and changes nothing. A hop that finds its episode finished releases the sandbox.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from celery import current_app
+from django.conf import settings
+from django.db import IntegrityError
+from django.db.models import F
+from django.utils import timezone
+
+from agents.agent import Agent, CommandResult, TaskView, Turn, run_agent, submitted
+from envs import service as env_service
+from envs.backend import SandboxError
+from modelserving import service as model_service
+from modelserving.backend import GenerationRequest, SamplingParams
+from orchestrator import transitions
+from orchestrator.db import release_connection
+from orchestrator.models import Episode, Run, Step, Task
+
+logger = logging.getLogger("megaflow.episodes")
+
+
+def send(task_name: str, **kwargs) -> None:
+    """Publish the next hop; the router (megaflow_site/topology.py) picks its queue from its name and kwargs."""
+    current_app.send_task(task_name, kwargs=kwargs)
+
+
+# --- what a hop reads ----------------------------------------------------------------------------------------
+#
+# A step is the hot path: every database round trip and every ORM query compiled here is paid tens of thousands
+# of times a minute at scale. So the run and the task, which no longer change once a run has started, are read
+# once per worker process; the episode is read as the few columns a hop needs; and each step writes its row
+# twice (claim, then result) and the episode once. docs: agents/README.md, "Where a step's time goes".
+
+
+@functools.lru_cache(maxsize=4096)
+def cached_run(run_id: int) -> Run:
+    return Run.objects.get(pk=run_id)
+
+
+@functools.lru_cache(maxsize=4096)
+def cached_task(task_id: int) -> Task:
+    return Task.objects.get(pk=task_id)
+
+
+@functools.lru_cache(maxsize=1024)
+def agent_of_run(run_id: int) -> Agent:
+    run = cached_run(run_id)
+    return run_agent(run.agent_name, run.agent_config)
+
+
+@dataclass(frozen=True)
+class Live:
+    """What a hop needs to know about its episode, read in one query."""
+
+    id: int
+    run_id: int
+    task_id: int
+    status: str
+    attempt: int
+    container_id: str
+    started_at: datetime | None
+    created_at: datetime
+    prompt_tokens: int
+    completion_tokens: int
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.status in Episode.TERMINAL
+
+    @property
+    def run(self) -> Run:
+        return cached_run(self.run_id)
+
+    @property
+    def task(self) -> Task:
+        return cached_task(self.task_id)
+
+
+def read_live(episode_id: int) -> Live | None:
+    fields = [field.name for field in dataclasses.fields(Live)]
+    row = Episode.objects.filter(pk=episode_id).values_list(*fields).first()
+    return None if row is None else Live(*row)
+
+
+def _current(episode_id: int, attempt: int | None) -> Live | None:
+    """The episode, if this message still concerns it: not deleted, not finished (a finished one's sandbox is
+    released here), and of the message's attempt (an older one's message is a straggler)."""
+    episode = read_live(episode_id)
+    if episode is None:
+        return None  # deleted with its run
+    if episode.is_terminal:
+        release(episode)
+        return None
+    if attempt is not None and attempt != episode.attempt:
+        logger.info("episode %s: dropped a message of attempt %s (now %s)", episode_id, attempt, episode.attempt)
+        return None
+    return episode
+
+
+def release(episode: Live, container_id: str | None = None) -> None:
+    """Have the Environment Service release the episode's sandbox (or ``container_id``)."""
+    if container_id := container_id or episode.container_id:
+        send("envs.stop_sandbox", pool=episode.run.env_pool, container_id=container_id, episode_id=episode.id)
+
+
+def finished(episode_id: int) -> None:
+    send("orchestrator.episode_done", episode_id=episode_id)
+
+
+def publish_turn(episode: Live, step: int) -> None:
+    send("modelserving.episode_turn", episode_id=episode.id, step=step, model=episode.run.model_name,
+         attempt=episode.attempt)  # fmt: skip
+
+
+def _sandbox_failed(episode: Live, error: SandboxError, container_id: str, what: str = "") -> None:
+    """Record a sandbox failure (a retryable one requeues the episode), release the sandbox, account for it."""
+    outcome = transitions.fail_or_retry(
+        episode.id, f"{what}{error.reason}", error.retryable, attempt=episode.attempt, holding=container_id
+    )
+    env_service.release(container_id, episode.run.env_pool)
+    logger.info("episode %s: %s%s (%s)", episode.id, what, error.reason, outcome)
+    if outcome is not transitions.Outcome.UNCHANGED:
+        finished(episode.id)
+
+
+# --- env queue -------------------------------------------------------------------------------------------------
+
+
+def episode_start(episode_id: int, pool: str, attempt: int | None = None) -> None:
+    """Give the episode a prepared sandbox, then publish its first model turn."""
+    episode = _current(episode_id, attempt)
+    if episode is None:
+        return
+    if episode.status == Episode.Status.RUNNING:
+        # A redelivered start whose sandbox came up before the worker died: carry on with the first turn (a
+        # turn that was already taken is dropped by its claim).
+        if env_service.is_alive(episode.container_id):
+            publish_turn(episode, 0)
+        else:
+            _sandbox_failed(episode, SandboxError("the sandbox container stopped"), episode.container_id)
+        return
+    if not transitions.claim_start(episode_id, episode.attempt):
+        return  # not starting: cancelled, retried or not admitted
+    task = episode.task
+    if episode.container_id:
+        env_service.release(episode.container_id, pool)  # a start cut short by a dying worker
+    try:
+        sandbox = env_service.create_sandbox(task, episode_id, episode.run_id, pool)
+    except SandboxError as error:
+        _sandbox_failed(episode, error, episode.container_id)
+        return
+    if not transitions.assign_sandbox(episode_id, episode.attempt, sandbox.container_id):
+        env_service.release(sandbox.container_id, pool)  # cancelled while the sandbox started
+        return
+    try:
+        env_service.prepare_sandbox(sandbox.container_id, task)
+    except SandboxError as error:
+        _sandbox_failed(episode, error, sandbox.container_id)
+        return
+    if not transitions.sandbox_ready(episode_id, episode.attempt, sandbox.container_id):
+        env_service.release(sandbox.container_id, pool)  # cancelled, or another start took the episode over
+        return
+    publish_turn(dataclasses.replace(episode, container_id=sandbox.container_id), 0)
+
+
+def episode_step(
+    episode_id: int,
+    step: int,
+    reply: str,
+    prompt_tokens: int = 0,
+    completion_tokens: int = 0,
+    model_latency_s: float = 0.0,
+    attempt: int | None = None,
+) -> None:
+    """Run the action in the model's reply, record the step, and publish what follows."""
+    episode = _current(episode_id, attempt)
+    if episode is None:
+        return
+    row = _claim_step(episode_id, step, reply)
+    if row is None:
+        return  # another delivery of this message holds the claim, or the step already ran and moved on
+    if row.completed_at:
+        _after_step(episode, row)  # a redelivery of a step that ran, before anything after it happened
+        return
+    run, task = episode.run, episode.task
+    agent = agent_of_run(run.pk)
+    action = agent.parse(reply)
+    result = None
+    if action.malformed:
+        observation = agent.feedback_observation(action)
+    else:
+        timeout_s = min(settings.MEGAFLOW_EXEC_TIMEOUT_S, task.timeout_s)
+        try:
+            result = env_service.run_command(
+                episode.container_id, action.command, timeout_s, task.workdir, agent.output_limit
+            )
+        except SandboxError as error:
+            _sandbox_failed(episode, error, episode.container_id)
+            return
+        observation = agent.observation(CommandResult(result.output, result.exit_code, result.note))
+    completed_at = timezone.now()
+    Step.objects.filter(pk=row.pk).update(
+        action=action.command or "",
+        observation=observation,
+        exit_code=None if result is None else result.exit_code,
+        model_latency_s=model_latency_s,
+        env_latency_s=None if result is None else result.duration_s,
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        completed_at=completed_at,
+    )
+    counted = Episode.objects.filter(pk=episode_id, status=Episode.Status.RUNNING, attempt=episode.attempt).update(
+        step_count=step + 1,
+        prompt_tokens=F("prompt_tokens") + prompt_tokens,
+        completion_tokens=F("completion_tokens") + completion_tokens,
+        updated_at=completed_at,
+    )
+    if not counted:
+        release(episode)  # the episode moved on while the command ran (cancelled, or retried)
+        return
+    row.action, row.observation, row.completed_at = action.command or "", observation, completed_at
+    episode = dataclasses.replace(
+        episode,
+        prompt_tokens=episode.prompt_tokens + prompt_tokens,
+        completion_tokens=episode.completion_tokens + completion_tokens,
+    )
+    _after_step(episode, row, submitted_now=result is not None and submitted(result.output))
+
+
+def _claim_step(episode_id: int, step: int, reply: str) -> Step | None:
+    """The Step row that makes this delivery the one to run the step, or a completed row whose follow-up must
+    be re-published; None when there is nothing for this delivery to do."""
+    try:
+        # Autocommit: the INSERT is its own transaction, and the unique (episode, index) picks one delivery.
+        return Step.objects.create(episode_id=episode_id, index=step, model_output=reply)
+    except IntegrityError:
+        pass
+    row = Step.objects.get(episode_id=episode_id, index=step)
+    if row.completed_at:
+        # A redelivery of a step that ran: carry on only if nothing after it happened yet.
+        return None if Step.objects.filter(episode_id=episode_id, index=step + 1).exists() else row
+    # A claim younger than the hard time limit may belong to a task still running; an older one cannot (the
+    # limit kills it), and a redelivery only comes after the visibility timeout, at least twice the limit.
+    stale = timezone.now() - timedelta(seconds=settings.CELERY_TASK_TIME_LIMIT)
+    taken = Step.objects.filter(pk=row.pk, created_at__lte=stale).update(created_at=timezone.now())
+    return row if taken else None
+
+
+def _over_time(episode: Live) -> bool:
+    started = episode.started_at or episode.created_at
+    return timezone.now() - started > timedelta(seconds=episode.run.episode_time_limit_s)
+
+
+def _after_step(episode: Live, row: Step, submitted_now: bool | None = None) -> None:
+    """What follows a completed step: evaluation when the agent submitted or a budget ran out, else the next
+    model turn."""
+    run = episode.run
+    if submitted_now is None:  # re-derived after a redelivery
+        submitted_now = bool(row.action) and submitted(row.observation)
+    tokens = episode.prompt_tokens + episode.completion_tokens
+    out_of_tokens = bool(run.max_episode_tokens) and tokens >= run.max_episode_tokens
+    if _over_time(episode):
+        reason = f"wall-clock budget of {run.episode_time_limit_s} s exhausted"
+        if transitions.fail(episode.id, reason, Episode.Status.TIMED_OUT, attempt=episode.attempt):
+            finished(episode.id)
+        env_service.release(episode.container_id, run.env_pool)
+    elif submitted_now or row.index + 1 >= run.max_steps or out_of_tokens:
+        # Out of steps or tokens without submitting: the tree is graded as it stands.
+        evaluate(episode)
+    else:
+        publish_turn(episode, row.index + 1)
+
+
+def evaluate(episode: Live) -> None:
+    """Grade the agent's final tree, record the reward, release the sandbox."""
+    pool = episode.run.env_pool
+    if not transitions.begin_evaluation(episode.id, episode.attempt):
+        return  # cancelled or retried since the last step
+    if not episode.container_id:
+        if transitions.fail(episode.id, "no sandbox to evaluate", attempt=episode.attempt):
+            finished(episode.id)
+        return
+    try:
+        evaluation = env_service.evaluate(episode.container_id, episode.task)
+    except SandboxError as error:
+        _sandbox_failed(episode, error, episode.container_id, what="evaluation failed: ")
+        return
+    if transitions.succeed(episode.id, episode.attempt, evaluation.reward, evaluation.error):
+        finished(episode.id)
+    env_service.release(episode.container_id, pool)
+
+
+# --- model queue ---------------------------------------------------------------------------------------------
+
+
+def episode_turn(episode_id: int, step: int, model: str, attempt: int | None = None) -> None:
+    """Build the agent's prompt from the trajectory so far, generate, and publish the env step."""
+    episode = _current(episode_id, attempt)
+    if episode is None:
+        return
+    # One query for both the history and the redelivery check.
+    steps = list(
+        Step.objects.filter(episode_id=episode_id, index__lte=step)
+        .order_by("index")
+        .values_list("index", "model_output", "observation", "completed_at")
+    )
+    if steps and steps[-1][0] == step:
+        return  # a redelivered turn whose step is already claimed
+    run, task = episode.run, episode.task
+    history = [Turn(output, observation) for _, output, observation, completed in steps if completed]
+    view = TaskView(task.instance_id, task.problem_statement, task.workdir)
+    request = GenerationRequest(
+        request_id=f"{episode_id}:{step}",
+        messages=agent_of_run(run.pk).messages(view, history),
+        sampling=SamplingParams.from_dict((run.agent_config or {}).get("sampling")),
+        context={"task_id": task.pk},
+    )
+    release_connection()  # nothing needs the database while the model works
+    [generation] = model_service.generate(model, [request])
+    if generation.error:
+        outcome = transitions.fail_or_retry(
+            episode_id, f"model {model}: {generation.error}", generation.infrastructure_failure, attempt=episode.attempt
+        )
+        release(episode)  # the episode ended or went back to the queue: either way this sandbox is done
+        if outcome is not transitions.Outcome.UNCHANGED:
+            finished(episode_id)
+        return
+    send(
+        "envs.episode_step",
+        episode_id=episode_id,
+        step=step,
+        reply=generation.text,
+        prompt_tokens=generation.prompt_tokens,
+        completion_tokens=generation.completion_tokens,
+        model_latency_s=generation.latency_s,
+        pool=run.env_pool,
+        attempt=episode.attempt,
+    )

@@ -1,0 +1,355 @@
+"""The episode and run state machine (orchestrator/transitions.py), and the races it exists for.
+
+Every allowed transition happens, every other one is refused and changes nothing; each race is driven in its
+racing order by calling the code directly (the second actor runs inside a hook of the first), with no sleeps,
+no Docker and no workers: the sim environment backend stands in for containers and what the loop publishes is
+collected instead of sent.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+from django.utils import timezone
+
+from envs import service as env_service
+from envs.backend import get_backend
+from orchestrator import episode_loop, runs, transitions
+from orchestrator.models import Dataset, Episode, Run, Step, Task
+
+pytestmark = pytest.mark.django_db
+
+E, R = Episode.Status, Run.Status
+REPLY = "Looking.\n```bash\necho hello\n```"
+SUBMIT = "Done.\n```bash\necho MEGAFLOW_SUBMIT\n```"
+
+
+@pytest.fixture
+def sent(monkeypatch, settings) -> list[tuple[str, dict]]:
+    """The messages the loop publishes, in order; the sim sandbox backend, with commands that take no time."""
+    settings.MEGAFLOW_ENV_BACKEND = "sim"
+    settings.MEGAFLOW_SIM_EXEC_LATENCY_S = 0
+    settings.MEGAFLOW_WARM_POOL_SIZES = {}
+    get_backend.cache_clear()
+    episode_loop.cached_run.cache_clear()
+    episode_loop.cached_task.cache_clear()
+    episode_loop.agent_of_run.cache_clear()
+    messages: list[tuple[str, dict]] = []
+    monkeypatch.setattr(episode_loop, "send", lambda name, **kwargs: messages.append((name, kwargs)))
+    monkeypatch.setattr(runs, "send", lambda name, **kwargs: messages.append((name, kwargs)))
+    yield messages
+    get_backend.cache_clear()
+
+
+@pytest.fixture
+def run() -> Run:
+    dataset = Dataset.objects.create(name="transitions")
+    task = Task.objects.create(dataset=dataset, instance_id="t-1", problem_statement="Fix it.", test_command="true",
+                               fail_to_pass=["test_it"], spec_sha256="0" * 64)  # fmt: skip
+    run = Run.objects.create(dataset=dataset, model_name="sim", env_pool="default", status=R.RUNNING,
+                             max_steps=5, max_attempts=2)  # fmt: skip
+    run.tasks.add(task)
+    return run
+
+
+def episode_in(run: Run, status: str, sample: int = 0, **fields) -> Episode:
+    return Episode.objects.create(run=run, task=run.tasks.get(), sample_index=sample, status=status, **fields)
+
+
+def status_of(episode: Episode) -> str:
+    return Episode.objects.values_list("status", flat=True).get(pk=episode.pk)
+
+
+def names(messages: list[tuple[str, dict]]) -> list[str]:
+    return [name for name, _ in messages]
+
+
+# --- the tables ------------------------------------------------------------------------------------------------
+
+# Each transition function, and the states it takes an episode from (to the state named in its docstring).
+EPISODE_MOVES = {
+    "admit": ({E.QUEUED}, E.STARTING, lambda ep: transitions.admit(ep.pk, ep.attempt)),
+    "claim_start": ({E.STARTING}, E.STARTING, lambda ep: transitions.claim_start(ep.pk, ep.attempt)),
+    "assign_sandbox": ({E.STARTING}, E.STARTING, lambda ep: transitions.assign_sandbox(ep.pk, ep.attempt, "c-2")),
+    "sandbox_ready": ({E.STARTING}, E.RUNNING, lambda ep: transitions.sandbox_ready(ep.pk, ep.attempt, "c-1")),
+    "begin_evaluation": ({E.RUNNING, E.EVALUATING}, E.EVALUATING,
+                         lambda ep: transitions.begin_evaluation(ep.pk, ep.attempt)),
+    "succeed": ({E.EVALUATING}, E.SUCCEEDED, lambda ep: transitions.succeed(ep.pk, ep.attempt, 1.0)),
+    "fail": ({E.QUEUED, E.STARTING, E.RUNNING, E.EVALUATING}, E.FAILED, lambda ep: transitions.fail(ep.pk, "x")),
+    "time_out": ({E.STARTING, E.RUNNING, E.EVALUATING}, E.TIMED_OUT,
+                 lambda ep: transitions.fail(ep.pk, "x", E.TIMED_OUT)),
+    "cancel": ({E.QUEUED, E.STARTING, E.RUNNING, E.EVALUATING}, E.CANCELLED,
+               lambda ep: transitions.cancel_episodes(ep.run_id, "x") != []),
+    "retry_attempt": ({E.STARTING, E.RUNNING, E.EVALUATING}, E.QUEUED,
+                      lambda ep: transitions.fail_or_retry(ep.pk, "x", retryable=True) == "retrying"),
+    "retry_failed": ({E.FAILED, E.TIMED_OUT}, E.QUEUED, lambda ep: transitions.retry_failed(ep.run_id) == 1),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("move", sorted(EPISODE_MOVES))
+@pytest.mark.parametrize("start", sorted(E.values))
+def test_an_episode_moves_only_along_the_table(run, move, start):
+    sources, target, attempt_move = EPISODE_MOVES[move]
+    episode = episode_in(run, start, container_id="c-1")
+    happened = attempt_move(episode)
+    assert happened == (start in sources), f"{move} from {start}"
+    assert status_of(episode) == (target if happened else start)
+    assert (target in transitions.EPISODE_TRANSITIONS[start]) or not happened
+
+
+def test_every_allowed_episode_transition_has_a_move():
+    covered = {(start, target) for sources, target, _ in EPISODE_MOVES.values() for start in sources}
+    table = {(start, target) for start, targets in transitions.EPISODE_TRANSITIONS.items() for target in targets}
+    assert covered == table
+
+
+RUN_MOVES = {
+    "start_run": ({R.QUEUED}, R.RUNNING, transitions.start_run),
+    "complete_run": ({R.RUNNING}, R.COMPLETED, transitions.complete_run),
+    "cancel_run": ({R.QUEUED, R.RUNNING}, R.CANCELLED, transitions.cancel_run),
+    "reopen_run": ({R.COMPLETED, R.FAILED}, R.RUNNING, transitions.reopen_run),
+}
+
+
+@pytest.mark.parametrize("move", sorted(RUN_MOVES))
+@pytest.mark.parametrize("start", sorted(R.values))
+def test_a_run_moves_only_along_the_table(run, move, start):
+    sources, target, attempt_move = RUN_MOVES[move]
+    Run.objects.filter(pk=run.pk).update(status=start)
+    happened = attempt_move(run.pk)
+    status = Run.objects.values_list("status", flat=True).get(pk=run.pk)
+    if move == "reopen_run" and start == R.RUNNING:
+        assert happened and status == R.RUNNING  # a running run is already open
+        return
+    assert happened == (start in sources), f"{move} from {start}"
+    assert status == (target if happened else start)
+
+
+def test_every_allowed_run_transition_has_a_move():
+    covered = {(start, target) for sources, target, _ in RUN_MOVES.values() for start in sources}
+    table = {(start, target) for start, targets in transitions.RUN_TRANSITIONS.items() for target in targets}
+    assert covered == table
+
+
+def test_a_refused_transition_is_logged_with_both_states(run, caplog):
+    episode = episode_in(run, E.SUCCEEDED)
+    with caplog.at_level("INFO", logger="megaflow.transitions"):
+        assert not transitions.fail(episode.pk, "too late")
+    assert f"episode {episode.pk} → failed refused: it is succeeded (attempt 1)" in caplog.text
+    assert Episode.objects.get(pk=episode.pk).failure_reason == ""
+
+
+def test_a_run_does_not_complete_while_an_episode_is_unfinished(run):
+    episode_in(run, E.SUCCEEDED)
+    unfinished = episode_in(run, E.RUNNING, sample=1)
+    assert not transitions.complete_run(run.pk)
+    Episode.objects.filter(pk=unfinished.pk).update(status=E.FAILED)
+    assert transitions.complete_run(run.pk)
+
+
+def test_an_automatic_retry_fails_for_good_at_max_attempts(run):
+    episode = episode_in(run, E.RUNNING, attempt=2)  # max_attempts is 2
+    assert transitions.fail_or_retry(episode.pk, "the sandbox container stopped", retryable=True) == "failed"
+    episode.refresh_from_db()
+    assert (episode.status, episode.failure_reason) == (E.FAILED, "attempt 2: the sandbox container stopped")
+
+
+# --- the races -------------------------------------------------------------------------------------------------
+
+
+def started_episode(run: Run, sent) -> Episode:
+    """An episode admitted and started through the loop, its first turn published."""
+    episode = episode_in(run, E.QUEUED)
+    assert transitions.admit(episode.pk, 1)
+    episode_loop.episode_start(episode.pk, "default", attempt=1)
+    assert status_of(episode) == E.RUNNING
+    sent.clear()
+    episode.refresh_from_db()
+    return episode
+
+
+def test_cancel_while_the_sandbox_starts(run, sent, monkeypatch):
+    episode = episode_in(run, E.STARTING)
+    created = []
+
+    def create_then_cancel(*args):
+        sandbox = real_create(*args)
+        created.append(sandbox.container_id)
+        runs.cancel_run(run.pk, "cancelled by the test")  # lands while the sandbox starts
+        return sandbox
+
+    real_create = env_service.create_sandbox
+    monkeypatch.setattr(env_service, "create_sandbox", create_then_cancel)
+    sent.clear()
+    episode_loop.episode_start(episode.pk, "default", attempt=1)
+
+    assert status_of(episode) == E.CANCELLED, "the start did not overwrite the cancel"
+    assert not get_backend().is_alive(created[0]), "the sandbox that came up too late was released"
+    assert "modelserving.episode_turn" not in names(sent)
+
+
+def test_cancel_while_a_command_runs(run, sent, monkeypatch):
+    episode = started_episode(run, sent)
+
+    def run_then_cancel(*args):
+        result = real_run(*args)
+        runs.cancel_run(run.pk, "cancelled by the test")
+        return result
+
+    real_run = env_service.run_command
+    monkeypatch.setattr(env_service, "run_command", run_then_cancel)
+    episode_loop.episode_step(episode.pk, 0, REPLY, attempt=1)
+
+    episode.refresh_from_db()
+    assert (episode.status, episode.step_count) == (E.CANCELLED, 0)
+    assert "modelserving.episode_turn" not in names(sent), "no turn after a cancel"
+    assert names(sent).count("envs.stop_sandbox") >= 1
+
+
+def test_cancel_while_evaluating(run, sent, monkeypatch):
+    episode = started_episode(run, sent)
+
+    def evaluate_then_cancel(*args):
+        evaluation = real_evaluate(*args)
+        runs.cancel_run(run.pk, "cancelled by the test")
+        return evaluation
+
+    real_evaluate = env_service.evaluate
+    monkeypatch.setattr(env_service, "evaluate", evaluate_then_cancel)
+    episode_loop.episode_step(episode.pk, 0, SUBMIT, attempt=1)
+
+    episode.refresh_from_db()
+    assert (episode.status, episode.reward) == (E.CANCELLED, None), "the grade did not overwrite the cancel"
+    assert "orchestrator.episode_done" not in names(sent)
+    assert not get_backend().is_alive(episode.container_id)
+
+
+# A second INSERT of a claimed step fails, as it must, and would abort the test's wrapping transaction on
+# PostgreSQL: these run in autocommit, as the workers do.
+@pytest.mark.django_db(transaction=True)
+def test_a_redelivered_step_runs_its_command_once(run, sent, monkeypatch):
+    episode = started_episode(run, sent)
+    commands = []
+    real_run = env_service.run_command
+
+    def counted(*args):
+        commands.append(args[1])
+        return real_run(*args)
+
+    monkeypatch.setattr(env_service, "run_command", counted)
+    episode_loop.episode_step(episode.pk, 0, REPLY, attempt=1)
+    assert names(sent) == ["modelserving.episode_turn"]
+    # Redelivered before the next turn ran: the next turn is published again, the command is not run again.
+    episode_loop.episode_step(episode.pk, 0, REPLY, attempt=1)
+    assert names(sent) == ["modelserving.episode_turn"] * 2 and commands == ["echo hello"]
+    # Redelivered after the next step was claimed: nothing to do.
+    Step.objects.create(episode=episode, index=1, model_output=REPLY)
+    episode_loop.episode_step(episode.pk, 0, REPLY, attempt=1)
+    assert len(sent) == 2 and commands == ["echo hello"]
+    assert Step.objects.filter(episode=episode, index=0).count() == 1
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_redelivered_step_while_the_first_delivery_runs_is_dropped(run, sent, monkeypatch):
+    """The watchdog re-drives an episode whose step is in fact still running: the re-driven message finds the
+    claim (younger than the task time limit) and is dropped; the original finishes the step."""
+    episode = started_episode(run, sent)
+    Episode.objects.filter(pk=episode.pk).update(updated_at=timezone.now() - timedelta(hours=3))
+    commands, redriven = [], []
+    real_run = env_service.run_command
+
+    def run_while_the_watchdog_strikes(*args):
+        commands.append(args[1])
+        redriven.extend(runs.watchdog())
+        [(name, message)] = [item for item in sent if item[0] == "envs.episode_step"]
+        message = {key: value for key, value in message.items() if key != "pool"}
+        episode_loop.episode_step(**message)  # the re-driven delivery, while this one runs
+        return real_run(*args)
+
+    monkeypatch.setattr(env_service, "run_command", run_while_the_watchdog_strikes)
+    episode_loop.episode_step(episode.pk, 0, REPLY, attempt=1)
+
+    assert redriven == [episode.pk] and commands == ["echo hello"]
+    assert [(index, done is not None) for index, done in episode.steps.values_list("index", "completed_at")] == [
+        (0, True)
+    ]
+    assert names(sent) == ["envs.episode_step", "modelserving.episode_turn"]
+
+
+def test_the_watchdog_re_drives_a_start_that_is_still_alive(run, sent, monkeypatch):
+    episode = episode_in(run, E.STARTING)
+    created = []
+    real_create = env_service.create_sandbox
+
+    def create_while_redriven(*args):
+        sandbox = real_create(*args)
+        created.append(sandbox.container_id)
+        if len(created) == 1:  # the first start is slow; the watchdog's start runs to the end meanwhile
+            episode_loop.episode_start(episode.pk, "default", attempt=1)
+        return sandbox
+
+    monkeypatch.setattr(env_service, "create_sandbox", create_while_redriven)
+    episode_loop.episode_start(episode.pk, "default", attempt=1)
+
+    episode.refresh_from_db()
+    first, second = created
+    assert (episode.status, episode.container_id) == (E.RUNNING, second)
+    assert names(sent) == ["modelserving.episode_turn"], "one first turn, not two"
+    assert not get_backend().is_alive(first) and get_backend().is_alive(second)
+
+
+def test_a_retry_racing_the_last_step_keeps_the_run_open(run, sent, monkeypatch):
+    failed = episode_in(run, E.FAILED, sample=1, failure_reason="the sandbox container stopped")
+    last = started_episode(run, sent)
+    real_complete = transitions.complete_run
+
+    def retry_then_complete(run_id):
+        assert runs.retry_failed(run_id) == 1  # lands between the "nothing unfinished" check and the write
+        return real_complete(run_id)
+
+    monkeypatch.setattr(transitions, "complete_run", retry_then_complete)
+    episode_loop.episode_step(last.pk, 0, SUBMIT, attempt=1)
+    assert status_of(last) == E.SUCCEEDED
+    [(name, message)] = [item for item in sent if item[0] == "orchestrator.episode_done"]
+    runs.episode_done(**message)
+
+    assert Run.objects.get(pk=run.pk).status == R.RUNNING, "the run is open while the retried episode waits"
+    assert Episode.objects.get(pk=failed.pk).status in (E.QUEUED, E.STARTING)
+
+
+def test_a_retry_after_the_run_completed_reopens_it(run, sent):
+    failed = episode_in(run, E.FAILED, failure_reason="boom")
+    runs.episode_done(failed.pk)
+    assert Run.objects.get(pk=run.pk).status == R.COMPLETED
+    assert runs.retry_failed(run.pk) == 1
+    assert Run.objects.get(pk=run.pk).status == R.RUNNING and status_of(failed) == E.QUEUED
+
+
+def test_two_admitters_admit_an_episode_once(run, sent):
+    episode = episode_in(run, E.QUEUED)
+    # Both read the queue before either wrote: only one compare-and-set wins.
+    assert [transitions.admit(episode.pk, 1), transitions.admit(episode.pk, 1)] == [True, False]
+    Run.objects.filter(pk=run.pk).update(max_concurrent_episodes=2)
+    for sample in range(1, 5):
+        episode_in(run, E.QUEUED, sample=sample)
+    admitted = runs.admit() + runs.admit()
+    assert len(admitted) == 1 and Episode.objects.filter(run=run, status__in=transitions.LIVE).count() == 2
+
+
+def test_a_straggler_of_an_earlier_attempt_changes_nothing(run, sent, monkeypatch):
+    episode = started_episode(run, sent)
+    assert transitions.fail_or_retry(episode.pk, "the sandbox container stopped", retryable=True) == "retrying"
+    episode.refresh_from_db()
+    assert (episode.status, episode.attempt) == (E.QUEUED, 2)
+    commands = []
+    monkeypatch.setattr(env_service, "run_command", lambda *args: commands.append(args))
+
+    episode_loop.episode_step(episode.pk, 0, REPLY, attempt=1)
+    episode_loop.episode_turn(episode.pk, 0, "sim", attempt=1)
+    episode_loop.episode_start(episode.pk, "default", attempt=1)
+    assert transitions.fail_or_retry(episode.pk, "late news", retryable=False, attempt=1) == "unchanged"
+
+    episode.refresh_from_db()
+    assert (episode.status, episode.attempt, episode.step_count) == (E.QUEUED, 2, 0)
+    assert commands == [] and sent == [] and not episode.steps.exists()
