@@ -65,7 +65,7 @@ def test_the_sim_backend_takes_its_fixed_time_and_echoes(settings, swe_mini):
     assert (result.exit_code, result.output) == (0, "step 3\nMEGAFLOW_SUBMIT\n")
     task = swe_mini.tasks.get(instance_id="kvconf-1")
     task_sandbox.prepare(backend, sandbox_id, task)
-    assert backend.evaluate(sandbox_id, task).reward == 0.0, "nothing is evaluated for real"
+    assert task_sandbox.evaluate(backend, sandbox_id, task).reward == 0.0, "nothing is evaluated for real"
     backend.destroy(sandbox_id)
     with pytest.raises(SandboxError):
         backend.exec(sandbox_id, "echo hi", 5)

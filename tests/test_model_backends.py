@@ -12,7 +12,7 @@ from modelserving.backend import GenerationRequest, SamplingParams, UnknownModel
 from modelserving.supervisor import read_metrics
 from modelserving.tasks import publish_generation
 from orchestrator import episode_loop
-from orchestrator.models import Episode, Run
+from orchestrator.models import Episode, Run, Task
 
 BASH_BLOCK = re.compile(r"```bash\n(.*?)\n```", re.DOTALL)
 
@@ -55,7 +55,7 @@ def test_replay_plays_the_reference_solution_in_a_real_sandbox(docker_backend, s
         task_sandbox.prepare(docker_backend, sandbox_id, task)
         result = docker_backend.exec(sandbox_id, BASH_BLOCK.search(reply.text).group(1), 60, workdir=task.workdir)
         assert result.output.strip() == "MEGAFLOW_SUBMIT"
-        assert docker_backend.evaluate(sandbox_id, task).reward == 1.0
+        assert task_sandbox.evaluate(docker_backend, sandbox_id, task).reward == 1.0
     finally:
         docker_backend.destroy(sandbox_id)
     followup = ask("again", history=[{"role": "assistant", "content": reply.text}], request_id="r2")
@@ -197,14 +197,17 @@ def test_a_hanging_server_times_out_and_is_retried(tiny_model_server):
 
 @pytest.mark.integration
 @pytest.mark.django_db
-def test_a_context_length_failure_is_recorded_on_the_episode(tiny_model_server, swe_mini):
+def test_a_context_length_failure_is_recorded_on_the_episode(tiny_model_server, swe_mini, monkeypatch):
     from modelserving import service
 
-    episode = Episode.objects.create(
-        run=Run.objects.create(model_name="tiny"), task=swe_mini.tasks.first(), sample_index=0
-    )
-    [generation] = service.generate("tiny", [ask("word " * 400).as_dict()], episode_id=episode.pk)
-    assert generation["finish_reason"] == "error"
+    [generation] = service.generate("tiny", [ask("word " * 400)])
+    assert generation.finish_reason == "error" and not generation.infrastructure_failure
+    task = Task.objects.create(dataset=swe_mini, instance_id="long-1", problem_statement="word " * 400,
+                               test_command="true", fail_to_pass=["t"], spec_sha256="1" * 64)  # fmt: skip
+    run = Run.objects.create(model_name="tiny", status=Run.Status.RUNNING, max_attempts=3)
+    episode = Episode.objects.create(run=run, task=task, sample_index=0, status=Episode.Status.RUNNING)
+    monkeypatch.setattr(episode_loop, "send", lambda name, **kwargs: None)
+    episode_loop.episode_turn(episode.pk, 0, "tiny", attempt=1)
     episode.refresh_from_db()
-    assert episode.status == Episode.Status.FAILED
+    assert (episode.status, episode.attempt) == (Episode.Status.FAILED, 1), "not retried"
     assert episode.failure_reason.startswith("model tiny: context length exceeded: This model's maximum context length")
