@@ -48,7 +48,7 @@ bench: bootstrap
 	@$(PY) -m agents.bench $(BENCH_ARGS)
 
 chaos: bootstrap
-	@$(PY) -m deploy.chaos $(CHAOS_ARGS)
+	@$(PY) -m tests.chaos.harness $(CHAOS_ARGS)
 
 bench-env: bootstrap
 	@$(PY) -m envs.bench

@@ -42,7 +42,7 @@ if TYPE_CHECKING:  # imported in main(), once the environment is set: it loads t
 
 from modelserving.tiny_model import TINY_AGENT_CONFIG
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 CHAOS_DATABASE_URL = "postgres://postgres@127.0.0.1:5432/megaflow_chaos"
 CHAOS_REDIS_PORT = 6391
 
