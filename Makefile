@@ -45,19 +45,19 @@ test: lint
 	@$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: bootstrap
-	@$(PY) -m agents.bench $(BENCH_ARGS)
+	@$(PY) -m tests.bench.orchestration $(BENCH_ARGS)
 
 chaos: bootstrap
 	@$(PY) -m tests.chaos.harness $(CHAOS_ARGS)
 
 bench-env: bootstrap
-	@$(PY) -m envs.bench
+	@$(PY) -m tests.bench.environment $(BENCH_ENV_ARGS)
 
 bench-model: bootstrap
-	@$(PY) -m modelserving.bench
+	@$(PY) -m tests.bench.model
 
 sim-autoscale: bootstrap
 	@$(PY) -m tests.sim.autoscale $(SIM_ARGS)
 
 bench-autoscale: bootstrap
-	@$(PY) -m tests.bench.autoscale
+	@$(PY) -m tests.bench.autoscale $(BENCH_AUTOSCALE_ARGS)

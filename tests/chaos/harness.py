@@ -384,9 +384,9 @@ def main() -> None:
     from django.conf import settings
     from django.core.management import call_command
 
-    from agents.bench import ensure_database
     from deploy.worker_processes import CeleryWorkers
     from megaflow_site.topology import all_worker_specs
+    from tests.support.databases import ensure_database
 
     ensure_database(os.environ["DATABASE_URL"])
     call_command("migrate", verbosity=0)
