@@ -142,7 +142,7 @@ def swe_mini(db):
 @pytest.fixture(scope="session")
 def tiny_model():
     """A tiny causal LM built locally (random weights, a tokenizer trained on the suite's sources)."""
-    from modelserving.tiny_model import build_tiny_model
+    from tests.support.tiny_model import build_tiny_model
 
     return build_tiny_model(settings.DATA_DIR / "tiny-model")
 

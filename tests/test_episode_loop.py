@@ -7,8 +7,8 @@ import pytest
 from celery import current_app
 
 from agents import episode_loop
-from modelserving.tiny_model import TINY_AGENT_CONFIG
 from orchestrator.models import Episode, Run
+from tests.support.tiny_model import TINY_AGENT_CONFIG
 
 pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
 

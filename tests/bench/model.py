@@ -80,8 +80,8 @@ def main() -> None:
 
     from megaflow_site.topology import Service, WorkerSpec
     from modelserving.supervisor import read_metrics
-    from modelserving.tiny_model import build_tiny_model
     from orchestrator import replies
+    from tests.support.tiny_model import build_tiny_model
 
     redis.Redis.from_url(env["MEGAFLOW_REDIS_URL"]).flushdb()
     call_command("migrate", verbosity=0)

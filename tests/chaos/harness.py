@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # imported in main(), once the environment is set: it loads the Celery app
     from deploy.worker_processes import CeleryWorkers
 
-from modelserving.tiny_model import TINY_AGENT_CONFIG
+from tests.support.tiny_model import TINY_AGENT_CONFIG
 
 REPO = Path(__file__).resolve().parents[2]
 CHAOS_DATABASE_URL = "postgres://postgres@127.0.0.1:5432/megaflow_chaos"
@@ -339,7 +339,7 @@ def start_model_server(args, log_dir: Path) -> subprocess.Popen:
     """The tiny model (random weights, built locally) behind modelserving.hf_server, as the tests run it."""
     import httpx
 
-    from modelserving.tiny_model import build_tiny_model
+    from tests.support.tiny_model import build_tiny_model
 
     path = build_tiny_model(data_dir_for(args) / "tiny-model")
     process = subprocess.Popen(
