@@ -45,6 +45,18 @@ def run_manage(*args: str, env: dict[str, str] | None = None, timeout: float = 1
 
 
 @pytest.fixture(scope="session")
+def django_db_modify_db_settings(django_db_modify_db_settings_parallel_suffix) -> None:
+    """The session's test database: a file for SQLite (worker subprocesses open it too, so it cannot live in
+    memory), and on PostgreSQL a name of its own per isolation slot (tests/session_env.py)."""
+    database = settings.DATABASES["default"]
+    if database["ENGINE"].endswith("sqlite3"):
+        name = str(settings.DATA_DIR / "test-megaflow.sqlite3")
+    else:
+        name = f"test_{database['NAME']}_{os.environ['MEGAFLOW_TEST_SLOT']}"
+    database.setdefault("TEST", {})["NAME"] = name
+
+
+@pytest.fixture(scope="session")
 def broker() -> redis.Redis:
     """The session's own Redis database (tests/session_env.py), empty at the start and at the end."""
     client = redis.Redis.from_url(settings.REDIS_URL)
