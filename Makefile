@@ -17,7 +17,7 @@ help:
 	@echo "make chaos   runs of 200 episodes under injected faults; every episode must end (writes chaos-results.json)"
 	@echo "make bench-env  Environment Service vs the raw docker SDK (writes bench-env-results.json)"
 	@echo "make bench-model  gateway overhead and server batch sizes (writes bench-model-results.json)"
-	@echo "make sim-autoscale  coordinated vs per-pool utilisation autoscaling, simulated 128-GPU fleet (table + plot)"
+	@echo "make sim-autoscale  coordinated vs per-pool utilisation autoscaling, simulated 128-GPU fleet (table; writes autoscale-sim.png)"
 	@echo "make bench-autoscale  microseconds per autoscaling decision (writes bench-autoscale-results.json)"
 
 bootstrap:
@@ -45,19 +45,19 @@ test: lint
 	@$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: bootstrap
-	@$(PY) -m agents.bench $(BENCH_ARGS)
+	@$(PY) -m tests.bench.orchestration $(BENCH_ARGS)
 
 chaos: bootstrap
-	@$(PY) -m deploy.chaos $(CHAOS_ARGS)
+	@$(PY) -m tests.chaos.harness $(CHAOS_ARGS)
 
 bench-env: bootstrap
-	@$(PY) -m envs.bench
+	@$(PY) -m tests.bench.environment $(BENCH_ENV_ARGS)
 
 bench-model: bootstrap
-	@$(PY) -m modelserving.bench
+	@$(PY) -m tests.bench.model
 
 sim-autoscale: bootstrap
-	@$(PY) -m deploy.autoscale_sim --plot deploy/autoscale-sim.png $(SIM_ARGS)
+	@$(PY) -m tests.sim.autoscale $(SIM_ARGS)
 
 bench-autoscale: bootstrap
-	@$(PY) -m deploy.autoscale_bench
+	@$(PY) -m tests.bench.autoscale $(BENCH_AUTOSCALE_ARGS)

@@ -14,6 +14,8 @@ import json
 import shlex
 from pathlib import Path
 
+import docker
+
 from envs.task_sandbox import patched_paths
 from orchestrator.task_format import TaskFormatError, parse_task, read_jsonl
 
@@ -79,8 +81,6 @@ def convert_file(source: Path, destination: Path, namespace: str = "swebench", a
 
 def missing_images(images: set[str], client) -> list[str]:
     """The images that are not present on the Docker daemon of ``client``; nothing is pulled."""
-    import docker
-
     missing = []
     for image in sorted(images):
         try:

@@ -155,12 +155,7 @@ if _database["ENGINE"] == "django.db.backends.sqlite3":
     # generous timeout turns a brief write lock into a wait instead of "database is locked".
     _database["CONN_MAX_AGE"] = 0
     _database["OPTIONS"] = {"timeout": 30, "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;"}
-    # Tests hand the database to worker subprocesses, so the SQLite test database must be a file.
-    _database["TEST"] = {"NAME": str(DATA_DIR / "test-megaflow.sqlite3")}
 else:
-    if test_slot := env_str("MEGAFLOW_TEST_SLOT", ""):
-        # Concurrent test sessions (tests/session_env.py) each get their own PostgreSQL test database.
-        _database["TEST"] = {"NAME": f"test_{_database['NAME']}_{test_slot}"}
     # A worker runs hundreds of threads, and Celery closes each thread's connection after every task: without a
     # pool each task would open a new server connection. Threads give theirs back before any long wait
     # (orchestrator/db.py), so a small pool per process serves them all.

@@ -6,9 +6,6 @@ numbers the ``vllm`` supervisor reads, plus the size of every batch it ran), so 
 supervisor against it with a real tiny model on CPU. Requests arriving within ``--batch-window-ms`` of each
 other run as one batch of up to ``--max-batch``.
 
-Fault injection, for retry and chaos tests: ``POST /admin/faults {"status": 500, "count": 2}`` makes the next two
-completions answer 500; ``{"hang_s": 30, "count": 1}`` makes the next one hang; ``{}`` clears.
-
     python -m modelserving.hf_server --model-path var/tiny-model --served-model-name tiny --port 8001
 """
 
@@ -25,6 +22,7 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from modelserving.backend import Generation, GenerationRequest, SamplingParams
+from modelserving.hf_backend import HFBackend
 from modelserving.openai_format import completion_body, error_body
 
 
@@ -91,26 +89,7 @@ class Batcher(threading.Thread):
         return "\n".join(lines) + "\n"
 
 
-class Faults:
-    """Injected failures for the next ``count`` completions: an HTTP status, or a hang of ``hang_s`` seconds."""
-
-    def __init__(self):
-        self.lock = threading.Lock()
-        self.status, self.hang_s, self.count = 0, 0.0, 0
-
-    def set(self, status: int = 0, hang_s: float = 0.0, count: int = 0) -> None:
-        with self.lock:
-            self.status, self.hang_s, self.count = int(status), float(hang_s), int(count)
-
-    def take(self) -> tuple[int, float]:
-        with self.lock:
-            if self.count <= 0:
-                return 0, 0.0
-            self.count -= 1
-            return self.status, self.hang_s
-
-
-def make_handler(batcher: Batcher, served_model: str, faults: Faults):
+def make_handler(batcher: Batcher, served_model: str):
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
         # Headers and body go out as separate writes; without TCP_NODELAY a keep-alive client's delayed ACK
@@ -139,9 +118,6 @@ def make_handler(batcher: Batcher, served_model: str, faults: Faults):
                 self.reply(HTTPStatus.NOT_FOUND, error_body(f"no route {self.path}", "not_found"))
 
         def do_POST(self) -> None:  # noqa: N802
-            if self.path == "/admin/faults":
-                faults.set(**json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"{}"))
-                return self.reply(HTTPStatus.OK, {"ok": True})
             if self.path != "/v1/chat/completions":
                 return self.reply(HTTPStatus.NOT_FOUND, error_body(f"no route {self.path}", "not_found"))
             try:
@@ -161,11 +137,6 @@ def make_handler(batcher: Batcher, served_model: str, faults: Faults):
                 seed=body.get("seed"),
                 logprobs=bool(body.get("logprobs")),
             )
-            status, hang_s = faults.take()
-            if hang_s:
-                time.sleep(hang_s)
-            if status:
-                return self.reply(status, error_body(f"injected fault: HTTP {status}", "injected_fault"))
             request = GenerationRequest(uuid.uuid4().hex, messages, sampling)
             generation = batcher.submit(request).result()
             if generation.error:
@@ -182,12 +153,10 @@ def make_handler(batcher: Batcher, served_model: str, faults: Faults):
 
 
 def serve(model_path: str, served_model: str, host: str, port: int, max_batch: int, window_ms: float) -> None:
-    from modelserving.hf_backend import HFBackend
-
     backend = HFBackend(served_model, model_path=model_path, max_batch=max_batch)
     batcher = Batcher(backend, max_batch, window_ms / 1000)
     batcher.start()
-    server = ThreadingHTTPServer((host, port), make_handler(batcher, served_model, Faults()))
+    server = ThreadingHTTPServer((host, port), make_handler(batcher, served_model))
     server.daemon_threads = True
     print(f"serving {served_model} from {model_path} on http://{host}:{port}/v1", flush=True)
     server.serve_forever()

@@ -30,7 +30,7 @@ One decision (``CoordinatedAutoscaler.decide``, every ``interval_s``):
 
 The controller is pure: it sees ``Observation`` and returns ``Decision``, so the same code runs in the beat
 task (orchestrator/autoscale.py, which observes the live fleet and actuates) and in the simulation
-(deploy/autoscale_sim.py). ``make bench-autoscale`` measures the cost of one decision.
+(tests/sim/autoscale.py). ``make bench-autoscale`` measures the cost of one decision.
 """
 
 from __future__ import annotations

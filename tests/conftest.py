@@ -14,8 +14,8 @@ import pytest
 import redis
 from django.conf import settings
 
-from deploy.worker_processes import CeleryWorkers
 from megaflow_site.topology import all_worker_specs
+from tests.support.worker_processes import CeleryWorkers
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -42,6 +42,18 @@ def run_manage(*args: str, env: dict[str, str] | None = None, timeout: float = 1
         text=True,
         timeout=timeout,
     )
+
+
+@pytest.fixture(scope="session")
+def django_db_modify_db_settings(django_db_modify_db_settings_parallel_suffix) -> None:
+    """The session's test database: a file for SQLite (worker subprocesses open it too, so it cannot live in
+    memory), and on PostgreSQL a name of its own per isolation slot (tests/session_env.py)."""
+    database = settings.DATABASES["default"]
+    if database["ENGINE"].endswith("sqlite3"):
+        name = str(settings.DATA_DIR / "test-megaflow.sqlite3")
+    else:
+        name = f"test_{database['NAME']}_{os.environ['MEGAFLOW_TEST_SLOT']}"
+    database.setdefault("TEST", {})["NAME"] = name
 
 
 @pytest.fixture(scope="session")
@@ -142,7 +154,7 @@ def swe_mini(db):
 @pytest.fixture(scope="session")
 def tiny_model():
     """A tiny causal LM built locally (random weights, a tokenizer trained on the suite's sources)."""
-    from modelserving.tiny_model import build_tiny_model
+    from tests.support.tiny_model import build_tiny_model
 
     return build_tiny_model(settings.DATA_DIR / "tiny-model")
 

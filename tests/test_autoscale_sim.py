@@ -7,8 +7,8 @@ import sys
 import pytest
 from django.conf import settings
 
-from deploy.autoscale_sim import Cluster, Simulation
 from orchestrator.autoscaler import CoordinatedAutoscaler
+from tests.sim.autoscale import Cluster, Simulation
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +64,7 @@ def test_an_overloaded_fleet_throttles_admission_instead_of_missing_the_slo_for_
 def test_make_sim_autoscale_writes_its_table_results_and_plot(tmp_path):
     output, plot = tmp_path / "sim.json", tmp_path / "sim.png"
     result = subprocess.run(
-        [sys.executable, "-m", "deploy.autoscale_sim", "--gpus", "8", "--episodes", "300", "--day-s", "600",
+        [sys.executable, "-m", "tests.sim.autoscale", "--gpus", "8", "--episodes", "300", "--day-s", "600",
          "--output", str(output), "--plot", str(plot)],
         cwd=settings.BASE_DIR, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
@@ -78,7 +78,7 @@ def test_make_sim_autoscale_writes_its_table_results_and_plot(tmp_path):
 def test_make_bench_autoscale_reports_both_policies(tmp_path):
     output = tmp_path / "bench.json"
     result = subprocess.run(
-        [sys.executable, "-m", "deploy.autoscale_bench", "--decisions", "2000", "--output", str(output)],
+        [sys.executable, "-m", "tests.bench.autoscale", "--decisions", "2000", "--output", str(output)],
         cwd=settings.BASE_DIR, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr

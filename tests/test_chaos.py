@@ -22,7 +22,7 @@ def chaos(faults: str, tmp_path) -> tuple[dict, str]:
     env.pop("MEGAFLOW_AUTOSCALE_INTERVAL_S", None)  # the chaos stack runs the autoscaler, as a deployment does
     output = tmp_path / "chaos.json"
     result = subprocess.run(
-        [sys.executable, "-m", "deploy.chaos", "--faults", faults, "--episodes", "200",
+        [sys.executable, "-m", "tests.chaos.harness", "--faults", faults, "--episodes", "200",
          "--redis-port", str(16391 + slot), "--output", str(output)],
         cwd=settings.BASE_DIR, env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip

@@ -6,9 +6,9 @@ import docker
 import pytest
 from celery import current_app
 
-from modelserving.tiny_model import TINY_AGENT_CONFIG
 from orchestrator import runs, transitions
 from orchestrator.models import Episode, Run
+from tests.support.tiny_model import TINY_AGENT_CONFIG
 
 pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
 

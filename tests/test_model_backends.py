@@ -1,7 +1,7 @@
 """Model backends: sim and replay, and the HTTP path against a real tiny model in a real OpenAI-compatible server."""
 
-import json
 import re
+import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
@@ -13,6 +13,7 @@ from modelserving.supervisor import read_metrics
 from modelserving.tasks import publish_generation
 from orchestrator import episode_loop
 from orchestrator.models import Episode, Run, Task
+from tests.support.fault_proxy import FaultProxy
 
 BASH_BLOCK = re.compile(r"```bash\n(.*?)\n```", re.DOTALL)
 
@@ -157,41 +158,44 @@ def test_an_unknown_backend_option_is_an_error():
         OpenAIBackend("x", base_url="http://127.0.0.1:9/v1", bogus=1)
 
 
-def inject(server: str, **fault) -> None:
-    request = urllib.request.Request(f"{server}/admin/faults", data=json.dumps(fault).encode(), method="POST")
-    urllib.request.urlopen(request).close()
+@pytest.fixture
+def faulty_server(tiny_model_server):
+    """The tiny model's server behind a fault-injecting proxy (tests/support/fault_proxy.py)."""
+    with FaultProxy(tiny_model_server) as proxy:
+        yield proxy
 
 
 @pytest.mark.integration
-def test_5xx_answers_are_retried_until_the_server_recovers(tiny_model_server):
+def test_5xx_answers_are_retried_until_the_server_recovers(faulty_server):
     from modelserving.openai_backend import OpenAIBackend
 
-    backend = OpenAIBackend("tiny", base_url=f"{tiny_model_server}/v1", max_attempts=4, backoff_s=0.01)
+    backend = OpenAIBackend("tiny", base_url=f"{faulty_server.url}/v1", max_attempts=4, backoff_s=0.01)
     try:
-        inject(tiny_model_server, status=500, count=3)
+        faulty_server.inject(status=500, count=3)
         [generation] = backend.generate([ask("hello", max_tokens=3)])
         assert not generation.error, "three 500s, then success on the fourth attempt"
-        inject(tiny_model_server, status=503, count=4)
+        assert faulty_server.pending == 0, "every injected 500 was answered"
+        faulty_server.inject(status=503, count=4)
         [generation] = backend.generate([ask("hello", max_tokens=3)])
         assert generation.error == (
-            f"model server {tiny_model_server}/v1 failed after 4 attempts: HTTP 503: injected fault: HTTP 503"
+            f"model server {faulty_server.url}/v1 failed after 4 attempts: HTTP 503: injected fault: HTTP 503"
         )
     finally:
-        inject(tiny_model_server)
         backend.close()
 
 
 @pytest.mark.integration
-def test_a_hanging_server_times_out_and_is_retried(tiny_model_server):
+def test_a_hanging_server_times_out_and_is_retried(faulty_server):
     from modelserving.openai_backend import OpenAIBackend
 
-    backend = OpenAIBackend("tiny", base_url=f"{tiny_model_server}/v1", max_attempts=2, backoff_s=0.01, timeout_s=1)
+    backend = OpenAIBackend("tiny", base_url=f"{faulty_server.url}/v1", max_attempts=2, backoff_s=0.01, timeout_s=1)
     try:
-        inject(tiny_model_server, hang_s=3, count=1)
+        faulty_server.inject(hang_s=3, count=1)
+        began = time.monotonic()
         [generation] = backend.generate([ask("hello", max_tokens=3)])
         assert not generation.error, "the hung request timed out and the retry succeeded"
+        assert time.monotonic() - began >= 1, "the first attempt hung until the client's timeout"
     finally:
-        inject(tiny_model_server)
         backend.close()
 
 

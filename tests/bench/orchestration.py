@@ -9,7 +9,7 @@ same simulated work:
 
 - *raw*: one asyncio process, a coroutine per episode, no broker, no database: the floor;
 - *naive*: one blocking Celery task per episode on a prefork pool with as many processes as MegaFlow runs
-  workers (agents/bench_naive.py), measured over a window (``--naive-window``) since it would take hours.
+  workers (tests/bench/naive_celery.py), measured over a window (``--naive-window``) since it would take hours.
 
 Per-step overhead is a step's wall time minus its model and command time: from the previous step's completion
 to this one's, for steps 1..n-1 (step 0 starts inside sandbox preparation, which is not a step). Writes
@@ -29,7 +29,9 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from tests.support.databases import ensure_database
+
+REPO = Path(__file__).resolve().parents[2]
 BENCH_DATABASE_URL = "postgres://postgres@127.0.0.1:5432/megaflow_bench"
 BENCH_REDIS_URL = "redis://127.0.0.1:6379/12"
 NAIVE_REDIS_URL = "redis://127.0.0.1:6379/10"  # the naive baseline's own database: killed mid-run, it leaves litter
@@ -62,17 +64,6 @@ def bench_environment(args, max_level: int) -> dict[str, str]:
         "MEGAFLOW_MAX_LIVE_EPISODES": str(max_level),
         "MEGAFLOW_LOG_LEVEL": os.environ.get("MEGAFLOW_BENCH_LOG_LEVEL", "WARNING"),
     }  # fmt: skip
-
-
-def ensure_database(url: str) -> None:
-    """Create the bench's PostgreSQL database if it does not exist yet."""
-    import psycopg
-    from psycopg import sql
-
-    name = url.rsplit("/", 1)[1]
-    with psycopg.connect(url.rsplit("/", 1)[0] + "/postgres", autocommit=True) as admin:
-        if not admin.execute("SELECT 1 FROM pg_database WHERE datname = %s", [name]).fetchone():
-            admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
 
 
 def sandbox_execs() -> tuple[int, int]:
@@ -109,10 +100,10 @@ def run_orchestrated(level: int, args, log_dir: Path) -> dict:
     from django.db.models import Count
     from tqdm import tqdm
 
-    from deploy.worker_processes import CeleryWorkers
     from megaflow_site.celery import app
     from megaflow_site.topology import Service, WorkerSpec
     from orchestrator.models import Dataset, Episode, Run, Step, Task
+    from tests.support.worker_processes import CeleryWorkers
 
     Step.objects.all().delete()  # the bench database holds one level's run at a time
     Episode.objects.all().delete()
@@ -141,7 +132,7 @@ def run_orchestrated(level: int, args, log_dir: Path) -> dict:
     workers.wait_ready([workers.start(spec, index) for spec, index in specs])
     try:
         began = time.time()
-        app.send_task("agents.start_run", kwargs={"run_id": run.pk})
+        app.send_task("orchestrator.start_run", kwargs={"run_id": run.pk})
         deadline = time.monotonic() + args.timeout
         with tqdm(total=episodes, desc=f"megaflow {level}", unit="ep", leave=False) as bar:
             while time.monotonic() < deadline:
@@ -220,12 +211,12 @@ async def run_raw(level: int, args, prepare_execs: int, evaluate_execs: int) -> 
 def run_naive(level: int, processes: int, args, prepare_execs: int, evaluate_execs: int, log_dir: Path) -> dict:
     import redis
 
-    from agents.bench_naive import QUEUE, STEPS_KEY, app
+    from tests.bench.naive_celery import QUEUE, STEPS_KEY, app
 
     client = redis.Redis.from_url(os.environ["MEGAFLOW_BENCH_NAIVE_REDIS_URL"])
     client.flushdb()
     log = (log_dir / "naive.log").open("wb")
-    argv = [str(Path(sys.executable).with_name("celery")), "-A", "agents.bench_naive", "worker", "-Q", QUEUE,
+    argv = [str(Path(sys.executable).with_name("celery")), "-A", "tests.bench.naive_celery", "worker", "-Q", QUEUE,
             "--pool", "prefork", "--concurrency", str(processes), "-n", f"naive-{os.getpid()}@%h",
             "--loglevel", "WARNING", "--without-mingle", "--without-gossip"]  # fmt: skip
     worker = subprocess.Popen(argv, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)

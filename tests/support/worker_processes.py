@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from celery.utils.nodenames import host_format
+from kombu.exceptions import OperationalError
 
 from megaflow_site.celery import app
 from megaflow_site.topology import WorkerSpec
@@ -83,7 +84,8 @@ class CeleryWorkers:
         deadline = time.monotonic() + WORKER_START_TIMEOUT_S
         pending = {worker.node: worker for worker in workers}
         # The broker may itself be down for a moment (a chaos run restarts it): keep asking until the deadline.
-        broker_down = app.connection_for_read().connection_errors
+        # kombu re-raises the transport's connection errors as its own OperationalError.
+        broker_down = (OperationalError, *app.connection_for_read().connection_errors)
         while pending:
             try:
                 replies = app.control.ping(destination=list(pending), timeout=0.5)

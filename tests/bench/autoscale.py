@@ -1,5 +1,5 @@
 """``make bench-autoscale``: the cost of one coordinated autoscaling decision, against the per-pool utilisation
-rule (deploy/autoscale_sim.py's baseline) timed in the same run on the same observations.
+rule (tests/sim/autoscale.py's baseline) timed in the same run on the same observations.
 
 Observations are prepared first (a random walk of load, queues, latency and replicas around a 128-GPU fleet),
 so that only ``decide`` is timed, call by call with ``perf_counter_ns``. Prints p50, p99 and mean microseconds
@@ -15,8 +15,8 @@ import statistics
 import time
 from pathlib import Path
 
-from deploy.autoscale_sim import CPU, GPU, UtilisationAutoscaler
 from orchestrator.autoscaler import ControllerConfig, CoordinatedAutoscaler, Observation, PoolConfig, PoolObservation
+from tests.sim.autoscale import CPU, GPU, UtilisationAutoscaler
 
 BUDGET_US = 100.0
 

@@ -4,7 +4,7 @@ Each task sleeps through its episode's simulated work (sandbox preparation, then
 for every step, then evaluation) exactly as the orchestrated episode does, holding its worker process the whole
 time. It is its own Celery app on its own queue, so it shares nothing with MegaFlow but the broker: it is what
 "just put the agent loop in a Celery task" gives. Each finished step is recorded in Redis as
-``(finished_at, wall_s)`` for the driver (agents/bench.py).
+``(finished_at, wall_s)`` for the driver (tests/bench/orchestration.py).
 """
 
 import json

@@ -26,7 +26,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 REDIS_DB = 8
 SERVER_PORT, WEB_PORT = 18990, 18991
 
@@ -80,8 +80,8 @@ def main() -> None:
 
     from megaflow_site.topology import Service, WorkerSpec
     from modelserving.supervisor import read_metrics
-    from modelserving.tiny_model import build_tiny_model
     from orchestrator import replies
+    from tests.support.tiny_model import build_tiny_model
 
     redis.Redis.from_url(env["MEGAFLOW_REDIS_URL"]).flushdb()
     call_command("migrate", verbosity=0)

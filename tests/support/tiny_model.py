@@ -5,7 +5,7 @@ running in a real server. This makes one in seconds: a 2-layer Llama (hidden siz
 trained on MegaFlow's own task-suite sources, with a chat template. Its replies are gibberish; its batching,
 token counts, context limit and logprobs are real.
 
-    python -m modelserving.tiny_model var/tiny-model
+    python -m tests.support.tiny_model var/tiny-model
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-CORPUS = Path(__file__).resolve().parent.parent / "envs" / "suites" / "swe_mini" / "projects"
+CORPUS = Path(__file__).resolve().parents[2] / "envs" / "suites" / "swe_mini" / "projects"
 # An agent config that fits the tiny model's 256-token context: short prompts, and only the last turn kept.
 TINY_AGENT_CONFIG = {
     "system_template": "Reply with bash.",

@@ -11,10 +11,10 @@ Faults: ``kill-workers`` (kill -9 a random worker of each service, repeatedly, a
 ``sigterm-worker`` (SIGTERM each service's worker: Celery's warm shutdown finishes or requeues in-flight
 work), ``restart-redis`` (the broker goes away mid-run and comes back), ``restart-docker`` (the Docker daemon
 stops mid-run, taking every sandbox with it, and comes back), ``kill-containers`` (sandboxes killed from
-outside, round after round), ``model-faults`` (the run's model, a real tiny
-model behind modelserving/hf_server.py, answers 500s, then hangs past the client's timeout, then recovers). As
-systemd or Kubernetes would, a supervisor starts a new worker in place of one that exited on its own; the
-report counts those as "crashed".
+outside, round after round), ``model-faults`` (the run's model, a real tiny model in modelserving/hf_server.py
+behind a fault-injecting proxy, tests/support/fault_proxy.py, answers 500s, then hangs past the client's
+timeout, then recovers). As systemd or Kubernetes would, a supervisor starts a new worker in place of one
+that exited on its own; the report counts those as "crashed".
 
 For every fault it reports episodes, terminal, lost (not terminal when the run's deadline passed), duplicated
 steps (a trajectory whose indexes are not exactly 0..n-1), retried (episodes on a second attempt) and failures
@@ -38,16 +38,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # imported in main(), once the environment is set: it loads the Celery app
-    from deploy.worker_processes import CeleryWorkers
+    from tests.support.worker_processes import CeleryWorkers
 
-from modelserving.tiny_model import TINY_AGENT_CONFIG
+from tests.support.fault_proxy import FaultProxy
+from tests.support.tiny_model import TINY_AGENT_CONFIG
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 CHAOS_DATABASE_URL = "postgres://postgres@127.0.0.1:5432/megaflow_chaos"
 CHAOS_REDIS_PORT = 6391
 
 
 def model_port(args) -> int:
+    """Where the workers reach the model: the fault proxy, in front of the real server one port up."""
     return args.redis_port + 1000
 
 
@@ -67,7 +69,7 @@ def chaos_environment(args) -> dict[str, str]:
         "MEGAFLOW_MODEL_CONFIG": json.dumps(
             {
                 "sim": {"backend": "sim", "latency_s": 0.05, "steps": args.steps},
-                # A real HTTP model server (modelserving/hf_server.py) whose faults the model-faults run injects.
+                # A real HTTP model server (modelserving/hf_server.py) behind the proxy the model-faults run drives.
                 "tiny": {
                     "backend": "openai",
                     "base_url": f"http://127.0.0.1:{model_port(args)}/v1",
@@ -172,7 +174,7 @@ class Stack:
 
     workers: CeleryWorkers
     broker: Broker
-    model_url: str
+    model: FaultProxy | None
     docker: DockerDaemon | None
 
 
@@ -251,14 +253,11 @@ def kill_containers(stack: Stack, stop: threading.Event) -> list[str]:
 
 def model_faults(stack: Stack, stop: threading.Event) -> list[str]:
     """The model server answers 500, then hangs past the client's timeout, then comes back."""
-    import httpx
-
-    url = f"{stack.model_url}/admin/faults"
     done = []
     for fault, hold_s in (({"status": 500, "count": 40}, 4), ({"hang_s": 8, "count": 6}, 8), ({}, 0)):
         if stop.wait(1.0):
             return done
-        httpx.post(url, json=fault, timeout=5).raise_for_status()
+        stack.model.inject(**fault)
         done.append(f"model server: {fault or 'healthy again'}")
         stop.wait(hold_s)
     return done
@@ -315,7 +314,7 @@ def run_under(fault: str, stack: Stack, args) -> dict:
                              max_steps=args.steps + 2, max_attempts=3)  # fmt: skip
     run.tasks.set([task])
     began = time.monotonic()
-    app.send_task("agents.start_run", kwargs={"run_id": run.pk})
+    app.send_task("orchestrator.start_run", kwargs={"run_id": run.pk})
     stop = threading.Event()
     injected: list[str] = []
     injector = threading.Thread(target=lambda: injected.extend(FAULTS[fault](stack, stop)))
@@ -336,20 +335,22 @@ def run_under(fault: str, stack: Stack, args) -> dict:
 
 
 def start_model_server(args, log_dir: Path) -> subprocess.Popen:
-    """The tiny model (random weights, built locally) behind modelserving.hf_server, as the tests run it."""
+    """The tiny model (random weights, built locally) in modelserving.hf_server, as the tests run it, one port
+    above the fault proxy's."""
     import httpx
 
-    from modelserving.tiny_model import build_tiny_model
+    from tests.support.tiny_model import build_tiny_model
 
     path = build_tiny_model(data_dir_for(args) / "tiny-model")
+    port = model_port(args) + 1
     process = subprocess.Popen(
         [sys.executable, "-m", "modelserving.hf_server", "--model-path", str(path), "--served-model-name", "tiny",
-         "--port", str(model_port(args))],
+         "--port", str(port)],
         cwd=REPO, stdout=(log_dir / "model-server.log").open("wb"), stderr=subprocess.STDOUT,
     )  # fmt: skip
     for _ in range(600):
         try:
-            if httpx.get(f"http://127.0.0.1:{model_port(args)}/health", timeout=1).status_code == 200:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
                 return process
         except httpx.TransportError:
             pass
@@ -384,9 +385,9 @@ def main() -> None:
     from django.conf import settings
     from django.core.management import call_command
 
-    from agents.bench import ensure_database
-    from deploy.worker_processes import CeleryWorkers
     from megaflow_site.topology import all_worker_specs
+    from tests.support.databases import ensure_database
+    from tests.support.worker_processes import CeleryWorkers
 
     ensure_database(os.environ["DATABASE_URL"])
     call_command("migrate", verbosity=0)
@@ -395,14 +396,17 @@ def main() -> None:
     workers = CeleryWorkers({**os.environ}, log_dir, name="chaos")
     workers.start_beat(data_dir / "celerybeat-schedule", loglevel="WARNING")
     rows = []
-    model_server = start_model_server(args, log_dir) if "model-faults" in faults else None
+    model_server, model_proxy = None, None
+    if "model-faults" in faults:
+        model_server = start_model_server(args, log_dir)
+        model_proxy = FaultProxy(f"http://127.0.0.1:{model_port(args) + 1}", port=model_port(args)).start()
     docker = None
     if DOCKER_FAULTS & set(faults):
         docker = DockerDaemon(data_dir / "docker")
         docker.start()
         docker.ensure_image(settings.MEGAFLOW_BASE_IMAGE)
         workers.queue_env["env.docker"] = {"MEGAFLOW_ENV_BACKEND": "docker", "DOCKER_HOST": docker.host}
-    stack = Stack(workers, broker, f"http://127.0.0.1:{model_port(args)}", docker)
+    stack = Stack(workers, broker, model_proxy, docker)
     try:
         workers.wait_ready([workers.start(spec) for spec in all_worker_specs()])
         for fault in faults:
@@ -413,6 +417,8 @@ def main() -> None:
         broker.stop()
         if docker:
             docker.stop()
+        if model_proxy:
+            model_proxy.stop()
         if model_server:
             model_server.terminate()
             model_server.wait(20)

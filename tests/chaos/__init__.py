@@ -1,0 +1,1 @@
+"""``make chaos``: runs of many episodes under injected faults (tests/chaos/harness.py)."""
