@@ -65,6 +65,12 @@ class Task(models.Model):
     def __str__(self) -> str:
         return self.instance_id
 
+    @property
+    def log_parser(self) -> str:
+        """How the test log is read (envs/test_results.py); a task-format field kept in ``extra``, so tasks
+        stored before it existed keep their digest."""
+        return self.extra.get("log_parser") or "auto"
+
 
 class Run(models.Model):
     """A batch of episodes: every chosen task, ``samples_per_task`` times, under one agent/model/env config."""
