@@ -21,11 +21,12 @@ is_root() { [ "$(id -u)" -eq 0 ]; }
 
 # --- Debian packages ---------------------------------------------------------------------------------------
 missing=()
-for pkg in redis-server docker.io debootstrap; do
+# chromium and chromium-driver: the headless browser tests/test_api_docs.py renders the API docs in.
+for pkg in redis-server docker.io debootstrap chromium chromium-driver; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
 done
 if [ ${#missing[@]} -eq 0 ]; then
-  step "Debian packages: redis-server, docker.io, debootstrap already installed"
+  step "Debian packages: redis-server, docker.io, debootstrap, chromium, chromium-driver already installed"
 else
   is_root || fail "Debian packages ${missing[*]} are missing -- install them as root: apt-get install ${missing[*]}"
   step "Debian packages: installing ${missing[*]}"

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from django.conf import settings
 
 from envs.backend import EnvironmentBackend, ExecResult, SandboxError, SandboxSpec
-from envs.test_results import PASSED, parse_test_log
+from envs.test_results import PASSED, parse_test_log, unreadable_reason
 from orchestrator.models import Task
 
 BASE_TAG = "megaflow-base"
@@ -128,14 +128,17 @@ def evaluate(backend: EnvironmentBackend, sandbox_id: str, task: Task) -> Evalua
         if applied.exit_code != 0:
             return Evaluation(reward=0.0, error=f"test patch did not apply: {applied.output.strip()[-500:]}")
     run = backend.exec(sandbox_id, task.test_command, task.timeout_s, workdir=workdir, output_limit=TEST_LOG_LIMIT)
-    tests = parse_test_log(run.output)
+    parser = task.log_parser
+    tests = parse_test_log(run.output, parser)
     graded = [*task.fail_to_pass, *task.pass_to_pass]
     failing = [name for name in graded if tests.get(name) != PASSED]
+    # A log that cannot grade is not a wrong answer: say why, so neither a task author nor a trainer reads it as one.
+    error = "test command timed out" if run.timed_out else unreadable_reason(run.output, tests, parser, run.exit_code)
     return Evaluation(
         reward=0.0 if failing else 1.0,
         tests={name: tests.get(name, "missing") for name in graded},
         failing=failing,
         exit_code=run.exit_code,
         log=run.observation()[-20_000:],
-        error="test command timed out" if run.timed_out else "",
+        error=error,
     )

@@ -4,6 +4,7 @@ from django.contrib import admin
 from django.db import connection
 from django.http import JsonResponse
 from django.urls import include, path
+from django.views.defaults import page_not_found
 
 from modelserving.gateway import ChatCompletionsView, ModelsView
 from orchestrator.metrics import MetricsView
@@ -15,6 +16,15 @@ def healthz(request):
         cursor.execute("SELECT 1")
     return JsonResponse({"status": "ok"})
 
+
+def not_found(request, exception):
+    """A URL no route matches: JSON for the APIs (their clients parse every answer), Django's page elsewhere."""
+    if request.path.startswith(("/api/", "/v1/")):
+        return JsonResponse({"detail": "Not found."}, status=404)
+    return page_not_found(request, exception)
+
+
+handler404 = not_found
 
 admin.site.site_header = "MegaFlow"
 admin.site.site_title = "MegaFlow admin"

@@ -1,8 +1,13 @@
-"""Django admin for datasets, tasks, runs and episodes; trajectories are shown read-only."""
+"""Django admin for datasets, tasks, runs and episodes; trajectories are shown read-only, and so is a run once
+it has started (its tasks and configuration are what its episodes ran). List pages cost a fixed number of
+queries, whatever the number of rows."""
 
 from django.contrib import admin, messages
+from django.core.exceptions import PermissionDenied
 from django.db.models import Avg, Count, Q
-from django.http import StreamingHttpResponse
+from django.http import HttpResponseNotAllowed, HttpResponseRedirect, StreamingHttpResponse
+from django.shortcuts import get_object_or_404
+from django.urls import path, reverse
 
 from orchestrator import run_charts, runs, trajectories
 from orchestrator.models import Dataset, Episode, Run, Step, Task
@@ -11,6 +16,7 @@ from orchestrator.models import Dataset, Episode, Run, Step, Task
 @admin.register(Dataset)
 class DatasetAdmin(admin.ModelAdmin):
     list_display = ["name", "task_count", "owner", "created_at"]
+    list_select_related = ["owner"]
     search_fields = ["name", "description"]
     readonly_fields = ["created_at"]
 
@@ -26,6 +32,7 @@ class DatasetAdmin(admin.ModelAdmin):
 class TaskAdmin(admin.ModelAdmin):
     list_display = ["instance_id", "dataset", "image", "timeout_s", "created_at"]
     list_filter = ["dataset"]
+    list_select_related = ["dataset"]
     search_fields = ["instance_id", "problem_statement"]
     readonly_fields = ["spec_sha256", "repo_archive_sha256", "created_at"]
 
@@ -40,6 +47,62 @@ class RunAdmin(admin.ModelAdmin):
     readonly_fields = ["status", "created_at", "updated_at", "started_at", "finished_at", "charts"]
     filter_horizontal = ["tasks"]
     actions = ["cancel_runs", "retry_failed_episodes", "export_trajectories"]
+
+    def has_change_permission(self, request, obj=None):
+        # A started run is what its episodes ran: its page is a view, with the run's actions beside it.
+        if obj is not None and (obj.status != Run.Status.QUEUED or obj.started_at is not None):
+            return False
+        return super().has_change_permission(request, obj)
+
+    def get_urls(self):
+        own = [
+            path("<int:run_id>/cancel/", self.admin_site.admin_view(self.cancel_view), name="orchestrator_run_cancel"),
+            path("<int:run_id>/retry-failed/", self.admin_site.admin_view(self.retry_view),
+                 name="orchestrator_run_retry_failed"),
+            path("<int:run_id>/export/", self.admin_site.admin_view(self.export_view), name="orchestrator_run_export"),
+        ]  # fmt: skip
+        return own + super().get_urls()
+
+    def _one(self, request, run_id: int):
+        return get_object_or_404(self.get_queryset(request), pk=run_id)
+
+    def _back(self, run_id: int) -> HttpResponseRedirect:
+        return HttpResponseRedirect(reverse("admin:orchestrator_run_change", args=[run_id]))
+
+    @staticmethod
+    def _may_act(request) -> bool:
+        return request.user.has_perm("orchestrator.change_run")
+
+    def cancel_view(self, request, run_id: int):
+        return self._on_one_run(request, run_id, self.cancel_runs)
+
+    def retry_view(self, request, run_id: int):
+        return self._on_one_run(request, run_id, self.retry_failed_episodes)
+
+    def export_view(self, request, run_id: int):
+        return self.export_trajectories(request, self.get_queryset(request).filter(pk=self._one(request, run_id).pk))
+
+    def _on_one_run(self, request, run_id: int, action):
+        """The list's ``action`` on one run, from the buttons on its page."""
+        if request.method != "POST":
+            return HttpResponseNotAllowed(["POST"])
+        run = self._one(request, run_id)
+        if not self._may_act(request):
+            raise PermissionDenied
+        action(request, self.get_queryset(request).filter(pk=run.pk))
+        return self._back(run_id)
+
+    def render_change_form(self, request, context, add=False, change=False, form_url="", obj=None):
+        if obj is not None:
+            context["run_actions"] = {
+                "cancel": reverse("admin:orchestrator_run_cancel", args=[obj.pk]) if obj.status not in Run.TERMINAL
+                else None,
+                "retry": reverse("admin:orchestrator_run_retry_failed", args=[obj.pk])
+                if obj.status != Run.Status.CANCELLED else None,
+                "export": reverse("admin:orchestrator_run_export", args=[obj.pk]),
+                "may_act": self._may_act(request),
+            }  # fmt: skip
+        return super().render_change_form(request, context, add, change, form_url, obj)
 
     def get_queryset(self, request):
         return (
@@ -83,7 +146,7 @@ class RunAdmin(admin.ModelAdmin):
         retried = sum(runs.retry_failed(run.pk) for run in queryset.exclude(status=Run.Status.CANCELLED))
         self.message_user(request, f"{retried} episodes queued for another attempt", messages.SUCCESS)
 
-    @admin.action(description="Export the trajectories of the selected runs (JSONL)")
+    @admin.action(description="Export the rollouts of the selected runs (JSONL)")
     def export_trajectories(self, request, queryset):
         runs = list(queryset.order_by("pk"))
         lines = (line for run in runs for line in trajectories.export_run(run))

@@ -65,6 +65,12 @@ class Task(models.Model):
     def __str__(self) -> str:
         return self.instance_id
 
+    @property
+    def log_parser(self) -> str:
+        """How the test log is read (envs/test_results.py); a task-format field kept in ``extra``, so tasks
+        stored before it existed keep their digest."""
+        return self.extra.get("log_parser") or "auto"
+
 
 class Run(models.Model):
     """A batch of episodes: every chosen task, ``samples_per_task`` times, under one agent/model/env config."""
@@ -163,7 +169,14 @@ class Episode(models.Model):
         constraints = [
             models.UniqueConstraint(fields=["run", "task", "sample_index"], name="episode_unique_sample"),
         ]
-        indexes = [models.Index(fields=["run", "status"], name="episode_run_status")]
+        indexes = [
+            models.Index(fields=["run", "status"], name="episode_run_status"),
+            # Fleet-wide by status: admission and the autoscaler count live episodes, metrics count every status,
+            # and the watchdog looks for live ones not updated since a cutoff.
+            models.Index(fields=["status", "updated_at"], name="episode_status_updated"),
+            # The reaper asks which live episodes hold the containers it found.
+            models.Index(fields=["container_id"], name="episode_container"),
+        ]
 
     def __str__(self) -> str:
         return f"{self.task_id}#{self.sample_index} ({self.status})"
@@ -195,6 +208,8 @@ class Step(models.Model):
     class Meta:
         ordering = ["episode", "index"]
         constraints = [models.UniqueConstraint(fields=["episode", "index"], name="step_unique_index")]
+        # Metrics and the autoscaler read the steps completed in the last minutes.
+        indexes = [models.Index(fields=["completed_at"], name="step_completed_at")]
 
     def __str__(self) -> str:
         return f"step {self.index} of episode {self.episode_id}"

@@ -17,6 +17,7 @@ from django.core.files.base import ContentFile
 from django.core.files.storage import default_storage
 from django.db import transaction
 
+from envs.test_results import LOG_PARSERS
 from orchestrator.models import Dataset, Task, archive_storage_name
 
 DEFAULT_WORKDIR = "/testbed"
@@ -98,6 +99,13 @@ def _archive(obj: dict, base_dir: Path | None) -> bytes | None:
     return data
 
 
+def _log_parser(obj: dict) -> None:
+    # Kept in ``extra`` with the other fields beyond SWE-bench's (Task.log_parser reads it); checked here.
+    value = obj.get("log_parser")
+    if value is not None and (not isinstance(value, str) or value not in LOG_PARSERS):
+        raise TaskFormatError("log_parser", f"must be one of {', '.join(LOG_PARSERS)}, not {value!r}")
+
+
 KNOWN_FIELDS = {
     "instance_id", "problem_statement", "image", "repo_archive", "workdir", "setup_commands", "patch",
     "test_patch", "test_command", "FAIL_TO_PASS", "PASS_TO_PASS", "timeout_s",
@@ -128,6 +136,7 @@ def parse_task(obj: object, base_dir: Path | None = None) -> TaskSpec:
             "pass_to_pass": _string_list(obj, "PASS_TO_PASS"),
             "timeout_s": _timeout(obj),
         }
+        _log_parser(obj)
         archive = _archive(obj, base_dir)
     except TaskFormatError as error:
         raise TaskFormatError(error.field, error.reason, instance_id=instance_id) from None

@@ -55,3 +55,62 @@ def test_admin_actions_retry_and_export(admin_client, finished_run):
     assert finished_run.episodes.filter(status=Episode.Status.QUEUED, attempt=2).count() == 1
     finished_run.refresh_from_db()
     assert finished_run.status == Run.Status.RUNNING
+
+
+def test_a_started_run_is_read_only_with_its_actions_on_its_page(admin_client, finished_run):
+    url = f"/admin/orchestrator/run/{finished_run.pk}/change/"
+    page = admin_client.get(url).content.decode()
+    assert 'name="model_name"' not in page and 'name="tasks"' not in page and "View run" in page
+    assert 'id="run-retry-failed"' in page and 'id="run-export"' in page
+    assert 'id="run-cancel"' not in page, "a completed run cannot be cancelled"
+    response = admin_client.post(url, {"model_name": "other", "samples_per_task": 9})
+    assert response.status_code == 403
+    finished_run.refresh_from_db()
+    assert (finished_run.model_name, finished_run.samples_per_task) == ("replay", 1)
+
+    exported = admin_client.get(f"/admin/orchestrator/run/{finished_run.pk}/export/")
+    assert len(b"".join(exported.streaming_content).decode().splitlines()) == 4
+    assert admin_client.get(f"/admin/orchestrator/run/{finished_run.pk}/retry-failed/").status_code == 405
+    retried = admin_client.post(f"/admin/orchestrator/run/{finished_run.pk}/retry-failed/")
+    assert retried.status_code == 302 and retried["Location"] == url
+    assert finished_run.episodes.filter(status=Episode.Status.QUEUED, attempt=2).count() == 1
+
+
+def test_a_running_run_is_cancelled_from_its_page(admin_client, finished_run):
+    Run.objects.filter(pk=finished_run.pk).update(status=Run.Status.RUNNING, finished_at=None)
+    finished_run.episodes.filter(status=Episode.Status.FAILED).update(status=Episode.Status.RUNNING, container_id="c1")
+    page = admin_client.get(f"/admin/orchestrator/run/{finished_run.pk}/change/").content.decode()
+    assert 'id="run-cancel"' in page
+    admin_client.post(f"/admin/orchestrator/run/{finished_run.pk}/cancel/")
+    finished_run.refresh_from_db()
+    assert finished_run.status == Run.Status.CANCELLED
+    assert finished_run.episodes.get(container_id="c1").status == Episode.Status.CANCELLED
+
+
+def test_a_queued_run_can_still_be_edited(admin_client, swe_mini):
+    run = Run.objects.create(dataset=swe_mini, model_name="replay")
+    page = admin_client.get(f"/admin/orchestrator/run/{run.pk}/change/").content.decode()
+    assert 'name="model_name"' in page and "Change run" in page
+
+
+@pytest.mark.parametrize(
+    "url", ["/admin/orchestrator/run/", "/admin/orchestrator/episode/", "/admin/orchestrator/dataset/",
+            "/admin/orchestrator/task/"],
+)  # fmt: skip
+def test_list_pages_cost_the_same_queries_for_one_row_or_many(url, admin_client, finished_run, swe_mini,
+                                                             django_assert_max_num_queries):  # fmt: skip
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    from orchestrator.models import Dataset
+
+    with CaptureQueriesContext(connection) as few:
+        assert admin_client.get(url).status_code == 200
+    owner = User.objects.get(username="admin")
+    for index in range(12):
+        run = Run.objects.create(dataset=swe_mini, owner=owner, model_name="replay", name=f"more-{index}")
+        episode = Episode.objects.create(run=run, task=swe_mini.tasks.first(), sample_index=0)
+        Step.objects.create(episode=episode, index=0, action="ls")
+        Dataset.objects.create(name=f"more-{index}", owner=owner)
+    with django_assert_max_num_queries(len(few)):
+        assert admin_client.get(url).status_code == 200

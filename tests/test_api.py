@@ -73,7 +73,7 @@ def create_run(api, swe_mini, **fields):
      ("get", "/api/v1/runs/"), ("post", "/api/v1/runs/"), ("get", "/api/v1/runs/1/"),
      ("post", "/api/v1/runs/1/cancel/"), ("get", "/api/v1/runs/1/export/"), ("get", "/api/v1/episodes/"),
      ("get", "/api/v1/episodes/1/steps/"),
-     ("get", "/api/v1/schema/"), ("get", "/api/v1/docs/")],
+     ("get", "/api/v1/schema/"), ("get", "/api/v1/docs/"), ("get", "/api/v1/redoc/")],
 )  # fmt: skip
 def test_every_endpoint_needs_a_token(method, url):
     response = getattr(APIClient(), method)(url)

@@ -29,3 +29,24 @@ def test_run_follows_a_run_to_its_summary_and_status_lists_it(celery_workers, sw
     listing = capsys.readouterr().out
     assert any(line.split()[:4] == [str(run.pk), "completed", "4/4", "1.000"] for line in listing.splitlines())
     assert "queues: agent 0" in listing
+
+
+@pytest.mark.integration
+def test_validate_prints_each_tasks_outcome_and_reason_as_a_table(swe_mini, capsys):
+    from orchestrator.models import Dataset, Task
+
+    quiet = Dataset.objects.create(name="quiet")
+    for task in swe_mini.tasks.filter(instance_id__in=["calendarx-1", "kvconf-1"]):
+        task.pk, task.dataset = None, quiet
+        if task.instance_id == "kvconf-1":
+            task.test_command = "python3 -m pytest -q -p no:cacheprovider"
+        task.save()
+    assert Task.objects.filter(dataset=quiet).count() == 2
+    with pytest.raises(CommandError, match="1 task\\(s\\) failed gold validation"):
+        call_command("megaflow", "validate", "quiet", "--parallel", "2")
+    header, *rows, last = capsys.readouterr().out.strip().splitlines()
+    assert header.split() == ["task", "outcome", "seconds", "reason"]
+    valid, invalid = (row.split(maxsplit=3) for row in rows)
+    assert valid[:2] == ["calendarx-1", "valid"] and valid[3] == "-"
+    assert invalid[:2] == ["kvconf-1", "INVALID"] and "add -rA" in invalid[3] and "base tree:" in invalid[3]
+    assert last == "validate quiet: 1 of 2 tasks valid"

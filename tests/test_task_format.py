@@ -81,6 +81,16 @@ def test_a_dataset_round_trips_through_the_database(dataset_file):
 
 
 @pytest.mark.django_db
+def test_the_log_parser_is_kept_with_the_task_and_defaults_to_auto(dataset_file):
+    path, _, _ = dataset_file
+    path.write_text(json.dumps(full_task(log_parser="unittest")) + "\n" + json.dumps(full_task(instance_id="b")) + "\n")
+    dataset = load_dataset(path, "parsers")
+    assert dataset.tasks.get(instance_id="calc__add-1").log_parser == "unittest"
+    assert task_to_dict(dataset.tasks.get(instance_id="calc__add-1"))["log_parser"] == "unittest"
+    assert dataset.tasks.get(instance_id="b").log_parser == "auto"
+
+
+@pytest.mark.django_db
 def test_loading_the_same_file_twice_is_a_no_op_and_a_changed_file_is_refused(dataset_file):
     path, _, _ = dataset_file
     first = load_dataset(path, "mini")
@@ -113,6 +123,8 @@ BAD_TASKS = {
     "missing archive": ({"repo_archive": "repos/none.tar.gz"}, "repo_archive", "file not found"),
     "absolute archive path": ({"repo_archive": "/etc/passwd"}, "repo_archive", "relative to the dataset file"),
     "missing test command": ({"test_command": ""}, "test_command", "required"),
+    "unknown log parser": ({"log_parser": "nose"}, "log_parser", "must be one of auto, pytest, junit, unittest"),
+    "log parser not a string": ({"log_parser": ["pytest"]}, "log_parser", "must be one of"),
 }
 
 

@@ -4,6 +4,7 @@ naming the field and the reason, never an error deeper in."""
 from __future__ import annotations
 
 import hashlib
+import re
 
 from django.conf import settings
 from django.db import transaction
@@ -16,10 +17,12 @@ from megaflow_site.topology import Service, known_keys
 from orchestrator.models import Dataset, Episode, Run, Step, Task
 from orchestrator.task_format import TaskFormatError, parse_lines, parse_task, spec_digest, store_dataset
 
+SLUG = re.compile(r"[-a-zA-Z0-9_]+")
+
 
 class DatasetSerializer(serializers.ModelSerializer):
     task_count = serializers.IntegerField(read_only=True, source="tasks.count")
-    owner = serializers.StringRelatedField()
+    owner = serializers.StringRelatedField(allow_null=True, help_text="username; null for the CLI's datasets and runs")
 
     class Meta:
         model = Dataset
@@ -67,13 +70,20 @@ class TaskSerializer(serializers.ModelSerializer):
         read_only_fields = fields
 
 
+class DatasetNameField(serializers.SlugRelatedField):
+    """A dataset by name; what is not a slug is not looked up (a NUL character is more than PostgreSQL takes)."""
+
+    def to_internal_value(self, data):
+        if isinstance(data, str) and not SLUG.fullmatch(data):
+            self.fail("does_not_exist", slug_name=self.slug_field, value=data.replace("\x00", "\\x00")[:100])
+        return super().to_internal_value(data)
+
+
 class RunSerializer(serializers.ModelSerializer):
     """A run: every chosen task × ``samples_per_task``. Choose tasks by ``dataset`` (all of it, or the
     ``instance_ids`` listed) or give them inline in ``tasks`` (task-format objects)."""
 
-    dataset = serializers.SlugRelatedField(
-        slug_field="name", queryset=Dataset.objects.all(), required=False, allow_null=True
-    )
+    dataset = DatasetNameField(slug_field="name", queryset=Dataset.objects.all(), required=False, allow_null=True)
     instance_ids = serializers.ListField(
         child=serializers.CharField(max_length=200), required=False, write_only=True, max_length=10_000,
         help_text="With dataset: only these tasks.",
@@ -84,7 +94,7 @@ class RunSerializer(serializers.ModelSerializer):
     )  # fmt: skip
     model_name = serializers.CharField(max_length=200)
     env_pool = serializers.CharField(max_length=100, required=False, default="default")
-    owner = serializers.StringRelatedField()
+    owner = serializers.StringRelatedField(allow_null=True, help_text="username; null for the CLI's datasets and runs")
     progress = serializers.SerializerMethodField()
 
     class Meta:

@@ -1,7 +1,7 @@
-"""``/api/v1/``: the REST API, its OpenAPI schema and Swagger UI."""
+"""``/api/v1/``: the REST API, its OpenAPI schema, Swagger UI and Redoc (from our own static files)."""
 
 from django.urls import include, path
-from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
+from drf_spectacular.views import SpectacularAPIView, SpectacularRedocView, SpectacularSwaggerView
 from rest_framework.routers import DefaultRouter
 
 from orchestrator.api import views
@@ -15,5 +15,8 @@ router.register("episodes", views.EpisodeViewSet)
 urlpatterns = [
     path("schema/", SpectacularAPIView.as_view(), name="api-schema"),
     path("docs/", SpectacularSwaggerView.as_view(url_name="api-schema"), name="api-docs"),
+    path(
+        "redoc/", SpectacularRedocView.as_view(url_name="api-schema", template_name="api/redoc.html"), name="api-redoc"
+    ),
     path("", include(router.urls)),
 ]

@@ -6,19 +6,29 @@ episodes and trajectories belong to whoever created the run.
 
 from __future__ import annotations
 
+import re
+
+from django import forms
 from django.http import StreamingHttpResponse
 from django_filters import rest_framework as filters
 from drf_spectacular.types import OpenApiTypes
-from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
+from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema, extend_schema_field
 from rest_framework import mixins, status, viewsets
 from rest_framework.decorators import action
 from rest_framework.exceptions import ValidationError
-from rest_framework.parsers import FormParser, JSONParser, MultiPartParser
+from rest_framework.parsers import MultiPartParser
 from rest_framework.response import Response
 
 from orchestrator import runs, trajectories
 from orchestrator.api import serializers
-from orchestrator.api.conventions import Conflict, UtcIsoDateTimeFilter, reject_oversize
+from orchestrator.api.conventions import (
+    Conflict,
+    StrictFilterSet,
+    StrictJSONParser,
+    UtcIsoDateTimeFilter,
+    reject_oversize,
+)
+from orchestrator.api.schema import IDEMPOTENCY_KEY, IDEMPOTENCY_KEY_MAX, IDEMPOTENCY_KEY_PATTERN
 from orchestrator.models import Dataset, Episode, Run, Step, Task
 
 # --- datasets and tasks -------------------------------------------------------------------------------------------
@@ -37,7 +47,7 @@ class DatasetViewSet(CreatedByRequestUser, mixins.CreateModelMixin, viewsets.Rea
 
     queryset = Dataset.objects.select_related("owner").order_by("name")
     serializer_class = serializers.DatasetSerializer
-    parser_classes = [MultiPartParser, FormParser]
+    parser_classes = [MultiPartParser]
     filterset_fields = {"name": ["exact", "icontains"]}
     ordering_fields = ["name", "created_at"]
 
@@ -57,7 +67,7 @@ class DatasetViewSet(CreatedByRequestUser, mixins.CreateModelMixin, viewsets.Rea
         return Response(serializers.DatasetSerializer(dataset).data, status=status.HTTP_201_CREATED)
 
 
-class TaskFilter(filters.FilterSet):
+class TaskFilter(StrictFilterSet):
     dataset = filters.CharFilter(field_name="dataset__name", help_text="dataset name")
 
     class Meta:
@@ -87,14 +97,24 @@ class OwnedQuerysetMixin(CreatedByRequestUser):
         return queryset if user.is_staff else queryset.filter(**{self.owner_path: user})
 
 
-class RunFilter(filters.FilterSet):
+class ChoiceInFilter(filters.BaseInFilter, filters.ChoiceFilter):
+    """``status__in=a,b``: each value one of the choices, or a 400 naming it (an empty one too)."""
+
+    def filter(self, qs, value):
+        if value is not None and not all(value):
+            raise ValidationError({f"{self.field_name}__in": ["each value must be one of the choices, not empty"]})
+        return super().filter(qs, value)
+
+
+class RunFilter(StrictFilterSet):
     dataset = filters.CharFilter(field_name="dataset__name")
+    status__in = ChoiceInFilter(field_name="status", lookup_expr="in", choices=Run.Status.choices)
     created_after = UtcIsoDateTimeFilter(field_name="created_at", lookup_expr="gte")
     created_before = UtcIsoDateTimeFilter(field_name="created_at", lookup_expr="lt")
 
     class Meta:
         model = Run
-        fields = {"status": ["exact", "in"], "model_name": ["exact"], "env_pool": ["exact"], "name": ["icontains"]}
+        fields = {"status": ["exact"], "model_name": ["exact"], "env_pool": ["exact"], "name": ["icontains"]}
 
 
 @extend_schema(tags=["runs"])
@@ -105,17 +125,21 @@ class RunViewSet(OwnedQuerysetMixin, mixins.CreateModelMixin, viewsets.ReadOnlyM
 
     queryset = Run.objects.select_related("owner", "dataset").order_by("-created_at")
     serializer_class = serializers.RunSerializer
-    parser_classes = [JSONParser]
+    parser_classes = [StrictJSONParser]
     filterset_class = RunFilter
     ordering_fields = ["created_at", "status", "name"]
 
     @extend_schema(
-        parameters=[OpenApiParameter("Idempotency-Key", OpenApiTypes.STR, OpenApiParameter.HEADER, required=False)],
+        parameters=[OpenApiParameter(IDEMPOTENCY_KEY, OpenApiTypes.STR, OpenApiParameter.HEADER, required=False)],
         responses={201: serializers.RunSerializer, 200: serializers.RunSerializer},
     )
     def create(self, request, *args, **kwargs):
         reject_oversize(request)
-        key = request.headers.get("Idempotency-Key", "")[:200]
+        key = request.headers.get(IDEMPOTENCY_KEY, "")
+        if len(key) > IDEMPOTENCY_KEY_MAX or not re.fullmatch(IDEMPOTENCY_KEY_PATTERN[1:-1], key):
+            raise ValidationError(
+                {IDEMPOTENCY_KEY: [f"must be at most {IDEMPOTENCY_KEY_MAX} visible ASCII characters"]}
+            )
         if key and (existing := Run.objects.filter(owner=request.user, idempotency_key=key).first()):
             return Response(self.get_serializer(existing).data, status=status.HTTP_200_OK)
         try:
@@ -161,14 +185,22 @@ class RunViewSet(OwnedQuerysetMixin, mixins.CreateModelMixin, viewsets.ReadOnlyM
 # --- episodes and steps ------------------------------------------------------------------------------------------
 
 
-class EpisodeFilter(filters.FilterSet):
+@extend_schema_field(OpenApiTypes.INT)
+class RunIdFilter(filters.NumberFilter):
+    field_class = forms.IntegerField
+
+
+class EpisodeFilter(StrictFilterSet):
     reward_min = filters.NumberFilter(field_name="reward", lookup_expr="gte")
     reward_max = filters.NumberFilter(field_name="reward", lookup_expr="lte")
     instance_id = filters.CharFilter(field_name="task__instance_id")
+    # By id, not as a choice among the runs: an unknown run is an empty list, as any other filter's miss is.
+    run = RunIdFilter(field_name="run_id", help_text="run id")
+    status__in = ChoiceInFilter(field_name="status", lookup_expr="in", choices=Episode.Status.choices)
 
     class Meta:
         model = Episode
-        fields = {"run": ["exact"], "status": ["exact", "in"]}
+        fields = {"status": ["exact"]}
 
 
 @extend_schema(tags=["episodes"])

@@ -169,11 +169,19 @@ class Command(BaseCommand):
         with tqdm(total=tasks.count(), desc=f"validating {dataset}", unit="task") as bar:
             results = gold_check.check_tasks(get_backend(), list(tasks), parallel, on_done=lambda _: bar.update())
         failed = [result for result in results if not result.ok]
-        for result in failed:
-            self.stdout.write(f"FAIL {result.instance_id}: " + "; ".join(result.problems))
+        self.print_validation_table(results)
         self.stdout.write(f"validate {dataset}: {len(results) - len(failed)} of {len(results)} tasks valid")
         if failed:
             raise CommandError(f"{len(failed)} task(s) failed gold validation")
+
+    def print_validation_table(self, results: list[gold_check.GoldResult]) -> None:
+        """One row per task: its outcome, the seconds it took, and why it failed (every reason, in full)."""
+        width = max([len("task"), *(len(result.instance_id) for result in results)])
+        self.stdout.write(f"{'task':<{width}}  {'outcome':<7} {'seconds':>7}  reason")
+        for result in results:
+            outcome = "valid" if result.ok else "INVALID"
+            reason = "; ".join(result.problems) if result.problems else "-"
+            self.stdout.write(f"{result.instance_id:<{width}}  {outcome:<7} {result.seconds:>7.1f}  {reason}")
 
     def handle_import_swebench(self, source, out, name=None, namespace="swebench", arch="x86_64",
                                skip_image_check=False, **_):  # fmt: skip
