@@ -2,6 +2,7 @@
 it has started (its tasks and configuration are what its episodes ran). List pages cost a fixed number of
 queries, whatever the number of rows."""
 
+from django import forms
 from django.contrib import admin, messages
 from django.core.exceptions import PermissionDenied
 from django.db.models import Avg, Count, Q
@@ -37,6 +38,46 @@ class TaskAdmin(admin.ModelAdmin):
     readonly_fields = ["spec_sha256", "repo_archive_sha256", "created_at"]
 
 
+RUN_FIELDS = [
+    "name",
+    "dataset",
+    "tasks",
+    "samples_per_task",
+    "agent_name",
+    "agent_config",
+    "model_name",
+    "env_pool",
+    "max_concurrent_episodes",
+    "max_steps",
+    "episode_time_limit_s",
+    "max_attempts",
+    "max_episode_tokens",
+]
+
+
+class RunAddForm(forms.ModelForm):
+    """A new run, checked as the API and the CLI check one (``runs.run_errors``), and started like theirs."""
+
+    class Meta:
+        model = Run
+        fields = RUN_FIELDS
+
+    def clean(self):
+        cleaned = super().clean()
+        dataset, tasks = cleaned.get("dataset"), cleaned.get("tasks")
+        self.run_fields = {
+            field: value for field, value in cleaned.items()
+            if field not in ("dataset", "tasks") and value not in (None, "")
+        }  # fmt: skip
+        self.run_fields["dataset"] = dataset.name if dataset else None
+        if tasks:
+            self.run_fields["instance_ids"] = [task.instance_id for task in tasks]
+        for field, reasons in runs.run_errors(self.run_fields).items():
+            field = "tasks" if field == "instance_ids" else field
+            self.add_error(field if field in self.fields else None, reasons)
+        return cleaned
+
+
 @admin.register(Run)
 class RunAdmin(admin.ModelAdmin):
     list_display = ["__str__", "status", "owner", "model_name", "env_pool", "progress", "success_rate", "mean_reward",
@@ -47,6 +88,22 @@ class RunAdmin(admin.ModelAdmin):
     readonly_fields = ["status", "created_at", "updated_at", "started_at", "finished_at", "charts"]
     filter_horizontal = ["tasks"]
     actions = ["cancel_runs", "retry_failed_episodes", "export_trajectories"]
+
+    def get_form(self, request, obj=None, change=False, **kwargs):
+        if obj is None:
+            kwargs["form"] = RunAddForm
+        return super().get_form(request, obj, change=change, **kwargs)
+
+    def save_model(self, request, obj, form, change):
+        if change:
+            return super().save_model(request, obj, form, change)
+        run = runs.create_run(form.run_fields, owner=request.user)  # starts once the request's transaction commits
+        obj.pk = run.pk
+        obj.refresh_from_db()
+
+    def save_related(self, request, form, formsets, change):
+        if change:  # a new run's tasks were chosen by create_run
+            super().save_related(request, form, formsets, change)
 
     def has_change_permission(self, request, obj=None):
         # A started run is what its episodes ran: its page is a view, with the run's actions beside it.
@@ -148,10 +205,10 @@ class RunAdmin(admin.ModelAdmin):
 
     @admin.action(description="Export the rollouts of the selected runs (JSONL)")
     def export_trajectories(self, request, queryset):
-        runs = list(queryset.order_by("pk"))
-        lines = (line for run in runs for line in trajectories.export_run(run))
+        chosen = list(queryset.order_by("pk"))
+        lines = (line for run in chosen for line in trajectories.export_run(run))
         response = StreamingHttpResponse(lines, content_type="application/x-ndjson")
-        names = "-".join(str(run.pk) for run in runs[:10])
+        names = "-".join(str(run.pk) for run in chosen[:10])
         response["Content-Disposition"] = f'attachment; filename="runs-{names}.jsonl"'
         return response
 

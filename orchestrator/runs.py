@@ -33,6 +33,12 @@ class RunRejected(ValueError):
         super().__init__(f"{field}: {reasons[0] if isinstance(reasons, list) else reasons}")
 
 
+def run_errors(fields: dict, owner=None) -> dict:
+    """What is wrong with ``fields`` as a run (field → reasons), checked as ``create_run`` checks them."""
+    form = RunSerializer(data=fields, context={"owner": owner})
+    return {} if form.is_valid() else dict(form.errors)
+
+
 def create_run(fields: dict, owner=None, idempotency_key: str = "") -> Run:
     """Validate ``fields`` (the REST API's run fields, RunSerializer) and store the run, which starts as soon as
     the transaction creating it commits. ``RunRejected`` names the first bad field."""

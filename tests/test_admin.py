@@ -114,3 +114,28 @@ def test_list_pages_cost_the_same_queries_for_one_row_or_many(url, admin_client,
         Dataset.objects.create(name=f"more-{index}", owner=owner)
     with django_assert_max_num_queries(len(few)):
         assert admin_client.get(url).status_code == 200
+
+
+def test_a_run_added_in_the_admin_is_checked_and_started_like_one_from_the_api(
+    admin_client, swe_mini, django_capture_on_commit_callbacks, monkeypatch
+):
+    from orchestrator import runs
+
+    started = []
+    monkeypatch.setattr(runs, "send", lambda name, **kwargs: started.append((name, kwargs)))
+    chosen = list(swe_mini.tasks.order_by("instance_id")[:2])
+    form = {"name": "from the admin", "dataset": swe_mini.pk, "tasks": [task.pk for task in chosen],
+            "samples_per_task": 2, "agent_name": "bash", "agent_config": "{}", "env_pool": "default",
+            "max_concurrent_episodes": 4, "max_steps": 10, "episode_time_limit_s": 600, "max_attempts": 2}  # fmt: skip
+
+    refused = admin_client.post("/admin/orchestrator/run/add/", {**form, "model_name": "gpt-nope"})
+    assert refused.status_code == 200 and "unknown model &#x27;gpt-nope&#x27;" in refused.content.decode()
+    assert not Run.objects.filter(name="from the admin").exists()
+
+    with django_capture_on_commit_callbacks(execute=True):
+        added = admin_client.post("/admin/orchestrator/run/add/", {**form, "model_name": "replay"})
+    assert added.status_code == 302
+    run = Run.objects.get(name="from the admin")
+    assert sorted(run.tasks.values_list("pk", flat=True)) == sorted(task.pk for task in chosen)
+    assert (run.owner.username, run.samples_per_task, run.max_steps) == ("admin", 2, 10)
+    assert started == [("orchestrator.start_run", {"run_id": run.pk})]
