@@ -182,7 +182,7 @@ REST_FRAMEWORK = {
         "django_filters.rest_framework.DjangoFilterBackend",
         "orchestrator.api.conventions.StrictOrderingFilter",
     ],
-    "DEFAULT_PARSER_CLASSES": ["orchestrator.api.conventions.StrictJSONParser"],
+    "DEFAULT_PARSER_CLASSES": ["orchestrator.api.parsers.StrictJSONParser"],
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "DEFAULT_THROTTLE_CLASSES": ["rest_framework.throttling.UserRateThrottle"],
     "DEFAULT_THROTTLE_RATES": {"user": env_str("MEGAFLOW_API_RATE", "1200/min")},

@@ -5,6 +5,7 @@ import base64
 
 import docker
 import pytest
+from django.conf import settings
 
 from envs import service
 from envs.backend import SandboxError
@@ -23,7 +24,9 @@ def episodes_for(task: Task, count: int, pool: str, status=Episode.Status.QUEUED
 
 
 def containers_labelled(episode_id: int) -> list:
-    return docker.from_env().containers.list(all=True, filters={"label": f"megaflow.episode={episode_id}"})
+    """This session's containers of the episode (another session on the machine may have an episode of that id)."""
+    labels = [f"megaflow.episode={episode_id}", f"megaflow.deployment={settings.MEGAFLOW_DEPLOYMENT}"]
+    return docker.from_env().containers.list(all=True, filters={"label": labels})
 
 
 @pytest.fixture

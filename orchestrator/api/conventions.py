@@ -10,10 +10,9 @@ from django.core.exceptions import RequestDataTooBig
 from django_filters import rest_framework as filters
 from django_filters.fields import IsoDateTimeField
 from rest_framework import status
-from rest_framework.exceptions import APIException, ParseError, ValidationError
+from rest_framework.exceptions import APIException, ValidationError
 from rest_framework.filters import OrderingFilter
 from rest_framework.pagination import PageNumberPagination
-from rest_framework.parsers import JSONParser
 from rest_framework.views import exception_handler as drf_exception_handler
 
 
@@ -71,31 +70,6 @@ def reject_oversize(request) -> None:
     length = request.META.get("CONTENT_LENGTH") or "0"
     if length.isdigit() and int(length) > settings.MEGAFLOW_MAX_UPLOAD_BYTES:
         raise PayloadTooLarge(f"request body is over {settings.MEGAFLOW_MAX_UPLOAD_BYTES} bytes")
-
-
-class StrictJSONParser(JSONParser):
-    """JSON whose strings are text: a lone surrogate (``"\\ud800"``) is valid JSON but not UTF-8, and no database
-    stores it; it is a 400 here, not an error deeper in."""
-
-    def parse(self, stream, media_type=None, parser_context=None):
-        data = super().parse(stream, media_type, parser_context)
-        _check_text(data)
-        return data
-
-
-def _check_text(value) -> None:
-    if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            raise ParseError("JSON parse error - a string holds a lone surrogate, which is not text") from None
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            _check_text(key)
-            _check_text(item)
-    elif isinstance(value, list):
-        for item in value:
-            _check_text(item)
 
 
 class StrictOrderingFilter(OrderingFilter):

@@ -24,10 +24,10 @@ from orchestrator.api import serializers
 from orchestrator.api.conventions import (
     Conflict,
     StrictFilterSet,
-    StrictJSONParser,
     UtcIsoDateTimeFilter,
     reject_oversize,
 )
+from orchestrator.api.parsers import StrictJSONParser
 from orchestrator.api.schema import IDEMPOTENCY_KEY, IDEMPOTENCY_KEY_MAX, IDEMPOTENCY_KEY_PATTERN
 from orchestrator.models import Dataset, Episode, Run, Step, Task
 
