@@ -235,6 +235,9 @@ MEGAFLOW_FLOWER_PORT = env_int("MEGAFLOW_FLOWER_PORT", 5555)
 DOCKER_HOST = env_str("DOCKER_HOST", "unix:///var/run/docker.sock")
 # How long a call waits for a Docker daemon that does not answer (restarting) before the episode's attempt fails.
 MEGAFLOW_DOCKER_RECONNECT_S = env_int("MEGAFLOW_DOCKER_RECONNECT_S", 60)
+# Agent commands go through one long-lived shell per sandbox (a write and a read, ~ms) instead of a docker exec
+# each (three API calls, tens of ms); off: an exec per command. envs/docker_backend.py, "Commands".
+MEGAFLOW_DOCKER_PERSISTENT_SHELL = env_bool("MEGAFLOW_DOCKER_PERSISTENT_SHELL", True)
 
 # --- Model service ------------------------------------------------------------------------------------------
 # Per-model backend configuration, JSON: {"qwen3-8b": {"backend": "vllm", "model_path": "...", "gpus": "0"}}.
