@@ -24,6 +24,11 @@ second of the outage; past that it is a retryable ``SandboxError``. A daemon wit
 containers when it stops: the episode's next command finds its sandbox stopped and the episode gets a fresh
 attempt, whose sandbox waits for the daemon in the same way.
 
+An agent's commands (``run_agent_command``, the hot path) go through one long-lived shell per sandbox, opened
+on first use: a request line in, the output framed by a per-shell nonce and closed with the exit status. A
+command then costs a write and a read (~4 ms) instead of a docker exec's three API calls (~35-90 ms). A kill
+takes that shell with everything else; the next command opens a new one. Setup, grading and resets use exec.
+
 Commands run through exec with a host-side deadline. At the deadline, or when a command has printed more than
 ``MEGAFLOW_OUTPUT_KILL_BYTES``, every process in the container but PID 1 is killed (``kill -9 -1`` from a
 fresh exec): that takes the whole process tree, including children that left the command's process group.
