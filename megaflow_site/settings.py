@@ -346,9 +346,13 @@ CELERY_WORKER_POOL = "megaflow_site.worker_pool:ResizableThreadPool"
 # No result backend on the hot path: a task's effect is the next message it publishes or the rows it writes.
 CELERY_TASK_IGNORE_RESULT = True
 CELERY_RESULT_BACKEND = None
-# Task events for Flower.
-CELERY_WORKER_SEND_TASK_EVENTS = True
-CELERY_TASK_SEND_SENT_EVENT = True
+# Task events for Flower: every task on a hot queue (model.*, env.*) would cost three more publishes, about an
+# eighth of an env worker's CPU (agents/README.md). Workers are started with -E where events are wanted
+# (megaflow_site/topology.py: the agent queue, and the hot queues too with MEGAFLOW_HOT_QUEUE_TASK_EVENTS=1);
+# Flower lists every worker from their heartbeats either way, and the hot queues by their length.
+CELERY_WORKER_SEND_TASK_EVENTS = False
+CELERY_TASK_SEND_SENT_EVENT = False
+MEGAFLOW_HOT_QUEUE_TASK_EVENTS = env_bool("MEGAFLOW_HOT_QUEUE_TASK_EVENTS", False)
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 
 # Periodic work (celery beat, started by `make up`): each pool's reaper and warm-pool top-up.
