@@ -176,6 +176,15 @@ class EnvironmentBackend(abc.ABC):
     def destroy(self, sandbox_id: str) -> None:
         """Remove the sandbox and everything in it; a sandbox that is already gone is not an error."""
 
+    def run_agent_command(
+        self, sandbox_id: str, command: str, timeout_s: float, workdir: str | None = None,
+        output_limit: int | None = None,
+    ) -> ExecResult:  # fmt: skip
+        """An agent's command: ``exec``'s contract, on the hot path. A backend may keep state between calls to
+        make it cheaper (the docker backend's long-lived shell); everything else (setup, grading, resets) uses
+        ``exec``."""
+        return self.exec(sandbox_id, command, timeout_s, workdir=workdir, output_limit=output_limit)
+
     def is_alive(self, sandbox_id: str) -> bool:
         """Whether the sandbox still runs (the warm pool checks before lending one)."""
         return True

@@ -55,7 +55,7 @@ def run_command(
     """Run one agent command in the sandbox; at ``timeout_s`` it is killed, and the output keeps
     ``output_limit`` bytes, head and tail."""
     release_connection()  # nothing needs the database while the command runs
-    return get_backend().exec(container_id, command, timeout_s, workdir=workdir, output_limit=output_limit)
+    return get_backend().run_agent_command(container_id, command, timeout_s, workdir=workdir, output_limit=output_limit)
 
 
 def evaluate(container_id: str, task: Task) -> Evaluation:

@@ -245,6 +245,9 @@ MEGAFLOW_FLOWER_PORT = env_int("MEGAFLOW_FLOWER_PORT", 5555)
 DOCKER_HOST = env_str("DOCKER_HOST", "unix:///var/run/docker.sock")
 # How long a call waits for a Docker daemon that does not answer (restarting) before the episode's attempt fails.
 MEGAFLOW_DOCKER_RECONNECT_S = env_int("MEGAFLOW_DOCKER_RECONNECT_S", 60)
+# Agent commands go through one long-lived shell per sandbox (a write and a read, ~ms) instead of a docker exec
+# each (three API calls, tens of ms); off: an exec per command. envs/docker_backend.py, "Commands".
+MEGAFLOW_DOCKER_PERSISTENT_SHELL = env_bool("MEGAFLOW_DOCKER_PERSISTENT_SHELL", True)
 
 # --- Model service ------------------------------------------------------------------------------------------
 # Per-model backend configuration, JSON: {"qwen3-8b": {"backend": "vllm", "model_path": "...", "gpus": "0"}}.
@@ -353,9 +356,13 @@ CELERY_WORKER_POOL = "megaflow_site.worker_pool:ResizableThreadPool"
 # No result backend on the hot path: a task's effect is the next message it publishes or the rows it writes.
 CELERY_TASK_IGNORE_RESULT = True
 CELERY_RESULT_BACKEND = None
-# Task events for Flower.
-CELERY_WORKER_SEND_TASK_EVENTS = True
-CELERY_TASK_SEND_SENT_EVENT = True
+# Task events for Flower: every task on a hot queue (model.*, env.*) would cost three more publishes, about an
+# eighth of an env worker's CPU (agents/README.md). Workers are started with -E where events are wanted
+# (megaflow_site/topology.py: the agent queue, and the hot queues too with MEGAFLOW_HOT_QUEUE_TASK_EVENTS=1);
+# Flower lists every worker from their heartbeats either way, and the hot queues by their length.
+CELERY_WORKER_SEND_TASK_EVENTS = False
+CELERY_TASK_SEND_SENT_EVENT = False
+MEGAFLOW_HOT_QUEUE_TASK_EVENTS = env_bool("MEGAFLOW_HOT_QUEUE_TASK_EVENTS", False)
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 
 # Periodic work (celery beat, started by `make up`): each pool's reaper and warm-pool top-up.

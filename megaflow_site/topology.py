@@ -118,7 +118,13 @@ class WorkerSpec:
             "--concurrency", str(self.concurrency or self.DEFAULT_CONCURRENCY[self.service]),
             "--loglevel", loglevel,
             "--without-mingle", "--without-gossip",
+            *(["--task-events"] if self.sends_task_events else []),
         ]  # fmt: skip
+
+    @property
+    def sends_task_events(self) -> bool:
+        """The agent queue's workers report every task to Flower; the hot queues' only when asked (settings)."""
+        return self.service is Service.AGENT or settings.MEGAFLOW_HOT_QUEUE_TASK_EVENTS
 
 
 def flower_argv(celery: str, port: int) -> list[str]:

@@ -59,7 +59,7 @@ def test_inside_the_sandbox_there_is_no_network_no_socket_and_no_writable_root(d
 
 def test_host_files_are_out_of_reach(docker_backend, sandbox):
     # The sandbox's filesystem is the image's, with nothing of the host mounted: not this repository, not the
-    # host's secrets, not the daemon's files; and its PID 1 is the sandbox's own shell.
+    # host's secrets, not the daemon's files; and its PID 1 is the sandbox's own reaper (KEEPALIVE).
     sandbox_id = sandbox(limits=SMALL)
     secret = settings.DATA_DIR / "secret_key"
 
@@ -75,7 +75,7 @@ def test_host_files_are_out_of_reach(docker_backend, sandbox):
     assert {fields[1] for fields in host_disk} <= docker_files, mounts
     assert all(fields[3].startswith("ro,") for fields in host_disk), mounts
     assert secret.read_text().strip() not in run("grep -rs . /etc /root /tmp 2>/dev/null | head -c 100000")
-    assert run("tr '\\0' ' ' < /proc/1/cmdline").startswith("/bin/sh -c trap")
+    assert run("tr '\\0' ' ' < /proc/1/cmdline").startswith("python3 -c \nimport os, signal"), "the reaper"
 
 
 def test_exec_returns_exit_code_and_both_streams(docker_backend, sandbox):
@@ -172,3 +172,29 @@ def test_destroy_is_idempotent(docker_backend, sandbox):
     docker_backend.destroy(sandbox_id)
     docker_backend.destroy(sandbox_id)
     assert not docker_backend.is_alive(sandbox_id)
+
+
+def test_agent_commands_share_one_long_lived_shell_and_keep_exec_semantics(docker_backend, sandbox):
+    sandbox_id = sandbox(limits=SMALL)
+    run = docker_backend.run_agent_command
+    first = run(sandbox_id, "echo out; echo err >&2; exit 3", 10, workdir="/testbed")
+    assert (first.exit_code, first.output) == (3, "out\nerr\n")
+    shell = docker_backend._shells[sandbox_id]
+    assert run(sandbox_id, "pwd; cd /tmp; cat", 10, workdir="/testbed").output == "/testbed\n", "stdin is closed"
+    assert run(sandbox_id, "pwd", 10).output == "/testbed\n", "each command starts afresh, where an exec would"
+    assert docker_backend._shells[sandbox_id] is shell and shell.exec_id is not None
+    marker = run(sandbox_id, 'printf "%s END 0\\n" "$MEGAFLOW_MARK"; echo after', 10)
+    assert marker.output.endswith("after\n") and marker.exit_code == 0, "a command cannot end its own frame early"
+    big = run(sandbox_id, "head -c 100000 /dev/zero | tr '\\0' x", 10, output_limit=1000)
+    assert big.truncated and len(big.output) < 1200 and big.output_bytes == 100000
+
+
+def test_an_agent_command_past_its_time_limit_is_killed_and_the_next_one_runs(docker_backend, sandbox):
+    sandbox_id = sandbox(limits=SMALL)
+    hung = docker_backend.run_agent_command(sandbox_id, "echo started; sleep 60", 2)
+    assert hung.timed_out and hung.output == "started\n"
+    assert hung.note == "[megaflow: command timed out after 2 s and was killed]"
+    assert docker_backend.run_agent_command(sandbox_id, "echo next", 10).output == "next\n"
+    killer = docker_backend.run_agent_command(sandbox_id, "kill -9 -1; echo unreachable", 10)
+    assert killer.exit_code == 137, "the command took its shell down with everything else"
+    assert docker_backend.run_agent_command(sandbox_id, "echo again", 10).output == "again\n"
