@@ -7,7 +7,7 @@ Every task takes ``pool=``, which the router turns into its queue. (The episode 
 from celery import signals
 from django.conf import settings
 
-from envs import reaper, service, warm_pool
+from envs import reaper, service, validation, warm_pool
 from envs.backend import get_backend
 from megaflow_site.megaflow_task import megaflow_task
 from megaflow_site.topology import Service, queue_name
@@ -22,6 +22,12 @@ def stop_sandbox(pool: str, container_id: str, episode_id: int | None = None) ->
     ``episode_id`` is for the logs and Flower."""
     service.release(container_id, pool)
     return {"episode_id": episode_id, "container_id": container_id}
+
+
+@megaflow_task("envs.validate_dataset")
+def validate_dataset(validation_id: int, pool: str) -> str:
+    """Gold-check a dataset on this pool's worker (``pool`` routes the message); the state it ended in."""
+    return validation.validate_dataset(validation_id)
 
 
 @megaflow_task("envs.reap_orphans")

@@ -24,6 +24,34 @@ class Dataset(models.Model):
         return self.name
 
 
+class DatasetValidation(models.Model):
+    """One gold validation of a dataset (envs/gold_check.py), started through the API and run on an env worker:
+    every task's outcome and reasons, filled in as each task finishes."""
+
+    class State(models.TextChoices):
+        QUEUED = "queued"
+        RUNNING = "running"
+        DONE = "done"
+        ERROR = "error"
+
+    dataset = models.ForeignKey(Dataset, on_delete=models.CASCADE, related_name="validations")
+    env_pool = models.CharField(max_length=100)
+    state = models.CharField(max_length=16, choices=State.choices, default=State.QUEUED)
+    results = models.JSONField(default=list, blank=True, help_text="[{instance_id, ok, problems, seconds}]")
+    error = models.TextField(blank=True)
+    requested_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return f"validation {self.pk} of {self.dataset_id} ({self.state})"
+
+
 def archive_storage_name(sha256: str) -> str:
     # Content-addressed: the same archive is stored once however many tasks and datasets use it.
     return f"archives/{sha256}.tar.gz"

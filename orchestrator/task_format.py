@@ -155,22 +155,40 @@ def read_jsonl(lines: Iterable[str]) -> Iterator[tuple[int, object]]:
             raise TaskFormatError("(line)", f"not valid JSON ({exc.msg} at column {exc.colno})", line=number) from None
 
 
+def check_lines(
+    lines: Iterable[str], base_dir: Path | None = None, source: str = "the upload"
+) -> tuple[list[TaskSpec], list[TaskFormatError]]:
+    """Every task in JSONL ``lines`` validated: the good ones, and one error per bad line (naming its line, task
+    and field). Archive paths resolve against ``base_dir`` (a plain JSONL upload has none, so its tasks must bring
+    their repository in ``image``)."""
+    specs, errors, seen = [], [], {}
+    try:
+        for number, obj in read_jsonl(lines):
+            try:
+                spec = parse_task(obj, base_dir=base_dir)
+            except TaskFormatError as error:
+                errors.append(TaskFormatError(error.field, error.reason, line=number, instance_id=error.instance_id))
+                continue
+            instance_id = spec.fields["instance_id"]
+            if instance_id in seen:
+                errors.append(
+                    TaskFormatError("instance_id", f"duplicates line {seen[instance_id]}", number, instance_id)
+                )
+                continue
+            seen[instance_id] = number
+            specs.append(spec)
+    except TaskFormatError as error:  # a line that is not JSON ends the file's reading
+        errors.append(error)
+    if not specs and not errors:
+        errors.append(TaskFormatError("(file)", f"{source} holds no tasks"))
+    return specs, errors
+
+
 def parse_lines(lines: Iterable[str], base_dir: Path | None = None, source: str = "the upload") -> list[TaskSpec]:
-    """Every task in JSONL ``lines``, validated; the first bad line raises, naming its line and field. Archive
-    paths resolve against ``base_dir`` (an upload has none, so its tasks must bring their repository in ``image``)."""
-    specs, seen = [], {}
-    for number, obj in read_jsonl(lines):
-        try:
-            spec = parse_task(obj, base_dir=base_dir)
-        except TaskFormatError as error:
-            raise TaskFormatError(error.field, error.reason, line=number, instance_id=error.instance_id) from None
-        instance_id = spec.fields["instance_id"]
-        if instance_id in seen:
-            raise TaskFormatError("instance_id", f"duplicates line {seen[instance_id]}", number, instance_id)
-        seen[instance_id] = number
-        specs.append(spec)
-    if not specs:
-        raise TaskFormatError("(file)", f"{source} holds no tasks")
+    """Every task in JSONL ``lines``, validated (``check_lines``); the first bad line raises."""
+    specs, errors = check_lines(lines, base_dir, source)
+    if errors:
+        raise errors[0]
     return specs
 
 

@@ -119,7 +119,7 @@ def test_a_bad_upload_is_a_400_naming_the_line_and_field(api):
 
 
 def test_an_oversize_upload_is_a_413(api):
-    with override_settings(MEGAFLOW_MAX_UPLOAD_BYTES=1000, DATA_UPLOAD_MAX_MEMORY_SIZE=1000):
+    with override_settings(MEGAFLOW_BUNDLE_MAX_UPLOAD_BYTES=1000, DATA_UPLOAD_MAX_MEMORY_SIZE=1000):
         response = upload(api, "huge", jsonl(*[{**GOOD_TASK, "instance_id": f"t-{i}"} for i in range(40)]))
     assert response.status_code == 413 and "over 1000 bytes" in response.json()["detail"]
 

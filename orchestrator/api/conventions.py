@@ -65,11 +65,12 @@ def exception_handler(exc, context):
     return drf_exception_handler(exc, context)
 
 
-def reject_oversize(request) -> None:
-    """413 before reading a body whose declared length is over the limit."""
+def reject_oversize(request, limit: int | None = None) -> None:
+    """413 before reading a body whose declared length is over ``limit`` (default ``MEGAFLOW_MAX_UPLOAD_BYTES``)."""
+    limit = limit or settings.MEGAFLOW_MAX_UPLOAD_BYTES
     length = request.META.get("CONTENT_LENGTH") or "0"
-    if length.isdigit() and int(length) > settings.MEGAFLOW_MAX_UPLOAD_BYTES:
-        raise PayloadTooLarge(f"request body is over {settings.MEGAFLOW_MAX_UPLOAD_BYTES} bytes")
+    if length.isdigit() and int(length) > limit:
+        raise PayloadTooLarge(f"request body is over {limit} bytes")
 
 
 class StrictOrderingFilter(OrderingFilter):

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import re
+import tempfile
+from pathlib import Path
 
 from django.conf import settings
 from django.db import transaction
@@ -14,8 +16,9 @@ from rest_framework import serializers
 
 from agents.agent import AgentConfigError, run_agent
 from megaflow_site.topology import Service, known_keys
-from orchestrator.models import Dataset, Episode, Run, Step, Task
-from orchestrator.task_format import TaskFormatError, parse_lines, parse_task, spec_digest, store_dataset
+from orchestrator import bundles
+from orchestrator.models import Dataset, DatasetValidation, Episode, Run, Step, Task
+from orchestrator.task_format import TaskFormatError, check_lines, parse_task, spec_digest, store_dataset
 
 SLUG = re.compile(r"[-a-zA-Z0-9_]+")
 
@@ -31,31 +34,80 @@ class DatasetSerializer(serializers.ModelSerializer):
 
 
 class DatasetUploadSerializer(serializers.Serializer):
-    """A dataset from an uploaded JSONL file in the task format. Tasks must bring their repository in their
-    ``image``: ``repo_archive`` paths only resolve for datasets loaded from disk (``megaflow load-dataset``)."""
+    """A dataset from an upload: ``file``, a JSONL file in the task format whose tasks bring their repository in
+    their ``image``; or ``bundle``, a ``.tar.gz`` with ``tasks.jsonl`` and the repository archives it names (the
+    layout ``megaflow load-dataset`` reads). Every task is checked, and each bad one is named with its reason.
+    Sending the same tasks under the same name again changes nothing."""
 
     name = serializers.SlugField(max_length=100)
     description = serializers.CharField(required=False, allow_blank=True, max_length=10_000, default="")
-    file = serializers.FileField(help_text="JSONL, one task per line (DESIGN.md task format).")
+    file = serializers.FileField(required=False, help_text="JSONL, one task per line (DESIGN.md task format).")
+    bundle = serializers.FileField(
+        required=False, help_text=".tar.gz: tasks.jsonl and the repo_archive files it names, paths relative to it."
+    )
 
     def validate_file(self, upload):
         try:
             text = upload.read().decode("utf-8")
         except UnicodeDecodeError:
             raise serializers.ValidationError("must be UTF-8 text") from None
-        try:
-            return parse_lines(text.splitlines(), source=upload.name or "the upload")
-        except TaskFormatError as error:
-            raise serializers.ValidationError(str(error)) from None
+        return checked_tasks(text.splitlines(), None, upload.name or "the upload")
+
+    def validate_bundle(self, upload):
+        with tempfile.TemporaryDirectory(dir=settings.DATA_DIR, prefix="bundle-") as scratch:
+            try:
+                root = bundles.unpack(upload, Path(scratch))
+            except bundles.BundleError as error:
+                raise serializers.ValidationError(str(error)) from None
+            try:
+                text = (root / bundles.TASKS_FILE).read_text(encoding="utf-8")
+            except UnicodeDecodeError:
+                raise serializers.ValidationError(f"{bundles.TASKS_FILE} must be UTF-8 text") from None
+            # The archives are read into the specs here, before the scratch directory goes.
+            return checked_tasks(text.splitlines(), root, bundles.TASKS_FILE)
+
+    def validate(self, attrs):
+        if ("file" in attrs) == ("bundle" in attrs):
+            raise serializers.ValidationError({"file": ["give either file (JSONL) or bundle (.tar.gz), not both"]})
+        attrs["specs"] = attrs.pop("file", None) or attrs.pop("bundle")
+        return attrs
 
     def create(self, validated):
         owner = self.context.get("owner")
         try:
             return store_dataset(
-                validated["file"], validated["name"], validated["description"], source="upload", owner=owner
+                validated["specs"], validated["name"], validated["description"], source="upload", owner=owner
             )
         except TaskFormatError as error:
             raise serializers.ValidationError({"name": [str(error)]}) from None
+
+
+def checked_tasks(lines: list[str], base_dir: Path | None, source: str) -> list:
+    """The task specs of ``lines``, or a 400 naming every bad task (its line, instance and field)."""
+    specs, errors = check_lines(lines, base_dir, source)
+    if errors:
+        raise serializers.ValidationError([str(error) for error in errors])
+    return specs
+
+
+class DatasetValidationSerializer(serializers.ModelSerializer):
+    dataset = serializers.SlugRelatedField(slug_field="name", read_only=True)
+    requested_by = serializers.StringRelatedField(allow_null=True)
+    passed = serializers.SerializerMethodField()
+    failed = serializers.SerializerMethodField()
+    tasks = serializers.IntegerField(source="dataset.tasks.count", read_only=True)
+
+    class Meta:
+        model = DatasetValidation
+        fields = ["id", "dataset", "env_pool", "state", "tasks", "passed", "failed", "results", "error",
+                  "requested_by", "created_at", "finished_at"]  # fmt: skip
+        read_only_fields = fields
+
+    def get_passed(self, validation) -> int:
+        return sum(result["ok"] for result in validation.results)
+
+    def get_failed(self, validation) -> int:
+        return sum(not result["ok"] for result in validation.results)
 
 
 class TaskSerializer(serializers.ModelSerializer):

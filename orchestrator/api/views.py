@@ -9,16 +9,20 @@ from __future__ import annotations
 import re
 
 from django import forms
+from django.conf import settings
+from django.db import transaction
 from django.http import StreamingHttpResponse
 from django_filters import rest_framework as filters
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema, extend_schema_field
 from rest_framework import mixins, status, viewsets
 from rest_framework.decorators import action
-from rest_framework.exceptions import ValidationError
+from rest_framework.exceptions import NotFound, ValidationError
 from rest_framework.parsers import MultiPartParser
 from rest_framework.response import Response
 
+from envs.tasks import validate_dataset
+from megaflow_site.topology import Service, default_key, known_keys
 from orchestrator import runs, trajectories
 from orchestrator.api import serializers
 from orchestrator.api.conventions import (
@@ -29,7 +33,7 @@ from orchestrator.api.conventions import (
 )
 from orchestrator.api.parsers import StrictJSONParser
 from orchestrator.api.schema import IDEMPOTENCY_KEY, IDEMPOTENCY_KEY_MAX, IDEMPOTENCY_KEY_PATTERN
-from orchestrator.models import Dataset, Episode, Run, Step, Task
+from orchestrator.models import Dataset, DatasetValidation, Episode, Run, Step, Task
 
 # --- datasets and tasks -------------------------------------------------------------------------------------------
 
@@ -43,7 +47,10 @@ class CreatedByRequestUser:
 
 @extend_schema(tags=["datasets"])
 class DatasetViewSet(CreatedByRequestUser, mixins.CreateModelMixin, viewsets.ReadOnlyModelViewSet):
-    """Datasets of tasks. Create one by uploading a JSONL file in the task format (multipart: name, file)."""
+    """Datasets of tasks. Create one by uploading, multipart with a ``name``, either ``file`` (JSONL in the task
+    format, tasks whose image holds the repository) or ``bundle`` (a .tar.gz of tasks.jsonl and the repository
+    archives it names). Gold-validate one in real sandboxes with ``POST …/validate/`` and read the per-task
+    outcome from ``…/validation/``."""
 
     queryset = Dataset.objects.select_related("owner").order_by("name")
     serializer_class = serializers.DatasetSerializer
@@ -60,11 +67,49 @@ class DatasetViewSet(CreatedByRequestUser, mixins.CreateModelMixin, viewsets.Rea
                    413: OpenApiResponse(description="upload too large")},
     )  # fmt: skip
     def create(self, request, *args, **kwargs):
-        reject_oversize(request)
+        reject_oversize(request, limit=settings.MEGAFLOW_BUNDLE_MAX_UPLOAD_BYTES)
         upload = serializers.DatasetUploadSerializer(data=request.data, context=self.get_serializer_context())
         upload.is_valid(raise_exception=True)
         dataset = upload.save()
         return Response(serializers.DatasetSerializer(dataset).data, status=status.HTTP_201_CREATED)
+
+    @extend_schema(
+        request=None,
+        parameters=[OpenApiParameter("pool", OpenApiTypes.STR, OpenApiParameter.QUERY, required=False,
+                                     description="env pool whose workers run it (default: the first)")],
+        responses={202: serializers.DatasetValidationSerializer, 400: OpenApiResponse(description="unknown pool"),
+                   409: OpenApiResponse(description="a validation of this dataset is already under way")},
+    )  # fmt: skip
+    @action(detail=True, methods=["post"])
+    def validate(self, request, pk=None):
+        """Start a gold validation of every task in real sandboxes (SWE-bench's check: each FAIL_TO_PASS test
+        fails on the base tree, and every listed test passes with the reference patch)."""
+        dataset = self.get_object()
+        pool = request.query_params.get("pool") or default_key(Service.ENV)
+        if pool not in known_keys(Service.ENV):
+            raise ValidationError(
+                {"pool": [f"unknown pool {pool!r}; configured: {', '.join(known_keys(Service.ENV))}"]}
+            )
+        if dataset.validations.filter(
+            state__in=[DatasetValidation.State.QUEUED, DatasetValidation.State.RUNNING]
+        ).exists():
+            raise Conflict(f"dataset {dataset.name} is being validated already")
+        validation = DatasetValidation.objects.create(dataset=dataset, env_pool=pool, requested_by=request.user)
+        transaction.on_commit(
+            lambda: validate_dataset.apply_async(kwargs={"validation_id": validation.pk, "pool": pool})
+        )
+        body = serializers.DatasetValidationSerializer(validation).data
+        return Response(body, status=status.HTTP_202_ACCEPTED)
+
+    @extend_schema(responses={200: serializers.DatasetValidationSerializer,
+                              404: OpenApiResponse(description="never validated")})  # fmt: skip
+    @action(detail=True, methods=["get"])
+    def validation(self, request, pk=None):
+        """The dataset's latest gold validation: its state and each task's outcome and reasons so far."""
+        latest = self.get_object().validations.select_related("dataset", "requested_by").first()
+        if latest is None:
+            raise NotFound("this dataset was never validated")
+        return Response(serializers.DatasetValidationSerializer(latest).data)
 
 
 class TaskFilter(StrictFilterSet):
