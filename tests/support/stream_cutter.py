@@ -15,7 +15,8 @@ class StreamCutter:
     def __init__(self, upstream_host: str, upstream_port: int, cut_after: int, path: bytes = b"/rollouts"):
         self.upstream = (upstream_host, upstream_port)
         self.cut_after, self.path = cut_after, path
-        self.cuts = 0
+        self.cuts = 0  # streams chosen to be cut
+        self.cut_done = 0  # streams actually cut (their answer was longer than cut_after)
         self.lock = threading.Lock()
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
@@ -47,13 +48,14 @@ class StreamCutter:
         threading.Thread(target=self._pipe, args=(client, upstream, None), daemon=True).start()
         self._pipe(upstream, client, self.cut_after if cut else None)
 
-    @staticmethod
-    def _pipe(source: socket.socket, sink: socket.socket, limit: int | None) -> None:
+    def _pipe(self, source: socket.socket, sink: socket.socket, limit: int | None) -> None:
         sent = 0
         try:
             while data := source.recv(65536):
                 if limit is not None and sent + len(data) >= limit:
                     sink.sendall(data[: limit - sent])
+                    with self.lock:
+                        self.cut_done += 1
                     break
                 sink.sendall(data)
                 sent += len(data)
