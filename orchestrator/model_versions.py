@@ -33,9 +33,12 @@ def configured_version(model: str) -> str:
     return str(model_config(model).get("version", DEFAULT_VERSION))
 
 
-def serving_version(model: str) -> str:
-    """The version ``model`` serves now. ``UnknownModel`` for a model without a queue."""
-    configured = configured_version(model)
+def serving_version(model: str) -> str | None:
+    """The version ``model`` serves now; None for a model no longer configured (no version serves)."""
+    try:
+        configured = configured_version(model)
+    except UnknownModel:
+        return None
     return current_version(model, default=configured)
 
 
