@@ -259,6 +259,7 @@ def kill_one_sandbox(run_ids_seen: list[int], stop: threading.Event, killed: lis
 
 
 @pytest.mark.integration
+@pytest.mark.timeout(600)  # 48 episodes in real containers: about 3 minutes on an idle 2-core machine
 @pytest.mark.django_db(transaction=True)
 def test_a_toy_grpo_loop_through_the_client_from_another_process(
     celery_workers, tiny_model, live_server, swe_mini, tmp_path
@@ -267,7 +268,7 @@ def test_a_toy_grpo_loop_through_the_client_from_another_process(
     tasks = ["kvconf-1", "ledger-1", "textkit-2", "taskgraph-3"]
     paths = [checkpoint(tiny_model, settings.DATA_DIR / f"tiny-model-ckpt{seed}", seed) for seed in (1, 2)]
     out = tmp_path / "rollouts.jsonl"
-    run_fields = {"agent_config": GROWING_AGENT_CONFIG, "max_steps": 3, "max_attempts": 1}
+    run_fields = {"agent_config": GROWING_AGENT_CONFIG, "max_steps": 2, "max_attempts": 1}
     host, port = live_server.url.removeprefix("http://").split(":")
     stop, killed, seen = threading.Event(), [], []
 
@@ -290,7 +291,7 @@ def test_a_toy_grpo_loop_through_the_client_from_another_process(
                 "--out", str(out)]  # fmt: skip
         env = {key: value for key, value in os.environ.items() if key != "DJANGO_SETTINGS_MODULE"}
         try:
-            done = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+            done = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=540)
         finally:
             stop.set()
             for watcher in watchers:
