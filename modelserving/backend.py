@@ -48,6 +48,9 @@ class SamplingParams:
     seed: int | None = None
     logprobs: bool = False
 
+    def as_dict(self) -> dict:
+        return {**asdict(self), "stop": list(self.stop)}
+
     @classmethod
     def from_dict(cls, data: dict | None) -> SamplingParams:
         data = dict(data or {})
@@ -78,7 +81,7 @@ class GenerationRequest:
         )
 
     def as_dict(self) -> dict:
-        return {**asdict(self), "sampling": {**asdict(self.sampling), "stop": list(self.sampling.stop)}}
+        return {**asdict(self), "sampling": self.sampling.as_dict()}
 
 
 @dataclass

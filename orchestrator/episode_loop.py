@@ -393,7 +393,7 @@ def episode_turn(episode_id: int, step: int, model: str, attempt: int | None = N
             "logprobs": generation.logprobs,
             "prefix_consistent": prompt.consistent,
             "finish_reason": generation.finish_reason,
-            "sampling": request.as_dict()["sampling"],
+            "sampling": request.sampling.as_dict(),  # not request.as_dict(): that copies every prompt id
             "model_name": model,
             "model_version": generation.model_version,
         },
