@@ -282,6 +282,11 @@ MEGAFLOW_AUTOSCALE_MAX_ENV_WORKERS = env_int("MEGAFLOW_AUTOSCALE_MAX_ENV_WORKERS
 MEGAFLOW_RETRY_BACKOFF_S = env_int("MEGAFLOW_RETRY_BACKOFF_S", 10)
 # The gateway waits this long for a model worker's answer before replying 504.
 MEGAFLOW_GATEWAY_TIMEOUT_S = env_int("MEGAFLOW_GATEWAY_TIMEOUT_S", 300)
+# The rollouts stream (orchestrator/rollouts.py) holds back episodes that ended less than this long ago, so
+# that one ending a moment earlier but committed a moment later is never skipped by a cursor; and a publish of
+# a model version waits this long for a model worker to load it.
+MEGAFLOW_ROLLOUTS_SETTLE_S = env_float("MEGAFLOW_ROLLOUTS_SETTLE_S", 1.0)
+MEGAFLOW_MODEL_LOAD_TIMEOUT_S = env_int("MEGAFLOW_MODEL_LOAD_TIMEOUT_S", 600)
 
 # --- Environment service --------------------------------------------------------------------------------------
 # "docker" runs each episode in a locked-down container; "local" (a temp dir, bubblewrap when installed) is for

@@ -17,6 +17,9 @@ from django.conf import settings
 
 from megaflow_site.backend_registry import BackendRegistry
 
+# The version a model serves before any is published: the weights its configuration names.
+DEFAULT_VERSION = "base"
+
 
 class ModelError(Exception):
     """A request could not be served; ``reason`` is what gets recorded on the episode."""
@@ -45,6 +48,9 @@ class SamplingParams:
     seed: int | None = None
     logprobs: bool = False
 
+    def as_dict(self) -> dict:
+        return {**asdict(self), "stop": list(self.stop)}
+
     @classmethod
     def from_dict(cls, data: dict | None) -> SamplingParams:
         data = dict(data or {})
@@ -54,12 +60,15 @@ class SamplingParams:
 
 @dataclass
 class GenerationRequest:
-    """One chat completion to make. ``context`` carries what non-neural backends need (replay: the task)."""
+    """One chat completion to make. ``context`` carries what non-neural backends need (replay: the task).
+    ``prompt_token_ids``, when set, is the prompt exactly as the model must see it (token in, token out): a
+    backend that takes ids generates from them instead of rendering ``messages``."""
 
     request_id: str
     messages: list[dict]
     sampling: SamplingParams = field(default_factory=SamplingParams)
     context: dict = field(default_factory=dict)
+    prompt_token_ids: list[int] | None = None
 
     @classmethod
     def from_dict(cls, data: dict) -> GenerationRequest:
@@ -68,10 +77,11 @@ class GenerationRequest:
             messages=list(data["messages"]),
             sampling=SamplingParams.from_dict(data.get("sampling")),
             context=dict(data.get("context") or {}),
+            prompt_token_ids=data.get("prompt_token_ids"),
         )
 
     def as_dict(self) -> dict:
-        return {**asdict(self), "sampling": {**asdict(self.sampling), "stop": list(self.sampling.stop)}}
+        return {**asdict(self), "sampling": self.sampling.as_dict()}
 
 
 @dataclass
@@ -87,6 +97,7 @@ class Generation:
     logprobs: list[float] | None = None
     latency_s: float = 0.0
     error: str = ""
+    model_version: str = ""
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -99,14 +110,35 @@ class Generation:
 
 
 class ModelBackend(abc.ABC):
-    """Generation for one model name. Implementations must be safe to call from many threads at once."""
+    """Generation for one model name. Implementations must be safe to call from many threads at once.
+
+    A backend with a tokenizer (``tokenizes``) renders chat messages to ids itself and generates from
+    ``GenerationRequest.prompt_token_ids``, so an episode's prompts grow token in, token out
+    (modelserving/token_prompts.py). ``version`` names the weights it serves; ``load_version`` swaps them
+    between batches."""
 
     name: str = ""
+    tokenizes: bool = False
 
     def __init__(self, model: str, **options):
         if options:
             raise ModelError(f"backend {self.name!r} of model {model!r} has no option(s) {', '.join(sorted(options))}")
         self.model = model
+        self.version = DEFAULT_VERSION
+
+    def chat_token_ids(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        """``messages`` rendered by the model's chat template, as ids (backends that ``tokenizes``)."""
+        raise ModelError(f"backend {self.name!r} has no tokenizer")
+
+    def text_token_ids(self, text: str) -> list[int]:
+        """``text`` as ids, without special tokens (backends that ``tokenizes``)."""
+        raise ModelError(f"backend {self.name!r} has no tokenizer")
+
+    def load_version(self, version: str, checkpoint_path: str) -> None:
+        """Serve the weights at ``checkpoint_path`` as ``version`` from the next batch on; a batch in flight
+        finishes on the weights it started with. ``ModelError`` (and the old weights keep serving) when the
+        checkpoint cannot be loaded."""
+        raise ModelError(f"backend {self.name!r} of model {self.model!r} cannot load new weights")
 
     @abc.abstractmethod
     def generate(self, requests: list[GenerationRequest]) -> list[Generation]:

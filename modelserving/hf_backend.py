@@ -1,9 +1,12 @@
 """The ``hf`` backend: Hugging Face transformers ``generate``, batched, on CPU or GPU, for small models.
 
 Options: ``model_path`` (a local directory: no hub downloads), ``device`` ("cpu", "cuda:0"), ``max_batch``
-(default 16), ``context_length`` (default: the model's ``max_position_embeddings``). Requests whose sampling
-parameters match run as one padded batch; one batch runs at a time per backend. torch and transformers are
-imported only here, so CPU-only workers never load them.
+(default 16), ``context_length`` (default: the model's ``max_position_embeddings``), ``version`` (the name of
+the weights at ``model_path``, default "base"). Requests whose sampling parameters match run as one padded
+batch; one batch runs at a time per backend, and new weights (``load_version``) are swapped in between two
+batches. A request's ``prompt_token_ids`` are generated from as given (token in, token out); completion ids
+include the end-of-turn token when the model stopped on it. torch and transformers are imported only here, so
+CPU-only workers never load them.
 """
 
 from __future__ import annotations
@@ -12,11 +15,20 @@ import threading
 import time
 from itertools import groupby
 
-from modelserving.backend import Generation, GenerationRequest, ModelBackend, ModelError, register_backend
+from modelserving.backend import (
+    DEFAULT_VERSION,
+    Generation,
+    GenerationRequest,
+    ModelBackend,
+    ModelError,
+    register_backend,
+)
 
 
 @register_backend("hf")
 class HFBackend(ModelBackend):
+    tokenizes = True
+
     def __init__(
         self,
         model: str,
@@ -24,9 +36,11 @@ class HFBackend(ModelBackend):
         device: str = "cpu",
         max_batch: int = 16,
         context_length: int | None = None,
+        version: str = DEFAULT_VERSION,
         **options,
     ):
         super().__init__(model, **options)
+        self.version = str(version)
         try:
             import torch
             from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -35,6 +49,7 @@ class HFBackend(ModelBackend):
                 "the hf backend needs torch and transformers (pip install -r requirements-model.txt)"
             ) from None
         self.torch = torch
+        self.model_class = AutoModelForCausalLM
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token is None:
@@ -46,11 +61,33 @@ class HFBackend(ModelBackend):
         self._lock = threading.Lock()
 
     def prompt_ids(self, request: GenerationRequest) -> list[int]:
+        if request.prompt_token_ids is not None:
+            return list(request.prompt_token_ids)
+        return self.chat_token_ids(request.messages)
+
+    def chat_token_ids(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
         return list(
             self.tokenizer.apply_chat_template(
-                request.messages, add_generation_prompt=True, tokenize=True, return_dict=False
+                messages, add_generation_prompt=add_generation_prompt, tokenize=True, return_dict=False
             )
         )
+
+    def text_token_ids(self, text: str) -> list[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def load_version(self, version: str, checkpoint_path: str) -> None:
+        # Loaded outside the lock: the batch in flight runs on the old weights meanwhile.
+        try:
+            engine = self.model_class.from_pretrained(checkpoint_path).to(self.device).eval()
+        except (OSError, ValueError) as exc:
+            raise ModelError(f"cannot load weights from {checkpoint_path!r}: {exc}") from None
+        if engine.config.vocab_size != self.engine.config.vocab_size:
+            raise ModelError(
+                f"{checkpoint_path!r} has a vocabulary of {engine.config.vocab_size}, the served tokenizer "
+                f"{self.engine.config.vocab_size}: token ids would not carry over"
+            )
+        with self._lock:
+            self.engine, self.version = engine, str(version)
 
     def check_length(self, request: GenerationRequest, prompt_tokens: int) -> str:
         """The context-length error for a request, or ''. The wording follows vLLM's, which clients match on."""
@@ -94,6 +131,7 @@ class HFBackend(ModelBackend):
         if sampling.seed is not None:
             torch.manual_seed(sampling.seed)
         with self._lock, torch.no_grad():
+            version = self.version
             output = self.engine.generate(
                 input_ids=input_ids.to(self.device),
                 attention_mask=attention.to(self.device),
@@ -114,8 +152,8 @@ class HFBackend(ModelBackend):
         for row, (request, ids) in enumerate(batch):
             new = output.sequences[row, width:].tolist()
             finish = "length"
-            if tokenizer.eos_token_id in new:
-                new, finish = new[: new.index(tokenizer.eos_token_id)], "stop"
+            if tokenizer.eos_token_id in new:  # kept: the model sampled it, and a trainer trains on it
+                new, finish = new[: new.index(tokenizer.eos_token_id) + 1], "stop"
             text = tokenizer.decode(new, skip_special_tokens=True)
             for stop in request.sampling.stop:
                 if stop in text:
@@ -130,6 +168,7 @@ class HFBackend(ModelBackend):
                     token_ids=new,
                     latency_s=latency,
                     logprobs=scores[row, : len(new)].tolist() if scores is not None else None,
+                    model_version=version,
                 )
             )
         return generations

@@ -1,20 +1,56 @@
 """The ``sim`` backend, for benchmarks: a fixed latency per batch and a scripted bash action.
 
 Each reply is one bash block; after ``steps - 1`` assistant turns the action prints MEGAFLOW_SUBMIT, so an
-episode against it lasts exactly ``steps`` steps. Options: ``latency_s`` (default 1.0), ``steps`` (10).
+episode against it lasts exactly ``steps`` steps. Options: ``latency_s`` (default 1.0), ``steps`` (10), and for
+measuring what trainer-grade rollouts cost, ``prompt_ids_per_message`` (0: no ids) and ``completion_ids``
+(200): with the first set, the backend "tokenizes" with a synthetic chat template (every system or user
+message is that many ids, so each turn grows the prompt by about that much) and every completion is
+``completion_ids`` ids with logprobs. The ids are a simulation's, for sizing the hot path, never a model's.
+Any version "loads" (there are no weights).
 """
 
 import time
+import zlib
 
 from modelserving.backend import Generation, GenerationRequest, ModelBackend, register_backend
+
+BOS, EOS, NEWLINE = 1, 2, 3
 
 
 @register_backend("sim")
 class SimBackend(ModelBackend):
-    def __init__(self, model: str, latency_s: float = 1.0, steps: int = 10, **options):
+    def __init__(
+        self,
+        model: str,
+        latency_s: float = 1.0,
+        steps: int = 10,
+        prompt_ids_per_message: int = 0,
+        completion_ids: int = 200,
+        **options,
+    ):
         super().__init__(model, **options)
         self.latency_s = float(latency_s)
         self.steps = int(steps)
+        self.prompt_ids_per_message = int(prompt_ids_per_message)
+        self.completion_ids = int(completion_ids)
+        self.tokenizes = self.prompt_ids_per_message > 0
+
+    def text_token_ids(self, text: str) -> list[int]:
+        return [10 + zlib.crc32(word.encode()) % 30_000 for word in text.split()]
+
+    def _message_ids(self, message: dict) -> list[int]:
+        content = self.text_token_ids(str(message.get("content", "")))
+        if message.get("role") != "assistant":
+            content = (content or [4]) * (self.prompt_ids_per_message // max(1, len(content)) + 1)
+            content = content[: self.prompt_ids_per_message]
+        return [BOS, *self.text_token_ids(message.get("role", "")), NEWLINE, *content, EOS, NEWLINE]
+
+    def chat_token_ids(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        ids = [token for message in messages for token in self._message_ids(message)]
+        return ids + [BOS, *self.text_token_ids("assistant"), NEWLINE] if add_generation_prompt else ids
+
+    def load_version(self, version: str, checkpoint_path: str) -> None:
+        self.version = str(version)
 
     def generate(self, requests: list[GenerationRequest]) -> list[Generation]:
         started = time.monotonic()
@@ -25,13 +61,20 @@ class SimBackend(ModelBackend):
             command = "echo MEGAFLOW_SUBMIT" if turn + 1 >= self.steps else f"echo step {turn}"
             text = f"Step {turn}.\n```bash\n{command}\n```"
             prompt_words = sum(len(str(message.get("content", "")).split()) for message in request.messages)
+            token_ids = logprobs = None
+            if request.prompt_token_ids is not None:
+                token_ids = [10 + (turn + index) % 30_000 for index in range(self.completion_ids - 1)] + [EOS]
+                logprobs = [-0.5] * len(token_ids)
             generations.append(
                 Generation(
                     request_id=request.request_id,
                     text=text,
-                    prompt_tokens=prompt_words,
-                    completion_tokens=len(text.split()),
+                    prompt_tokens=prompt_words if token_ids is None else len(request.prompt_token_ids),
+                    completion_tokens=len(text.split()) if token_ids is None else len(token_ids),
+                    token_ids=token_ids,
+                    logprobs=logprobs,
                     latency_s=time.monotonic() - started,
+                    model_version=self.version,
                 )
             )
         return generations

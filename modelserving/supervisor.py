@@ -114,6 +114,20 @@ class ServerSupervisor:
             if self.process is None or self.process.poll() is not None:
                 self._restart()
 
+    def relaunch(self, command: list[str]) -> None:
+        """Stop the server and start ``command`` in its place (new weights); if that one does not come up, the
+        old command is started again and ``ModelError`` says why."""
+        with self._lock:
+            previous = self.command
+            self._kill()
+            self.command = command
+            try:
+                self._launch()
+            except ModelError:
+                self.command = previous
+                self._launch()
+                raise
+
     def _restart(self) -> None:
         code = self.process.returncode if self.process else None
         logger.warning("model server died (exit %s); restarting, restart #%d", code, self.restarts + 1)

@@ -7,7 +7,7 @@ is declared with the loop in orchestrator/tasks.py.)
 
 from megaflow_site.megaflow_task import megaflow_task
 from megaflow_site.topology import Service, UnknownQueue
-from modelserving import service
+from modelserving import service, versions
 from modelserving.backend import GenerationRequest, UnknownModel
 from orchestrator import replies
 from orchestrator.probe import define_probe_task
@@ -24,6 +24,16 @@ def generate(model: str, requests: list[dict], reply_to: str | None = None) -> l
     if reply_to:
         replies.deliver(reply_to, generations)
     return generations
+
+
+@megaflow_task("modelserving.load_version")
+def load_version(model: str, version: str, checkpoint_path: str, reply_to: str | None = None) -> dict:
+    """Load a published model version in this worker (``{"ok": ...}``, pushed to ``reply_to``); the model's
+    other workers follow before their next batch (modelserving/versions.py)."""
+    result = versions.load(model, version, checkpoint_path)
+    if reply_to:
+        replies.deliver(reply_to, result)
+    return result
 
 
 def publish_generation(model: str, requests: list[dict], **options) -> None:

@@ -3,7 +3,10 @@
 The worker process starts ``vllm serve <model_path>`` (``CUDA_VISIBLE_DEVICES=<gpus>``), waits for ``/health``,
 restarts it if it dies, and forwards every request through the ``openai`` backend, so its 32 worker threads
 keep the server's continuous batching fed. ``load()`` reads the server's ``/metrics`` (KV-cache usage,
-requests running and waiting, token throughput) for scheduling and autoscaling. vllm itself is installed only
+requests running and waiting, token throughput) for scheduling and autoscaling. ``load_version`` serves new
+weights through a supervised restart: new requests wait, the ones in flight finish on the old weights, then
+``vllm serve`` starts on the new checkpoint (if it does not come up, the old one is started again and the
+version is refused). vllm itself is installed only
 on GPU workers (requirements-gpu.txt); the backend only needs the ``vllm`` command.
 
 Options: ``model_path``, ``port`` (8100), ``gpus`` (e.g. "0,1"), ``extra_args`` (list, e.g.
@@ -13,11 +16,13 @@ the ``openai`` backend's options.
 
 from __future__ import annotations
 
+import threading
 import time
+from pathlib import Path
 
 from django.conf import settings
 
-from modelserving.backend import Generation, GenerationRequest, ModelBackend, register_backend
+from modelserving.backend import Generation, GenerationRequest, ModelBackend, ModelError, register_backend
 from modelserving.openai_backend import OpenAIBackend
 from modelserving.supervisor import ServerSupervisor
 
@@ -37,9 +42,13 @@ class VLLMBackend(ModelBackend):
         command: list[str] | None = None,
         startup_timeout_s: float = 900,
         restart_backoff_s: float = 2,
+        version: str | None = None,
         **openai_options,
     ):
         super().__init__(model)
+        if version is not None:
+            self.version = str(version)
+        self.model_path = model_path
         base_url = f"http://127.0.0.1:{port}"
         command = command or [
             "vllm",
@@ -65,10 +74,46 @@ class VLLMBackend(ModelBackend):
         self.supervisor.start()
         self.http = OpenAIBackend(model, base_url=f"{base_url}/v1", served_model=model, **openai_options)
         self._last_tokens: tuple[float, float] | None = None
+        self._gate = threading.Condition()
+        self._in_flight = 0
+        self._switching = False
 
     def generate(self, requests: list[GenerationRequest]) -> list[Generation]:
-        self.supervisor.ensure_running()
-        return self.http.generate(requests)
+        with self._gate:
+            while self._switching:  # new weights are being loaded: wait for them
+                self._gate.wait()
+            self._in_flight += 1
+            version = self.version
+        try:
+            self.supervisor.ensure_running()
+            generations = self.http.generate(requests)
+        finally:
+            with self._gate:
+                self._in_flight -= 1
+                self._gate.notify_all()
+        for generation in generations:
+            generation.model_version = version
+        return generations
+
+    def load_version(self, version: str, checkpoint_path: str) -> None:
+        if not (Path(checkpoint_path) / "config.json").is_file():
+            raise ModelError(f"{checkpoint_path!r} is not a model directory this worker can read (no config.json)")
+        if self.model_path and self.model_path not in self.supervisor.command:
+            raise ModelError("the server's command does not name its model path: cannot swap in new weights")
+        command = [checkpoint_path if part == self.model_path else part for part in self.supervisor.command]
+        with self._gate:
+            while self._switching:
+                self._gate.wait()
+            self._switching = True
+            while self._in_flight:  # the turns in flight finish on the weights they started with
+                self._gate.wait()
+        try:
+            self.supervisor.relaunch(command)
+            self.version, self.model_path = str(version), checkpoint_path
+        finally:
+            with self._gate:
+                self._switching = False
+                self._gate.notify_all()
 
     def load(self) -> dict[str, float]:
         """The server's load now: KV-cache usage (0..1), requests running and waiting, tokens/s since the last

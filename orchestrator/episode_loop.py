@@ -26,6 +26,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -40,6 +42,7 @@ from envs import service as env_service
 from envs.backend import SandboxError
 from modelserving import service as model_service
 from modelserving.backend import GenerationRequest, SamplingParams
+from modelserving.token_prompts import PreviousTurn
 from orchestrator import transitions
 from orchestrator.db import release_connection
 from orchestrator.models import Episode, Run, Step, Task
@@ -199,12 +202,14 @@ def episode_step(
     completion_tokens: int = 0,
     model_latency_s: float = 0.0,
     attempt: int | None = None,
+    turn: dict | None = None,
 ) -> None:
-    """Run the action in the model's reply, record the step, and publish what follows."""
+    """Run the action in the model's reply, record the step, and publish what follows. ``turn``: what the model
+    saw and produced as tokens (``TURN_FIELDS``), written with the claim."""
     episode = _current(episode_id, attempt)
     if episode is None:
         return
-    row = _claim_step(episode_id, step, reply)
+    row = _claim_step(episode_id, step, reply, turn)
     if row is None:
         return  # another delivery of this message holds the claim, or the step already ran and moved on
     if row.completed_at:
@@ -255,12 +260,19 @@ def episode_step(
     _after_step(episode, row, submitted_now=result is not None and submitted(result.output))
 
 
-def _claim_step(episode_id: int, step: int, reply: str) -> Step | None:
+# What a model turn records on its Step row (orchestrator/rollouts.py reads them back for trainers).
+TURN_FIELDS = ("model_input", "prompt_prefix_len", "prompt_ids", "completion_ids", "logprobs", "prefix_consistent",
+               "finish_reason", "sampling", "model_name", "model_version")  # fmt: skip
+
+
+def _claim_step(episode_id: int, step: int, reply: str, turn: dict | None = None) -> Step | None:
     """The Step row that makes this delivery the one to run the step, or a completed row whose follow-up must
     be re-published; None when there is nothing for this delivery to do."""
+    fields = {key: value for key, value in (turn or {}).items() if key in TURN_FIELDS and value is not None}
     try:
-        # Autocommit: the INSERT is its own transaction, and the unique (episode, index) picks one delivery.
-        return Step.objects.create(episode_id=episode_id, index=step, model_output=reply)
+        # Autocommit: the INSERT is its own transaction, and the unique (episode, index) picks one delivery. The
+        # turn's tokens go in the same INSERT: durable with the claim, so a re-driven step keeps them.
+        return Step.objects.create(episode_id=episode_id, index=step, model_output=reply, **fields)
     except IntegrityError:
         pass
     row = Step.objects.get(episode_id=episode_id, index=step)
@@ -322,7 +334,8 @@ def evaluate(episode: Live) -> None:
 
 
 def episode_turn(episode_id: int, step: int, model: str, attempt: int | None = None) -> None:
-    """Build the agent's prompt from the trajectory so far, generate, and publish the env step."""
+    """Build the agent's prompt from the trajectory so far (as ids, token in, token out, where the backend has a
+    tokenizer), generate, and publish the env step with what the model saw and produced."""
     episode = _current(episode_id, attempt)
     if episode is None:
         return
@@ -335,13 +348,19 @@ def episode_turn(episode_id: int, step: int, model: str, attempt: int | None = N
     if steps and steps[-1][0] == step:
         return  # a redelivered turn whose step is already claimed
     run, task = episode.run, episode.task
+    agent = agent_of_run(run.pk)
     history = [Turn(output, observation) for _, output, observation, completed in steps if completed]
     view = TaskView(task.instance_id, task.problem_statement, task.workdir)
+    messages = agent.messages(view, history)
+    previous = _previous_turn(episode, step, model, agent, view, history)
+    prompt = model_service.turn_prompt(model, messages, previous)
     request = GenerationRequest(
         request_id=f"{episode_id}:{step}",
-        messages=agent_of_run(run.pk).messages(view, history),
-        sampling=SamplingParams.from_dict((run.agent_config or {}).get("sampling")),
+        messages=messages,
+        # Trainers need the sampling logprobs where the backend gives ids; a run may still turn them off.
+        sampling=SamplingParams.from_dict({"logprobs": prompt.ids is not None, **_sampling_of(run)}),
         context={"task_id": task.pk},
+        prompt_token_ids=prompt.ids,
     )
     release_connection()  # nothing needs the database while the model works
     [generation] = model_service.generate(model, [request])
@@ -353,6 +372,9 @@ def episode_turn(episode_id: int, step: int, model: str, attempt: int | None = N
         if outcome is not transitions.Outcome.UNCHANGED:
             finished(episode_id)
         return
+    if prompt.ids is not None and generation.token_ids is not None:
+        seen = prompt.ids + generation.token_ids
+        _turns.remember((episode_id, episode.attempt), step, messages, generation.text, seen)
     send(
         "envs.episode_step",
         episode_id=episode_id,
@@ -363,4 +385,67 @@ def episode_turn(episode_id: int, step: int, model: str, attempt: int | None = N
         model_latency_s=generation.latency_s,
         pool=run.env_pool,
         attempt=episode.attempt,
+        turn={
+            "model_input": prompt.new_messages,
+            "prompt_prefix_len": prompt.prefix_len,
+            "prompt_ids": prompt.appended_ids,
+            "completion_ids": generation.token_ids,
+            "logprobs": generation.logprobs,
+            "prefix_consistent": prompt.consistent,
+            "finish_reason": generation.finish_reason,
+            "sampling": request.sampling.as_dict(),  # not request.as_dict(): that copies every prompt id
+            "model_name": model,
+            "model_version": generation.model_version,
+        },
     )
+
+
+def _sampling_of(run: Run) -> dict:
+    return (run.agent_config or {}).get("sampling") or {}
+
+
+class _TurnCache:
+    """The last turn of recent episodes as this model worker generated it: the next turn of an episode that
+    comes back to the same worker extends these ids without reading every earlier step's ids back."""
+
+    def __init__(self, size: int = 512):
+        self.size = size
+        self.entries: OrderedDict[tuple[int, int], tuple[int, list[dict], str, list[int]]] = OrderedDict()
+        self.lock = threading.Lock()
+
+    def remember(self, key: tuple[int, int], step: int, messages: list[dict], reply: str, ids: list[int]) -> None:
+        with self.lock:
+            self.entries[key] = (step, messages, reply, ids)
+            self.entries.move_to_end(key)
+            while len(self.entries) > self.size:
+                self.entries.popitem(last=False)
+
+    def get(self, key: tuple[int, int], step: int, reply: str) -> PreviousTurn | None:
+        with self.lock:
+            entry = self.entries.pop(key, None)
+        # The reply check: another delivery of that turn may have generated the reply that was recorded.
+        if entry is None or entry[0] != step or entry[2] != reply:
+            return None
+        return PreviousTurn(entry[1], entry[2], entry[3])
+
+
+_turns = _TurnCache()
+
+
+def _previous_turn(episode: Live, step: int, model: str, agent: Agent, view: TaskView, history: list[Turn]):
+    """What the model saw and said on the turn before ``step`` (None on the first turn)."""
+    if step == 0 or not history:
+        return None
+    last = history[-1]
+    if not model_service.tokenizes(model):
+        return PreviousTurn(agent.messages(view, history[:-1]), last.reply, None)
+    if cached := _turns.get((episode.id, episode.attempt), step - 1, last.reply):
+        return cached
+    ids: list[int] | None = []
+    rows = Step.objects.filter(episode_id=episode.id, index__lt=step).order_by("index")
+    for prefix_len, appended, completion in rows.values_list("prompt_prefix_len", "prompt_ids", "completion_ids"):
+        if appended is None or completion is None:
+            ids = None  # a turn without ids (the model changed backend?): the next prompt is rendered whole
+            break
+        ids = ids[: prefix_len or 0] + appended + completion
+    return PreviousTurn(agent.messages(view, history[:-1]), last.reply, ids)

@@ -132,6 +132,10 @@ class Run(models.Model):
     max_episode_tokens = models.PositiveBigIntegerField(
         null=True, blank=True, help_text="Prompt + completion tokens an episode may use; blank for no limit."
     )
+    model_version = models.CharField(
+        max_length=200, blank=True, default="", db_default="",
+        help_text="The model version this run needs: its episodes start once it serves.",
+    )  # fmt: skip
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.QUEUED, db_index=True)
     idempotency_key = models.CharField(
         max_length=200, blank=True, help_text="The API's Idempotency-Key: a retried create returns this run."
@@ -219,7 +223,10 @@ class Step(models.Model):
 
     episode = models.ForeignKey(Episode, on_delete=models.CASCADE, related_name="steps")
     index = models.PositiveIntegerField()
-    model_input = models.JSONField(default=list, help_text="Messages sent to the model for this turn.")
+    model_input = models.JSONField(
+        default=list,
+        help_text="The messages this turn added to what the model saw (all of them when the prompt was re-rendered).",
+    )
     model_output = models.TextField(blank=True)
     action = models.TextField(blank=True, help_text="The bash command parsed from the reply; blank if malformed.")
     observation = models.TextField(blank=True)
@@ -232,6 +239,20 @@ class Step(models.Model):
     # The row is written before the action runs and claims the step (the unique index decides between two
     # deliveries of one message); completed_at says the action ran and the observation is in.
     completed_at = models.DateTimeField(null=True, blank=True)
+    # Token in, token out (null where the backend gives no ids). The prompt is stored linearly: this turn's
+    # prompt is the previous turn's prompt + completion cut to ``prompt_prefix_len``, then ``prompt_ids``.
+    prompt_prefix_len = models.PositiveIntegerField(null=True, blank=True)
+    prompt_ids = models.JSONField(null=True, blank=True, help_text="Ids appended after the shared prefix.")
+    completion_ids = models.JSONField(null=True, blank=True)
+    logprobs = models.JSONField(null=True, blank=True, help_text="Sampling logprob of every completion id.")
+    prefix_consistent = models.BooleanField(
+        null=True, blank=True, help_text="The prompt extends the previous turn's prompt + completion exactly."
+    )
+    # db_default: rows written by code from before these columns still insert.
+    finish_reason = models.CharField(max_length=32, blank=True, default="", db_default="")
+    sampling = models.JSONField(null=True, blank=True, help_text="The sampling parameters of this turn.")
+    model_name = models.CharField(max_length=200, blank=True, default="", db_default="")
+    model_version = models.CharField(max_length=200, blank=True, default="", db_default="")
 
     class Meta:
         ordering = ["episode", "index"]
@@ -241,3 +262,31 @@ class Step(models.Model):
 
     def __str__(self) -> str:
         return f"step {self.index} of episode {self.episode_id}"
+
+
+class ModelVersion(models.Model):
+    """A version of a model's weights, published by a trainer: the model workers load it between batches, and
+    every turn records the version it ran on."""
+
+    class Status(models.TextChoices):
+        LOADING = "loading"
+        SERVING = "serving"
+        REFUSED = "refused"
+
+    model_name = models.CharField(max_length=200)
+    version = models.CharField(max_length=200)
+    checkpoint_path = models.CharField(max_length=1000)
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.LOADING)
+    error = models.TextField(blank=True, help_text="Why the workers refused it.")
+    owner = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="model_versions"
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+    serving_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["model_name", "created_at"]
+        constraints = [models.UniqueConstraint(fields=["model_name", "version"], name="model_version_unique")]
+
+    def __str__(self) -> str:
+        return f"{self.model_name}@{self.version}"

@@ -17,6 +17,7 @@ from orchestrator.api.serializers import RunSerializer
 from orchestrator.autoscale import admission_limit
 from orchestrator.episode_loop import send
 from orchestrator.hot_state import redis_client
+from orchestrator.model_versions import serving_version
 from orchestrator.models import Episode, Run
 
 logger = logging.getLogger("megaflow.runs")
@@ -72,8 +73,8 @@ def start_run(run_id: int) -> int:
 
 def admit() -> list[int]:
     """Start queued episodes while their run and the whole fleet have room (``Run.max_concurrent_episodes``,
-    ``MEGAFLOW_MAX_LIVE_EPISODES``, the autoscaler's admission limit). One admitter at a time (a Redis lock),
-    oldest runs first."""
+    ``MEGAFLOW_MAX_LIVE_EPISODES``, the autoscaler's admission limit) and the model version the run asks for
+    serves. One admitter at a time (a Redis lock), oldest runs first."""
     admitted: list[tuple[int, int, str]] = []
     with redis_client().lock("megaflow:admission", timeout=60, blocking_timeout=30):
         ceiling = settings.MEGAFLOW_MAX_LIVE_EPISODES
@@ -83,6 +84,8 @@ def admit() -> list[int]:
         for run in Run.objects.filter(status=Run.Status.RUNNING).order_by("created_at"):
             if room <= 0:
                 break
+            if run.model_version and run.model_version != serving_version(run.model_name):
+                continue  # its episodes start once the version it asks for serves
             run_room = run.max_concurrent_episodes - run.episodes.filter(status__in=LIVE).count()
             queued = run.episodes.filter(status=Episode.Status.QUEUED).order_by("pk")
             ready = [(episode.pk, episode.attempt) for episode in queued.only("pk", "attempt", "updated_at")

@@ -62,8 +62,9 @@ def episode_step(
     completion_tokens: int = 0,
     model_latency_s: float = 0.0,
     attempt: int | None = None,
+    turn: dict | None = None,
 ) -> None:
-    episode_loop.episode_step(episode_id, step, reply, prompt_tokens, completion_tokens, model_latency_s, attempt)
+    episode_loop.episode_step(episode_id, step, reply, prompt_tokens, completion_tokens, model_latency_s, attempt, turn)
 
 
 @megaflow_task("modelserving.episode_turn")

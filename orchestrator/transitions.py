@@ -24,6 +24,12 @@ Runs::
     completed, failed → running  (``retry_failed`` reopens the run; nothing in MegaFlow fails a whole run today)
     cancelled                    (final)
 
+Model versions (the weights a trainer published)::
+
+    loading   → serving (a worker loaded it) · refused (no worker could)
+    refused   → loading (published again, e.g. after the checkpoint was fixed)
+    serving                      (final: a newer version supersedes it, nothing changes its row)
+
 ``attempt`` fences a whole attempt: a message of attempt 1 that arrives after the episode was retried matches
 no row and changes nothing.
 """
@@ -39,12 +45,13 @@ from django.db import transaction
 from django.db.models import Exists, F, OuterRef, Q
 from django.utils import timezone
 
-from orchestrator.models import Episode, Run, Step
+from orchestrator.models import Episode, ModelVersion, Run, Step
 
 logger = logging.getLogger("megaflow.transitions")
 
 E = Episode.Status
 R = Run.Status
+V = ModelVersion.Status
 
 LIVE = frozenset({E.STARTING, E.RUNNING, E.EVALUATING})
 UNFINISHED = frozenset({E.QUEUED, *LIVE})
@@ -68,6 +75,13 @@ RUN_TRANSITIONS: dict[str, frozenset[str]] = {
     R.COMPLETED: frozenset({R.RUNNING}),
     R.FAILED: frozenset({R.RUNNING}),
     R.CANCELLED: frozenset(),
+}
+
+
+MODEL_VERSION_TRANSITIONS: dict[str, frozenset[str]] = {
+    V.LOADING: frozenset({V.SERVING, V.REFUSED}),
+    V.REFUSED: frozenset({V.LOADING}),
+    V.SERVING: frozenset(),
 }
 
 
@@ -290,3 +304,32 @@ def reopen_run(run_id: int) -> bool:
     if Run.objects.filter(pk=run_id, status=R.RUNNING).exists():
         return True
     return _run(run_id, R.RUNNING, within={R.COMPLETED, R.FAILED}, finished_at=None)
+
+
+# --- model versions --------------------------------------------------------------------------------------------
+
+
+def _model_version(model: str, version: str, to: str, **fields) -> bool:
+    allowed = sources(MODEL_VERSION_TRANSITIONS, to)
+    changed = ModelVersion.objects.filter(model_name=model, version=version, status__in=allowed).update(
+        status=to, **fields
+    )
+    if not changed:
+        current = ModelVersion.objects.filter(model_name=model, version=version).values_list("status").first()
+        _refused("model version", f"{model}@{version}", to, allowed, current)
+    return bool(changed)
+
+
+def reload_model_version(model: str, version: str, checkpoint_path: str) -> bool:
+    """refused → loading: a refused version published again (its checkpoint path may have been fixed)."""
+    return _model_version(model, version, V.LOADING, checkpoint_path=checkpoint_path, error="")
+
+
+def serve_model_version(model: str, version: str) -> bool:
+    """loading → serving: a model worker loaded the weights and serves them from its next batch."""
+    return _model_version(model, version, V.SERVING, serving_at=timezone.now())
+
+
+def refuse_model_version(model: str, version: str, error: str) -> bool:
+    """loading → refused: the workers cannot load the checkpoint; the old weights keep serving."""
+    return _model_version(model, version, V.REFUSED, error=error[:4000])

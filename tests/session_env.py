@@ -39,7 +39,7 @@ os.environ.setdefault("MEGAFLOW_RETRY_BACKOFF_S", "1")
 os.environ.setdefault("MEGAFLOW_AUTOSCALE_INTERVAL_S", "0")
 os.environ.setdefault("MEGAFLOW_VISIBILITY_TIMEOUT_S", "60")
 os.environ.setdefault("MEGAFLOW_DATA_DIR", str(Path(__file__).resolve().parent.parent / "var" / "test"))
-os.environ.setdefault("MEGAFLOW_MODELS", "replay,sim,tiny")
+os.environ.setdefault("MEGAFLOW_MODELS", "replay,sim,tiny,tiny-hf")
 # "tiny" is a real tiny model served by modelserving.hf_server (the tiny_model_server fixture starts it).
 TINY_MODEL_PORT = 18800 + slot
 os.environ.setdefault("MEGAFLOW_TINY_MODEL_PORT", str(TINY_MODEL_PORT))
@@ -53,6 +53,14 @@ os.environ.setdefault(
                 "base_url": f"http://127.0.0.1:{TINY_MODEL_PORT}/v1",
                 "max_attempts": 2,
                 "backoff_s": 0.05,
+            },
+            # The same tiny model in the model worker itself (hf backend: token in, token out, new versions
+            # loaded between batches); the tiny_model fixture builds it before any episode uses it.
+            "tiny-hf": {
+                "backend": "hf",
+                "model_path": str(Path(os.environ["MEGAFLOW_DATA_DIR"]) / "tiny-model"),
+                "version": "v0",
+                "context_length": 1024,
             },
         }
     ),

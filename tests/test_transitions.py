@@ -353,3 +353,24 @@ def test_a_straggler_of_an_earlier_attempt_changes_nothing(run, sent, monkeypatc
     episode.refresh_from_db()
     assert (episode.status, episode.attempt, episode.step_count) == (E.QUEUED, 2, 0)
     assert commands == [] and sent == [] and not episode.steps.exists()
+
+
+# --- model versions ------------------------------------------------------------------------------------------
+
+
+def test_a_model_version_moves_only_along_its_table():
+    from orchestrator.models import ModelVersion
+
+    V = ModelVersion.Status
+    ModelVersion.objects.create(model_name="sim", version="v1", checkpoint_path="/a")
+    assert transitions.refuse_model_version("sim", "v1", "cannot read /a")
+    assert not transitions.serve_model_version("sim", "v1"), "a refused version does not serve without a reload"
+    assert transitions.reload_model_version("sim", "v1", "/b")
+    assert ModelVersion.objects.get(version="v1").error == ""
+    assert transitions.serve_model_version("sim", "v1")
+    assert not transitions.refuse_model_version("sim", "v1", "late"), "serving is final"
+    assert not transitions.reload_model_version("sim", "v1", "/c")
+    record = ModelVersion.objects.get(version="v1")
+    assert (record.status, record.checkpoint_path, record.error) == (V.SERVING, "/b", "")
+    assert record.serving_at is not None
+    assert not transitions.serve_model_version("sim", "nope"), "an unknown version changes nothing"

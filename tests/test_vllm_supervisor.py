@@ -88,3 +88,33 @@ def test_the_real_command_line_runs_vllm_serve_on_the_chosen_gpus(monkeypatch, s
         "--tensor-parallel-size", "2",
     ]  # fmt: skip
     assert launched["env"] == {"CUDA_VISIBLE_DEVICES": "0,1"} and launched["base_url"] == "http://127.0.0.1:8123"
+
+
+def test_a_new_version_is_served_through_a_supervised_restart_and_a_bad_one_keeps_the_old(tiny_model, port, tmp_path):
+    import threading
+
+    from modelserving.vllm_backend import VLLMBackend
+    from tests.test_rollouts import checkpoint
+
+    backend = VLLMBackend(
+        "tiny", model_path=str(tiny_model), command=server_command(tiny_model, port), port=port, version="v0"
+    )
+    try:
+        in_flight: list = []
+        slow = threading.Thread(target=lambda: in_flight.extend(backend.generate(hello(max_tokens=48))))
+        slow.start()
+        time.sleep(0.05)
+        new = checkpoint(tiny_model, tmp_path / "v1", seed=1)
+        backend.load_version("v1", str(new))
+        slow.join()
+        [before] = in_flight
+        assert not before.error and before.model_version == "v0", "the turn in flight finished on its version"
+        assert str(new) in backend.supervisor.command and str(tiny_model) not in backend.supervisor.command
+        [after] = backend.generate(hello())
+        assert not after.error and after.model_version == "v1"
+        restarted = backend.supervisor.process.pid
+        with pytest.raises(ModelError, match="no config.json"):
+            backend.load_version("v2", str(tmp_path / "missing"))
+        assert backend.version == "v1" and backend.supervisor.process.pid == restarted, "the old one keeps serving"
+    finally:
+        backend.close()

@@ -17,6 +17,7 @@ from rest_framework import serializers
 from agents.agent import AgentConfigError, run_agent
 from megaflow_site.topology import Service, known_keys
 from orchestrator import bundles
+from orchestrator.model_versions import known_version
 from orchestrator.models import Dataset, DatasetValidation, Episode, Run, Step, Task
 from orchestrator.task_format import TaskFormatError, check_lines, parse_task, spec_digest, store_dataset
 
@@ -154,7 +155,8 @@ class RunSerializer(serializers.ModelSerializer):
         fields = [
             "id", "name", "owner", "status", "dataset", "instance_ids", "tasks", "samples_per_task", "agent_name",
             "agent_config", "model_name", "env_pool", "max_concurrent_episodes", "max_steps", "episode_time_limit_s",
-            "max_attempts", "max_episode_tokens", "progress", "created_at", "started_at", "finished_at",
+            "max_attempts", "max_episode_tokens", "model_version", "progress", "created_at", "started_at",
+            "finished_at",
         ]  # fmt: skip
         read_only_fields = ["id", "owner", "status", "progress", "created_at", "started_at", "finished_at"]
         extra_kwargs = {
@@ -188,6 +190,10 @@ class RunSerializer(serializers.ModelSerializer):
         return value
 
     def validate(self, attrs):
+        if (version := attrs.get("model_version")) and not known_version(attrs["model_name"], version):
+            raise serializers.ValidationError(
+                {"model_version": [f"{attrs['model_name']} has no version {version!r}: publish it first"]}
+            )
         try:
             run_agent(attrs.get("agent_name", "bash"), attrs.get("agent_config"))
         except AgentConfigError as error:

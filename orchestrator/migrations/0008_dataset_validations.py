@@ -8,7 +8,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('orchestrator', '0004_indexes_for_watchdog_and_metrics'),
+        ('orchestrator', '0005_rollouts_tokens_and_model_versions'),
         migrations.swappable_dependency(settings.AUTH_USER_MODEL),
     ]
 

@@ -59,7 +59,8 @@ def bench_environment(args, max_level: int) -> dict[str, str]:
         "MEGAFLOW_ENV_POOLS": "default",
         "MEGAFLOW_ENV_BACKEND": "sim",
         "MEGAFLOW_MODEL_CONFIG": json.dumps(
-            {"sim": {"backend": "sim", "latency_s": args.model_latency, "steps": args.steps}}),
+            {"sim": {"backend": "sim", "latency_s": args.model_latency, "steps": args.steps,
+                     "prompt_ids_per_message": args.prompt_ids, "completion_ids": args.completion_ids}}),
         "MEGAFLOW_SIM_EXEC_LATENCY_S": str(args.env_latency),
         "MEGAFLOW_MAX_LIVE_EPISODES": str(max_level),
         "MEGAFLOW_LOG_LEVEL": os.environ.get("MEGAFLOW_BENCH_LOG_LEVEL", "WARNING"),
@@ -84,7 +85,7 @@ def sandbox_execs() -> tuple[int, int]:
     sandbox = backend.create(None)
     task_sandbox.prepare(backend, sandbox, Task(**task))
     prepared = Counting.calls
-    backend.evaluate(sandbox, Task(**task))
+    task_sandbox.evaluate(backend, sandbox, Task(**task))
     return prepared, Counting.calls - prepared
 
 
@@ -97,6 +98,7 @@ def bench_task_fields() -> dict:
 
 
 def run_orchestrated(level: int, args, log_dir: Path) -> dict:
+    from django.db import connection
     from django.db.models import Count
     from tqdm import tqdm
 
@@ -158,6 +160,10 @@ def run_orchestrated(level: int, args, log_dir: Path) -> dict:
             overheads.append(wall - (model_s or 0) - (env_s or 0))
         previous[(episode_id, index)] = completed
     statuses = dict(run.episodes.values_list("status").annotate(n=Count("pk")))
+    with connection.cursor() as cursor:  # the table holds this level's steps only: its size is theirs
+        cursor.execute("VACUUM FULL orchestrator_step")
+        cursor.execute("SELECT pg_total_relation_size('orchestrator_step')")
+        [step_table_bytes] = cursor.fetchone()
     return {
         "episodes": episodes,
         "completed": run.status == Run.Status.COMPLETED,
@@ -169,6 +175,7 @@ def run_orchestrated(level: int, args, log_dir: Path) -> dict:
         "overhead_p50_ms": ms(percentile(overheads, 0.5)),
         "overhead_p99_ms": ms(percentile(overheads, 0.99)),
         "worker_processes": len(specs),
+        "bytes_per_step": step_table_bytes / max(1, len(steps)),
     }
 
 
@@ -280,6 +287,14 @@ def main() -> None:
     parser.add_argument("--processes", type=int, default=2, help="worker processes per model and env pool")
     parser.add_argument("--naive-window", type=float, default=20.0, help="seconds the naive baseline is measured")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds one level may take")
+    parser.add_argument(
+        "--prompt-ids",
+        type=int,
+        default=1000,
+        help="token ids per system/user message from the sim model (each turn grows the prompt by "
+        "about this much; 0: no ids, text only)",
+    )
+    parser.add_argument("--completion-ids", type=int, default=200, help="token ids per sim completion")
     parser.add_argument("--output", default="bench-results.json")
     args = parser.parse_args()
     levels = [int(level) for level in args.levels.split(",")]

@@ -8,7 +8,8 @@ validate       gold-check a dataset's tasks in real sandboxes, in parallel
 import-swebench  convert SWE-bench JSONL into the task format (and optionally load it)
 run            start a run over a dataset and follow it with a progress bar (or --no-wait)
 status         runs and their progress, queue depths; or one run in detail
-export         a run's trajectories as JSONL (one episode per line) for trainers
+export         a run's trajectories as JSONL (one episode per line); --format rollouts: the token-level lines of
+               GET /api/v1/runs/ID/rollouts
 reap           remove orphaned sandbox containers now
 demo           what ``make demo`` runs after ``make up``
 """
@@ -26,7 +27,7 @@ from envs.backend import get_backend
 from envs.suite_builder import SUITES_DIR, SuiteError, build_suite
 from megaflow_site import preflight
 from megaflow_site.topology import AGENT_QUEUE, Service, UnknownQueue, default_key, queue_name
-from orchestrator import probe, runs, trajectories
+from orchestrator import probe, rollouts, runs, trajectories
 from orchestrator.api.serializers import run_progress
 from orchestrator.fleet import queue_depths
 from orchestrator.models import Dataset, Episode, Run
@@ -92,6 +93,10 @@ class Command(BaseCommand):
         export = sub.add_parser("export", help="a run's trajectories as JSONL, one episode per line")
         export.add_argument("run_id", type=int)
         export.add_argument("--out", type=Path, help="write here instead of standard output")
+        export.add_argument(
+            "--format", choices=["trajectories", "rollouts"], default="trajectories",
+            help="rollouts: token ids, loss masks, logprobs per ended episode (the rollouts API's lines)",
+        )  # fmt: skip
 
         reap = sub.add_parser("reap", help="remove orphaned sandbox containers now")
         reap.add_argument("--grace", type=float, default=None, help="seconds a new container is left alone")
@@ -203,11 +208,14 @@ class Command(BaseCommand):
         if name:
             self.handle_load_dataset(out, name, f"imported from {source}")
 
-    def handle_export(self, run_id, out=None, **_):
+    def handle_export(self, run_id, out=None, format="trajectories", **_):
         run = Run.objects.filter(pk=run_id).first()
         if run is None:
             raise CommandError(f"no run {run_id}")
-        lines = trajectories.export_run(run)
+        if format == "rollouts":
+            lines = rollouts.stream(run, follow=False, settle_s=0)
+        else:
+            lines = trajectories.export_run(run)
         if out is None:
             for line in lines:
                 self.stdout.write(line, ending="")
