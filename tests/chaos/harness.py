@@ -424,6 +424,7 @@ FAULTS = {"kill-workers": kill_workers, "sigterm-worker": sigterm_worker, "resta
 PRODUCTION_FAULTS = {"none": no_fault, "kill-every-20s": kill_every_20s, "kill-all": kill_all,
                      "redis-save": redis_shutdown(True), "redis-nosave": redis_shutdown(False),
                      "restart-docker": restart_docker}  # fmt: skip
+PERIODIC_FAULTS = {"kill-every-20s"}
 MODEL_OF_FAULT = {"model-faults": "tiny"}
 DOCKER_FAULTS = {"restart-docker", "kill-containers"}  # their episodes run in real containers, on pool "docker"
 
@@ -494,7 +495,8 @@ def run_under(fault: str, stack: Stack, args) -> dict:
             run.refresh_from_db()
         except Exception as error:
             print(f"chaos: supervisor: {error!r}", flush=True)
-        if run.status in Run.TERMINAL and not injector.is_alive():
+        # A one-shot fault is always injected (the run waits for it); a periodic one ends with the run.
+        if run.status in Run.TERMINAL and (not injector.is_alive() or fault in PERIODIC_FAULTS):
             break
         time.sleep(1)
     stop.set()
@@ -567,6 +569,11 @@ def main() -> None:
     if unknown := set(faults) - set(catalogue):
         parser.error(f"unknown fault(s): {', '.join(sorted(unknown))}")
 
+    if args.production:  # the shipped defaults, whatever the calling environment (a test session) set
+        for name in ("MEGAFLOW_TASK_TIME_LIMIT_S", "MEGAFLOW_VISIBILITY_TIMEOUT_S", "MEGAFLOW_RETRY_BACKOFF_S",
+                     "MEGAFLOW_DOCKER_RECONNECT_S", "MEGAFLOW_WORKER_DEAD_S", "MEGAFLOW_WORKER_HEARTBEAT_S",
+                     "MEGAFLOW_WATCHDOG_INTERVAL_S"):  # fmt: skip
+            os.environ.pop(name, None)
     os.environ.update(chaos_environment(args))
     data_dir = data_dir_for(args)
     shutil.rmtree(data_dir / "redis", ignore_errors=True)  # an aborted run's queues must not replay into this one
