@@ -73,7 +73,8 @@ def admit() -> list[int]:
     ``MEGAFLOW_MAX_LIVE_EPISODES``, the autoscaler's admission limit). One admitter at a time (a Redis lock),
     oldest runs first."""
     admitted: list[tuple[int, int, str]] = []
-    with redis_client().lock("megaflow:admission", timeout=60, blocking_timeout=30):
+    # An admitter killed inside the lock holds it no longer than the dead-worker window (admitting takes ms).
+    with redis_client().lock("megaflow:admission", timeout=settings.MEGAFLOW_WORKER_DEAD_S, blocking_timeout=30):
         ceiling = settings.MEGAFLOW_MAX_LIVE_EPISODES
         if (throttle := admission_limit()) is not None:  # the autoscaler's, while the latency SLO is breached
             ceiling = min(ceiling, throttle)

@@ -76,7 +76,8 @@ def chaos_environment(args) -> dict[str, str]:
         "MEGAFLOW_REDIS_URL": f"redis://127.0.0.1:{args.redis_port}/0",
         "MEGAFLOW_DATA_DIR": str(data_dir_for(args)),
         "MEGAFLOW_MODELS": "sim,tiny" if "model-faults" in args.faults else "sim",
-        "MEGAFLOW_ENV_POOLS": "default,docker" if uses_docker(args) else "default",
+        # With --production every episode runs in a container: one env pool, so each kill hits a busy worker.
+        "MEGAFLOW_ENV_POOLS": "docker" if args.production else "default,docker" if uses_docker(args) else "default",
         "MEGAFLOW_ENV_BACKEND": "sim",
         "MEGAFLOW_MODEL_CONFIG": json.dumps(
             {
@@ -387,9 +388,23 @@ def kill_every_20s(stack: Stack, stop: threading.Event) -> list[str]:
     return done
 
 
+def once_episodes_run(stack: Stack, stop: threading.Event, after_s: float = 10.0) -> bool:
+    """Wait ``after_s``, and then until some episode of the run is live (a worker the last fault killed may still
+    be starting): a one-shot fault that hits an idle run measures nothing. False if the run ended first."""
+    from orchestrator.models import Episode
+    from orchestrator.transitions import LIVE
+
+    if stop.wait(after_s):
+        return False
+    while not Episode.objects.filter(run_id=stack.clock.run_id, status__in=LIVE).exists():
+        if stop.wait(0.5):
+            return False
+    return True
+
+
 def kill_all(stack: Stack, stop: threading.Event) -> list[str]:
     """SIGKILL every worker at once; they are started again 30 s later (the supervisor waits for the lock)."""
-    if stop.wait(10.0):
+    if not once_episodes_run(stack, stop):
         return []
     with WORKERS_LOCK:
         stack.clock.fault()
@@ -403,7 +418,7 @@ def kill_all(stack: Stack, stop: threading.Event) -> list[str]:
 
 def redis_shutdown(save: bool):
     def fault(stack: Stack, stop: threading.Event) -> list[str]:
-        if stop.wait(10.0):
+        if not once_episodes_run(stack, stop):
             return []
         stack.clock.fault()
         stack.broker.shutdown(save)
