@@ -8,6 +8,9 @@ The one decorator (as Sentry wraps every task once) gives each task:
 - **retries on database connection errors**, in place, the message still unacknowledged: a task that cannot
   reach the database (a pool exhausted by a burst, a server restarting) tries again instead of failing and
   leaving its episode to the watchdog. Tasks are idempotent, so running one again is always safe;
+- **who holds what**: while a task that names an ``episode_id`` runs, its worker's heartbeat says it holds that
+  episode (megaflow_site/liveness.py), so the watchdog leaves long work alone and re-drives what a dead worker
+  held;
 - **telemetry**: queue wait (from the send time the publisher stamps on every message) and run time, in
   Prometheus histograms labelled by task and queue. The queue wait is also left on
   ``task.request.megaflow_queue_wait_s`` for task code (the probe relay reports it per hop).
@@ -23,6 +26,7 @@ from celery import shared_task, signals
 from django.db import InterfaceError, OperationalError, connection
 from prometheus_client import Histogram
 
+from megaflow_site import liveness
 from megaflow_site.topology import service_of_task
 
 logger = logging.getLogger("megaflow.tasks")
@@ -92,7 +96,8 @@ def megaflow_task(name: str, *, bind: bool = False, **options):
             _record_queue_wait(self)
             started, state = time.perf_counter(), "FAILURE"
             try:
-                result = body(self, *args, **kwargs) if bind else body(*args, **kwargs)
+                with liveness.holding(kwargs.get("episode_id")):
+                    result = body(self, *args, **kwargs) if bind else body(*args, **kwargs)
                 state = "SUCCESS"
                 return result
             finally:

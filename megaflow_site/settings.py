@@ -280,6 +280,18 @@ MEGAFLOW_AUTOSCALE_MAX_GPU_WORKERS = env_int("MEGAFLOW_AUTOSCALE_MAX_GPU_WORKERS
 MEGAFLOW_AUTOSCALE_MAX_ENV_WORKERS = env_int("MEGAFLOW_AUTOSCALE_MAX_ENV_WORKERS", 1024)
 # An episode retried after an infrastructure failure waits this long, doubling with each further attempt.
 MEGAFLOW_RETRY_BACKOFF_S = env_int("MEGAFLOW_RETRY_BACKOFF_S", 10)
+# Worker liveness (megaflow_site/liveness.py): a worker silent for MEGAFLOW_WORKER_DEAD_S is dead and the
+# episodes it held are re-driven at once; its heartbeat, every MEGAFLOW_WORKER_HEARTBEAT_S, also keeps long work
+# alive. The watchdog looks every MEGAFLOW_WATCHDOG_INTERVAL_S.
+MEGAFLOW_WORKER_DEAD_S = env_float("MEGAFLOW_WORKER_DEAD_S", 30.0)
+MEGAFLOW_WORKER_HEARTBEAT_S = env_float("MEGAFLOW_WORKER_HEARTBEAT_S", MEGAFLOW_WORKER_DEAD_S / 6)
+MEGAFLOW_WATCHDOG_INTERVAL_S = env_float("MEGAFLOW_WATCHDOG_INTERVAL_S", 5.0)
+if not 0 < MEGAFLOW_WORKER_HEARTBEAT_S <= MEGAFLOW_WORKER_DEAD_S / 3:
+    raise ConfigError(
+        f"MEGAFLOW_WORKER_HEARTBEAT_S={MEGAFLOW_WORKER_HEARTBEAT_S} must be positive and at most a third of "
+        f"MEGAFLOW_WORKER_DEAD_S ({MEGAFLOW_WORKER_DEAD_S}): a worker must miss several beats before it is dead",
+        "lower MEGAFLOW_WORKER_HEARTBEAT_S or raise MEGAFLOW_WORKER_DEAD_S",
+    )
 # The gateway waits this long for a model worker's answer before replying 504.
 MEGAFLOW_GATEWAY_TIMEOUT_S = env_int("MEGAFLOW_GATEWAY_TIMEOUT_S", 300)
 # The rollouts stream (orchestrator/rollouts.py) holds back episodes that ended less than this long ago, so
@@ -391,8 +403,8 @@ CELERY_BEAT_SCHEDULE = {
 }
 # Admission catches up every few seconds too: an episode that ended in another run frees fleet-wide room.
 CELERY_BEAT_SCHEDULE["admit-episodes"] = {"task": "orchestrator.admit", "schedule": 5.0}
-# ...and stalled episodes (a message lost with a killed worker) are re-driven from the database.
-CELERY_BEAT_SCHEDULE["episode-watchdog"] = {"task": "orchestrator.watchdog", "schedule": 15.0}
+# ...and episodes whose messages died with a worker or the broker are re-driven from the database.
+CELERY_BEAT_SCHEDULE["episode-watchdog"] = {"task": "orchestrator.watchdog", "schedule": MEGAFLOW_WATCHDOG_INTERVAL_S}
 if MEGAFLOW_AUTOSCALE_INTERVAL_S > 0:
     CELERY_BEAT_SCHEDULE["autoscale"] = {
         "task": "orchestrator.autoscale",

@@ -16,9 +16,12 @@ Exactly-once effects over at-least-once delivery: the Step row is the claim. ``e
 before running the action (the unique (episode, index) decides between two deliveries of one message) and
 marks it complete after. A redelivered step that finds its row complete re-publishes the next turn only while
 the episode has not moved past it; one that finds an incomplete row whose claim is older than the task time
-limit takes it over (the action may run twice; the trajectory never holds it twice). A redelivered model turn
+limit takes it over, and so does one whose claim the watchdog expired because no living worker held it (the
+action may run twice; the trajectory never holds it twice: the claim's time is its fencing token, and a holder
+that was taken over cannot record its result). A redelivered model turn
 whose step is already claimed is dropped. Every message carries the episode's attempt: one of an earlier
-attempt is a straggler and changes nothing. A hop that finds its episode finished releases the sandbox.
+attempt is a straggler and changes nothing. A hop that finds its episode finished releases the sandbox. A hop
+that goes ahead first records that this worker process holds the episode (``transitions.hold``).
 """
 
 from __future__ import annotations
@@ -125,6 +128,7 @@ def _current(episode_id: int, attempt: int | None) -> Live | None:
     if attempt is not None and attempt != episode.attempt:
         logger.info("episode %s: dropped a message of attempt %s (now %s)", episode_id, attempt, episode.attempt)
         return None
+    transitions.hold(episode_id, episode.attempt)
     return episode
 
 
@@ -232,7 +236,8 @@ def episode_step(
             return
         observation = agent.observation(CommandResult(result.output, result.exit_code, result.note))
     completed_at = timezone.now()
-    Step.objects.filter(pk=row.pk).update(
+    # Only while the claim is still this delivery's: a claim taken over (its holder was judged dead) is not.
+    recorded = Step.objects.filter(pk=row.pk, created_at=row.created_at, completed_at__isnull=True).update(
         action=action.command or "",
         observation=observation,
         exit_code=None if result is None else result.exit_code,
@@ -242,6 +247,9 @@ def episode_step(
         completion_tokens=completion_tokens,
         completed_at=completed_at,
     )
+    if not recorded:
+        logger.warning("episode %s: step %s was taken over while its command ran; result dropped", episode_id, step)
+        return
     counted = Episode.objects.filter(pk=episode_id, status=Episode.Status.RUNNING, attempt=episode.attempt).update(
         step_count=step + 1,
         prompt_tokens=F("prompt_tokens") + prompt_tokens,
@@ -281,9 +289,13 @@ def _claim_step(episode_id: int, step: int, reply: str, turn: dict | None = None
         return None if Step.objects.filter(episode_id=episode_id, index=step + 1).exists() else row
     # A claim younger than the hard time limit may belong to a task still running; an older one cannot (the
     # limit kills it), and a redelivery only comes after the visibility timeout, at least twice the limit.
-    stale = timezone.now() - timedelta(seconds=settings.CELERY_TASK_TIME_LIMIT)
-    taken = Step.objects.filter(pk=row.pk, created_at__lte=stale).update(created_at=timezone.now())
-    return row if taken else None
+    # The watchdog expires the claim of a holder that died (orchestrator/runs.py) so that its step is taken over now.
+    stale, now = timezone.now() - timedelta(seconds=settings.CELERY_TASK_TIME_LIMIT), timezone.now()
+    taken = Step.objects.filter(pk=row.pk, created_at__lte=stale, completed_at__isnull=True).update(created_at=now)
+    if not taken:
+        return None
+    row.created_at = now  # the new claim's fencing token
+    return row
 
 
 def _over_time(episode: Live) -> bool:

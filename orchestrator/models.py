@@ -190,6 +190,11 @@ class Episode(models.Model):
     prompt_tokens = models.PositiveBigIntegerField(default=0)
     completion_tokens = models.PositiveBigIntegerField(default=0)
     worker = models.CharField(max_length=200, blank=True, help_text="Celery node that last moved the episode.")
+    holder = models.CharField(
+        max_length=240,
+        blank=True,
+        help_text="Worker process incarnation (node#id) that made the episode's last transition or runs its hop.",
+    )
     container_id = models.CharField(max_length=80, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)

@@ -1,24 +1,28 @@
 """The control plane: runs are created and launched, their episodes fanned out and admitted, stalled episodes
 re-driven, runs cancelled and retried. The API, the CLI, the admin and the demo all act through these
-functions; state changes go through orchestrator/transitions.py.
+functions; state changes go through orchestrator/transitions.py. Who is alive and what the broker forgot is read
+from megaflow_site/liveness.py.
 """
 
 from __future__ import annotations
 
 import logging
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 from django.conf import settings
 from django.db import transaction
+from django.db.models import Q
 from django.utils import timezone
 
+from megaflow_site import liveness
+from megaflow_site.topology import Service, service_of_task
 from orchestrator import transitions
 from orchestrator.api.serializers import RunSerializer
 from orchestrator.autoscale import admission_limit
 from orchestrator.episode_loop import send
 from orchestrator.hot_state import redis_client
 from orchestrator.model_versions import serving_version
-from orchestrator.models import Episode, Run
+from orchestrator.models import Episode, Run, Step
 
 logger = logging.getLogger("megaflow.runs")
 
@@ -76,7 +80,8 @@ def admit() -> list[int]:
     ``MEGAFLOW_MAX_LIVE_EPISODES``, the autoscaler's admission limit) and the model version the run asks for
     serves. One admitter at a time (a Redis lock), oldest runs first."""
     admitted: list[tuple[int, int, str]] = []
-    with redis_client().lock("megaflow:admission", timeout=60, blocking_timeout=30):
+    # An admitter killed inside the lock holds it no longer than the dead-worker window (admitting takes ms).
+    with redis_client().lock("megaflow:admission", timeout=settings.MEGAFLOW_WORKER_DEAD_S, blocking_timeout=30):
         ceiling = settings.MEGAFLOW_MAX_LIVE_EPISODES
         if (throttle := admission_limit()) is not None:  # the autoscaler's, while the latency SLO is breached
             ceiling = min(ceiling, throttle)
@@ -118,36 +123,90 @@ def episode_done(episode_id: int) -> None:
 
 
 def stalled_after_s() -> float:
-    """How long a live episode may go without progress before the watchdog re-drives it: past the visibility
-    timeout plus a task's hard limit, so that the broker's own redelivery always gets its chance first."""
+    """The last resort: how long a live episode that no worker is known to hold may go without progress before
+    the watchdog re-drives it anyway (past the visibility timeout plus a task's hard limit, so that the broker's
+    own redelivery has had its chance). Dead workers and broker restarts are acted on long before."""
     return settings.CELERY_BROKER_VISIBILITY_TIMEOUT_S + settings.CELERY_TASK_TIME_LIMIT
 
 
 def watchdog() -> list[int]:
-    """Re-drive live episodes that stopped moving, from their durable state. A message can be lost outright
-    (a worker killed between Redis handing it over and recording it as unacknowledged); every hop is
-    idempotent, so re-publishing the one the database implies is always safe. Returns the episodes re-driven."""
-    cutoff = timezone.now() - timedelta(seconds=stalled_after_s())
-    stalled = Episode.objects.filter(status__in=LIVE, updated_at__lt=cutoff).select_related("run")
+    """Re-drive, from their durable state, the live episodes whose next hop was lost: held by a worker that died
+    (silent for MEGAFLOW_WORKER_DEAD_S), taken from a queue by a worker that died before it said so, published
+    to a broker that restarted or lost its data, or stalled past the last resort. Returns those re-driven."""
+    fleet = liveness.read_fleet()
+    return redrive_lost(fleet, liveness.observe(fleet))
+
+
+def redrive_lost(fleet: liveness.Fleet, events: list[liveness.Event], now=None) -> list[int]:
+    """The watchdog's decision and act, given what it knows of the fleet and what happened (DB only: tests pass
+    both). A live episode is lost when no living worker holds it (by its heartbeat), it has not moved for two
+    heartbeats, and either its holder is not alive and it has been quiet for the dead-worker window, or it has
+    not moved since an event that may have lost its next hop's message, or it stalled past ``stalled_after_s``.
+    Every hop is idempotent and fenced, so re-publishing the one the database implies is always safe; an
+    unfinished step's claim is expired so that the re-driven step takes it over now."""
+    now = now or timezone.now()
+    quiet = now - timedelta(seconds=2 * settings.MEGAFLOW_WORKER_HEARTBEAT_S)
+    orphaned = now - timedelta(seconds=settings.MEGAFLOW_WORKER_DEAD_S)
+    lost = Q(updated_at__lt=now - timedelta(seconds=stalled_after_s()))
+    lost |= Q(updated_at__lt=orphaned) & ~Q(holder__in=list(fleet.alive))
+    if events:
+        lost |= Q(updated_at__lt=_moment(max(event.at for event in events)))
+    candidates = (
+        Episode.objects.filter(status__in=LIVE, updated_at__lt=quiet)
+        .filter(lost)
+        .values_list("pk", "status", "attempt", "holder", "updated_at", "run__env_pool", "run__model_name")
+    )
     redriven = []
-    for episode in stalled:
-        run = episode.run
-        # Only if it is still stalled (one watchdog at a time moves it; a hop that moved it meanwhile wins).
-        if not Episode.objects.filter(pk=episode.pk, updated_at__lt=cutoff).update(updated_at=timezone.now()):
+    for pk, status, attempt, holder, updated_at, pool, model in candidates:
+        if fleet.holds(pk):
+            continue  # a living worker runs its hop, however long it takes
+        last = Step.objects.filter(episode_id=pk).order_by("-index").values_list("index", "model_output",
+                                                                                 "completed_at").first()  # fmt: skip
+        name, message = _next_hop(status, last, pool, model, pk, attempt)
+        why = _why_lost(holder, updated_at, fleet, events, _queue_of(name, message), orphaned, now)
+        if why is None or not transitions.redrive(pk, attempt, updated_at):
             continue
-        last = episode.steps.order_by("-index").first()
-        if episode.status == Episode.Status.STARTING:
-            send("envs.episode_start", episode_id=episode.pk, pool=run.env_pool, attempt=episode.attempt)
-        elif last is not None and (last.completed_at is None or episode.status == Episode.Status.EVALUATING):
-            send("envs.episode_step", episode_id=episode.pk, step=last.index, reply=last.model_output,
-                 pool=run.env_pool, attempt=episode.attempt)  # fmt: skip
-        else:
-            next_step = 0 if last is None else last.index + 1
-            send("modelserving.episode_turn", episode_id=episode.pk, step=next_step, model=run.model_name,
-                 attempt=episode.attempt)  # fmt: skip
-        logger.warning("episode %s stalled in %s; re-driven", episode.pk, episode.status)
-        redriven.append(episode.pk)
+        if name == "envs.episode_step" and last[2] is None:
+            # Nobody alive holds this claim: expire it, so that the re-driven step takes it over.
+            expired = timezone.now() - timedelta(seconds=settings.CELERY_TASK_TIME_LIMIT + 1)
+            Step.objects.filter(episode_id=pk, index=last[0], completed_at__isnull=True).update(created_at=expired)
+        send(name, **message)
+        logger.warning("episode %s (%s) re-driven with %s: %s", pk, status, name, why)
+        redriven.append(pk)
     return redriven
+
+
+def _queue_of(name: str, message: dict) -> str:
+    if service_of_task(name) is Service.ENV:
+        return f"{Service.ENV}.{message['pool']}"
+    return f"{Service.MODEL}.{message['model']}"
+
+
+def _moment(unix_time: float):
+    return datetime.fromtimestamp(unix_time, tz=UTC)
+
+
+def _next_hop(status: str, last, pool: str, model: str, episode_id: int, attempt: int) -> tuple[str, dict]:
+    """The hop the database implies for a live episode (``last``: its last step's index, reply, completion)."""
+    if status == Episode.Status.STARTING:
+        return "envs.episode_start", {"episode_id": episode_id, "pool": pool, "attempt": attempt}
+    if last is not None and (last[2] is None or status == Episode.Status.EVALUATING):
+        return "envs.episode_step", {"episode_id": episode_id, "step": last[0], "reply": last[1], "pool": pool,
+                                     "attempt": attempt}  # fmt: skip
+    next_step = 0 if last is None else last[0] + 1
+    return "modelserving.episode_turn", {"episode_id": episode_id, "step": next_step, "model": model,
+                                         "attempt": attempt}  # fmt: skip
+
+
+def _why_lost(holder, updated_at, fleet, events, queue, orphaned, now) -> str | None:
+    if holder not in fleet.alive and updated_at < orphaned:
+        return f"its holder {holder or '(none)'} is not alive"
+    for event in events:
+        if updated_at < _moment(event.at) and event.covers(queue):
+            return f"{event.why}, and its next hop on {queue} may have been lost"
+    if now - updated_at > timedelta(seconds=stalled_after_s()):
+        return "it stalled"
+    return None
 
 
 def cancel_run(run_id: int, reason: str = "cancelled") -> int:

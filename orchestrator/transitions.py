@@ -32,19 +32,25 @@ Model versions (the weights a trainer published)::
 
 ``attempt`` fences a whole attempt: a message of attempt 1 that arrives after the episode was retried matches
 no row and changes nothing.
+
+Every episode transition records, in the same statement, the worker process incarnation that made it
+(``Episode.holder``, megaflow_site/liveness.py); ``hold`` records the one whose hop runs now, and ``redrive`` the
+watchdog that re-published a hop lost with a dead worker or broker. What the watchdog knows of who holds what is
+read from there and from the workers' heartbeats.
 """
 
 from __future__ import annotations
 
 import enum
 import logging
-import socket
 from collections.abc import Iterable
+from datetime import datetime
 
 from django.db import transaction
 from django.db.models import Exists, F, OuterRef, Q
 from django.utils import timezone
 
+from megaflow_site import liveness
 from orchestrator.models import Episode, ModelVersion, Run, Step
 
 logger = logging.getLogger("megaflow.transitions")
@@ -96,8 +102,6 @@ def sources(table: dict[str, frozenset[str]], to: str, within: Iterable[str] | N
 _AUTO_RETRY_FROM = sources(EPISODE_TRANSITIONS, E.QUEUED, within=LIVE)
 _RETRY_FAILED_FROM = sources(EPISODE_TRANSITIONS, E.QUEUED, within={E.FAILED, E.TIMED_OUT})
 
-WORKER_NAME = socket.gethostname()
-
 
 class Outcome(enum.StrEnum):
     """What ``fail_or_retry`` did."""
@@ -132,6 +136,7 @@ def _episode(
         query = query.filter(attempt=of_attempt)
     if extra is not None:
         query = query.filter(extra)
+    fields.setdefault("holder", liveness.incarnation())
     changed = query.update(status=to, updated_at=now, **fields)
     if not changed:
         current = Episode.objects.filter(pk=episode_id).values_list("status", "attempt").first()
@@ -160,7 +165,7 @@ def admit(episode_id: int, attempt: int) -> bool:
 
 def claim_start(episode_id: int, attempt: int) -> bool:
     """starting → starting: this worker prepares the episode's sandbox (a redelivered start claims it again)."""
-    return _episode(episode_id, E.STARTING, within={E.STARTING}, of_attempt=attempt, worker=WORKER_NAME,
+    return _episode(episode_id, E.STARTING, within={E.STARTING}, of_attempt=attempt, worker=liveness.node(),
                     failure_reason="", started_at=timezone.now())  # fmt: skip
 
 
@@ -178,7 +183,28 @@ def sandbox_ready(episode_id: int, attempt: int, container_id: str) -> bool:
 
 def begin_evaluation(episode_id: int, attempt: int) -> bool:
     """running → evaluating (or evaluating again, for a redelivered evaluation)."""
-    return _episode(episode_id, E.EVALUATING, of_attempt=attempt, worker=WORKER_NAME)
+    return _episode(episode_id, E.EVALUATING, of_attempt=attempt, worker=liveness.node())
+
+
+def hold(episode_id: int, attempt: int) -> bool:
+    """A live episode stays as it is, now held by this process: the hop it runs has begun (and is progress)."""
+    now = timezone.now()
+    return bool(
+        Episode.objects.filter(pk=episode_id, status__in=LIVE, attempt=attempt).update(
+            holder=liveness.incarnation(), worker=liveness.node(), updated_at=now
+        )
+    )
+
+
+def redrive(episode_id: int, attempt: int, seen: datetime) -> bool:
+    """A live episode stays as it is, now held by this (watchdog) process, which re-publishes its next hop —
+    only while it has not moved since the watchdog read it at ``seen`` (a hop that moved it meanwhile wins)."""
+    now = timezone.now()
+    return bool(
+        Episode.objects.filter(pk=episode_id, status__in=LIVE, attempt=attempt, updated_at=seen).update(
+            holder=liveness.incarnation(), updated_at=now
+        )
+    )
 
 
 def succeed(episode_id: int, attempt: int, reward: float, note: str = "") -> bool:

@@ -1,7 +1,8 @@
 """The fast part of ``make chaos``: 200 episodes through SIGTERMed workers and a restarted broker, and 200 in
 real containers through sandboxes killed from outside and a restarted Docker daemon, each with the proof
-(every episode terminal, no step twice, every failure explained). kill -9 waits out the visibility timeout and
-runs in ``make chaos`` only."""
+(every episode terminal, no step twice, every failure explained); and a short run of the production-settings
+mode (shipped time limit and visibility timeout): every worker SIGKILLed, and a broker that comes back empty,
+each recovered within a minute by worker liveness, not by the visibility timeout."""
 
 import json
 import os
@@ -14,7 +15,7 @@ from django.conf import settings
 pytestmark = pytest.mark.integration
 
 
-def chaos(faults: str, tmp_path) -> tuple[dict, str]:
+def chaos(faults: str, tmp_path, *options: str, episodes: int = 200) -> tuple[dict, str]:
     slot = int(os.environ["MEGAFLOW_TEST_SLOT"])
     database = settings.DATABASES["default"]
     host = database.get("HOST") or "127.0.0.1" if database["ENGINE"].endswith("postgresql") else "127.0.0.1"
@@ -22,7 +23,7 @@ def chaos(faults: str, tmp_path) -> tuple[dict, str]:
     env.pop("MEGAFLOW_AUTOSCALE_INTERVAL_S", None)  # the chaos stack runs the autoscaler, as a deployment does
     output = tmp_path / "chaos.json"
     result = subprocess.run(
-        [sys.executable, "-m", "tests.chaos.harness", "--faults", faults, "--episodes", "200",
+        [sys.executable, "-m", "tests.chaos.harness", *options, "--faults", faults, "--episodes", str(episodes),
          "--redis-port", str(16391 + slot), "--output", str(output)],
         cwd=settings.BASE_DIR, env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
@@ -30,7 +31,8 @@ def chaos(faults: str, tmp_path) -> tuple[dict, str]:
     rows = {row["fault"]: row for row in json.loads(output.read_text())}
     assert set(rows) == set(faults.split(","))
     for row in rows.values():
-        assert (row["episodes"], row["terminal"], row["lost"], row["duplicated_steps"]) == (200, 200, 0, 0), row
+        counts = (row["episodes"], row["terminal"], row["lost"], row["duplicated_steps"])
+        assert counts == (episodes, episodes, 0, 0), row
         assert row["run_status"] == "completed" and row["failed_without_reason"] == 0
     return rows, result.stdout
 
@@ -47,3 +49,12 @@ def test_runs_survive_killed_sandboxes_and_a_docker_daemon_restart(tmp_path):
     assert killed > 0 and rows["kill-containers"]["retried"] > 0, rows["kill-containers"]["injected"]
     [restart] = rows["restart-docker"]["injected"]
     assert restart.startswith("dockerd stopped for 5 s") and rows["restart-docker"]["retried"] > 0
+
+
+def test_production_settings_recover_from_sigkill_of_every_worker_and_an_emptied_broker(tmp_path):
+    rows, stdout = chaos("kill-all,redis-nosave", tmp_path, "--production", "--concurrency", "8", episodes=30)
+    for row in rows.values():
+        assert row["affected"] > 0 and row["unrecovered"] == 0, row
+        assert row["recover_p99_s"] <= 60, row  # the shipped visibility timeout is an hour
+    assert rows["kill-all"]["recover_p50_s"] >= 30, "nothing moves while every worker is down (30 s)"
+    assert "rec p99" in stdout

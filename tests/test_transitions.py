@@ -8,13 +8,16 @@ collected instead of sent.
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import timedelta
 
 import pytest
+from django.conf import settings
 from django.utils import timezone
 
 from envs import service as env_service
 from envs.backend import get_backend
+from megaflow_site import liveness
 from orchestrator import episode_loop, runs, transitions
 from orchestrator.models import Dataset, Episode, Run, Step, Task
 
@@ -102,6 +105,35 @@ def test_every_allowed_episode_transition_has_a_move():
     covered = {(start, target) for sources, target, _ in EPISODE_MOVES.values() for start in sources}
     table = {(start, target) for start, targets in transitions.EPISODE_TRANSITIONS.items() for target in targets}
     assert covered == table
+
+
+@pytest.mark.parametrize("start", sorted(E.values))
+def test_every_transition_records_the_incarnation_that_made_it(run, start):
+    """Who moved an episode is the worker process incarnation (node#id), written in the transition's own UPDATE;
+    ``hold`` and ``redrive`` record it on a live episode without changing its state."""
+    for sample, (move, (sources, _target, attempt_move)) in enumerate(EPISODE_MOVES.items()):
+        if start not in sources or move in {"cancel", "retry_failed"}:  # whole-run moves record no holder
+            continue
+        episode = episode_in(run, start, sample=sample, container_id="c-1", holder="gone@host#0")
+        assert attempt_move(episode)
+        assert Episode.objects.values_list("holder", flat=True).get(pk=episode.pk) == liveness.incarnation(), move
+
+
+@pytest.mark.parametrize("start", sorted(E.values))
+def test_hold_and_redrive_record_a_holder_of_a_live_episode_only(run, start):
+    episode = episode_in(run, start, holder="gone@host#0")
+    live = start in transitions.LIVE
+    assert transitions.hold(episode.pk, 1) is live and not transitions.hold(episode.pk, 2), "attempt 2 is not current"
+    episode.refresh_from_db()
+    assert (episode.status, episode.holder == liveness.incarnation()) == (start, live)
+    Episode.objects.filter(pk=episode.pk).update(holder="gone@host#0")
+    seen = Episode.objects.values_list("updated_at", flat=True).get(pk=episode.pk)
+    assert not transitions.redrive(episode.pk, 1, seen - timedelta(seconds=1)), "it moved since the watchdog looked"
+    assert transitions.redrive(episode.pk, 1, seen) is live
+    assert Episode.objects.values_list("status", "holder").get(pk=episode.pk) == (
+        start,
+        liveness.incarnation() if live else "gone@host#0",
+    )
 
 
 RUN_MOVES = {
@@ -252,29 +284,58 @@ def test_a_redelivered_step_runs_its_command_once(run, sent, monkeypatch):
 
 @pytest.mark.django_db(transaction=True)
 def test_a_redelivered_step_while_the_first_delivery_runs_is_dropped(run, sent, monkeypatch):
-    """The watchdog re-drives an episode whose step is in fact still running: the re-driven message finds the
-    claim (younger than the task time limit) and is dropped; the original finishes the step."""
+    """While a step's command runs, its worker's heartbeat holds the episode: the watchdog leaves it alone however
+    long it has been, and a redelivery of the same message finds the young claim and is dropped."""
     episode = started_episode(run, sent)
-    Episode.objects.filter(pk=episode.pk).update(updated_at=timezone.now() - timedelta(hours=3))
     commands, redriven = [], []
     real_run = env_service.run_command
+    later = timezone.now() + timedelta(hours=3)  # longer than any lease: only the heartbeat keeps it
 
-    def run_while_the_watchdog_strikes(*args):
+    def run_while_redelivered(*args):
         commands.append(args[1])
-        redriven.extend(runs.watchdog())
-        [(name, message)] = [item for item in sent if item[0] == "envs.episode_step"]
-        message = {key: value for key, value in message.items() if key != "pool"}
-        episode_loop.episode_step(**message)  # the re-driven delivery, while this one runs
+        me = liveness.Fleet(alive={liveness.incarnation(): frozenset({episode.pk})})
+        redriven.extend(runs.redrive_lost(me, [liveness.Event(later.timestamp(), "a broker restart")], now=later))
+        episode_loop.episode_step(episode.pk, 0, REPLY, attempt=1)  # the redelivery, while this one runs
         return real_run(*args)
 
-    monkeypatch.setattr(env_service, "run_command", run_while_the_watchdog_strikes)
+    monkeypatch.setattr(env_service, "run_command", run_while_redelivered)
     episode_loop.episode_step(episode.pk, 0, REPLY, attempt=1)
 
-    assert redriven == [episode.pk] and commands == ["echo hello"]
+    assert redriven == [] and commands == ["echo hello"]
     assert [(index, done is not None) for index, done in episode.steps.values_list("index", "completed_at")] == [
         (0, True)
     ]
-    assert names(sent) == ["envs.episode_step", "modelserving.episode_turn"]
+    assert names(sent) == ["modelserving.episode_turn"]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_holder_taken_over_cannot_record_its_step(run, sent, monkeypatch):
+    """A worker judged dead that was in fact running the step (silent to Redis, not dead): the watchdog expires
+    its claim and the re-driven step takes it over; when the first delivery finishes, the claim is no longer
+    its own, so the trajectory holds the step once, from the takeover, and one next turn is published."""
+    episode = started_episode(run, sent)
+    observations = iter(["first delivery", "takeover"])
+    redriven = []
+    real_run = env_service.run_command
+
+    def run_while_judged_dead(*args):
+        result = real_run(*args)
+        result = dataclasses.replace(result, output=next(observations))
+        if not redriven:
+            later = timezone.now() + timedelta(seconds=settings.MEGAFLOW_WORKER_DEAD_S + 1)
+            redriven.extend(runs.redrive_lost(liveness.Fleet(), [], now=later))  # nobody heartbeats here
+            [(_, message)] = [item for item in sent if item[0] == "envs.episode_step"]
+            episode_loop.episode_step(**{key: value for key, value in message.items() if key != "pool"})
+        return result
+
+    monkeypatch.setattr(env_service, "run_command", run_while_judged_dead)
+    episode_loop.episode_step(episode.pk, 0, REPLY, attempt=1)
+
+    assert redriven == [episode.pk]
+    [(index, observation)] = episode.steps.values_list("index", "observation")
+    assert index == 0 and "takeover" in observation
+    assert names(sent) == ["envs.episode_step", "modelserving.episode_turn"], "one next turn"
+    assert Episode.objects.get(pk=episode.pk).step_count == 1
 
 
 def test_the_watchdog_re_drives_a_start_that_is_still_alive(run, sent, monkeypatch):

@@ -8,7 +8,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('orchestrator', '0005_rollouts_tokens_and_model_versions'),
+        ('orchestrator', '0006_episode_holder'),
         migrations.swappable_dependency(settings.AUTH_USER_MODEL),
     ]
 

@@ -16,6 +16,17 @@ behind a fault-injecting proxy, tests/support/fault_proxy.py, answers 500s, then
 timeout, then recovers). As systemd or Kubernetes would, a supervisor starts a new worker in place of one
 that exited on its own; the report counts those as "crashed".
 
+``--production`` runs with the shipped defaults (no shortened task time limit or visibility timeout: recovery
+must come from worker liveness, megaflow_site/liveness.py), every episode in a real container, and its own
+faults, each on its own run: ``kill-every-20s`` (kill -9 a random worker of each service every 20 s, restarted
+at once), ``kill-all`` (SIGKILL every worker at once, restarted 30 s later), ``redis-save`` / ``redis-nosave``
+(``SHUTDOWN`` / ``SHUTDOWN NOSAVE`` of a broker without an append-only file: the second comes back empty),
+``restart-docker``, and ``none`` (the fault-free time the others are compared with).
+
+For every fault it also reports the time to recover: from each fault to the first progress (a step, a new
+status or attempt) of each episode live at that moment, p50 and p99. The harness rides out a broker that is
+away in every call it makes, and prints its table whatever happened.
+
 For every fault it reports episodes, terminal, lost (not terminal when the run's deadline passed), duplicated
 steps (a trajectory whose indexes are not exactly 0..n-1), retried (episodes on a second attempt) and failures
 without a recorded reason, writes ``chaos-results.json``, and exits 1 if any run lost an episode, duplicated
@@ -26,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
 import shutil
@@ -64,7 +76,8 @@ def chaos_environment(args) -> dict[str, str]:
         "MEGAFLOW_REDIS_URL": f"redis://127.0.0.1:{args.redis_port}/0",
         "MEGAFLOW_DATA_DIR": str(data_dir_for(args)),
         "MEGAFLOW_MODELS": "sim,tiny" if "model-faults" in args.faults else "sim",
-        "MEGAFLOW_ENV_POOLS": "default,docker" if DOCKER_FAULTS & set(args.faults.split(",")) else "default",
+        # With --production every episode runs in a container: one env pool, so each kill hits a busy worker.
+        "MEGAFLOW_ENV_POOLS": "docker" if args.production else "default,docker" if uses_docker(args) else "default",
         "MEGAFLOW_ENV_BACKEND": "sim",
         "MEGAFLOW_MODEL_CONFIG": json.dumps(
             {
@@ -81,27 +94,38 @@ def chaos_environment(args) -> dict[str, str]:
         ),  # fmt: skip
         "MEGAFLOW_SIM_EXEC_LATENCY_S": "0.05",
         "MEGAFLOW_MAX_LIVE_EPISODES": str(args.concurrency),
-        # Short enough that a message lost with a killed worker comes back, or is re-driven, within minutes.
-        "MEGAFLOW_TASK_TIME_LIMIT_S": "30",
-        "MEGAFLOW_VISIBILITY_TIMEOUT_S": "60",
-        "MEGAFLOW_RETRY_BACKOFF_S": "1",
-        "MEGAFLOW_DOCKER_RECONNECT_S": "60",
         "MEGAFLOW_LOG_LEVEL": "WARNING",
-    }
+    } | (
+        {}  # the shipped defaults: 900 s task limit, 3,600 s visibility timeout, 30 s dead-worker window
+        if args.production
+        else {
+            # Short enough that a message lost with a killed worker comes back, or is re-driven, within minutes.
+            "MEGAFLOW_TASK_TIME_LIMIT_S": "30",
+            "MEGAFLOW_VISIBILITY_TIMEOUT_S": "60",
+            "MEGAFLOW_RETRY_BACKOFF_S": "1",
+            "MEGAFLOW_DOCKER_RECONNECT_S": "60",
+        }
+    )
+
+
+def uses_docker(args) -> bool:
+    return args.production or bool(DOCKER_FAULTS & set(args.faults.split(",")))
 
 
 class Broker:
-    """A redis-server of the chaos run's own, append-only, that a fault may stop and start."""
+    """A redis-server of the chaos run's own that a fault may stop and start: append-only, or (``snapshots``)
+    persisted only by the snapshot ``SHUTDOWN`` writes, so that ``SHUTDOWN NOSAVE`` loses everything."""
 
-    def __init__(self, port: int, data_dir: Path):
-        self.port, self.data_dir = port, data_dir
+    def __init__(self, port: int, data_dir: Path, snapshots: bool = False):
+        self.port, self.data_dir, self.snapshots = port, data_dir, snapshots
         self.process: subprocess.Popen | None = None
 
     def start(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        persistence = ["--appendonly", "no"] if self.snapshots else ["--appendonly", "yes", "--appendfsync", "always"]
         self.process = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--appendonly", "yes",
-             "--appendfsync", "always", "--save", "", "--dir", str(self.data_dir)],
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", *persistence,
+             "--save", "", "--dir", str(self.data_dir)],
             stdout=(self.data_dir / "redis.log").open("ab"), stderr=subprocess.STDOUT,
         )  # fmt: skip
         for _ in range(100):
@@ -114,6 +138,15 @@ class Broker:
         if self.process and self.process.poll() is None:
             self.process.terminate()  # SIGTERM: redis-server flushes its append-only file and exits
             self.process.wait(30)
+
+    def shutdown(self, save: bool) -> None:
+        """``SHUTDOWN SAVE`` (its data comes back) or ``SHUTDOWN NOSAVE`` (it comes back empty)."""
+        subprocess.run(["redis-cli", "-p", str(self.port), "SHUTDOWN", "SAVE" if save else "NOSAVE"],
+                       capture_output=True, timeout=30)  # fmt: skip
+        if self.process:
+            self.process.wait(30)
+        if not save:
+            (self.data_dir / "dump.rdb").unlink(missing_ok=True)  # no older snapshot either: a fresh replica
 
 
 class DockerDaemon:
@@ -165,6 +198,75 @@ class DockerDaemon:
         return listed.stdout.split()
 
 
+class RecoveryClock:
+    """Time to recover: from each fault to the first progress (a completed step, a new status or attempt) of
+    each episode that was live at that moment, sampled every half second by a thread of its own."""
+
+    def __init__(self, run_id: int):
+        self.run_id = run_id
+        self.pending: dict[int, tuple[tuple, float]] = {}  # episode → (its progress marker at the fault, when)
+        self.seconds: list[float] = []
+        self.lock = threading.Lock()
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+
+    def _markers(self, **where) -> dict[int, tuple]:
+        from orchestrator.models import Episode
+
+        rows = Episode.objects.filter(**where).values_list("pk", "status", "attempt", "step_count")
+        return {pk: (status, attempt, steps) for pk, status, attempt, steps in rows}
+
+    def fault(self) -> None:
+        from orchestrator.transitions import LIVE
+
+        at = time.monotonic()
+        try:
+            live = self._markers(run_id=self.run_id, status__in=LIVE)
+        except Exception as error:  # the database is not the fault under test; never let it end the run
+            print(f"recovery clock: {error!r}", flush=True)
+            return
+        with self.lock:
+            for pk, marker in live.items():
+                self.pending.setdefault(pk, (marker, at))  # an episode not yet recovered keeps its first fault
+
+    def _sample(self) -> None:
+        from django.db import connection
+
+        while not self.stopped.wait(0.5):
+            with self.lock:
+                waiting = dict(self.pending)
+            if not waiting:
+                continue
+            try:
+                now_markers, now = self._markers(pk__in=list(waiting)), time.monotonic()
+            except Exception:
+                continue
+            with self.lock:
+                for pk, (marker, at) in waiting.items():
+                    if now_markers.get(pk, marker) != marker:
+                        self.seconds.append(now - at)
+                        self.pending.pop(pk, None)
+        connection.close()
+
+    def stop(self) -> dict:
+        self.stopped.set()
+        self.thread.join(10)
+        return {
+            "affected": len(self.seconds) + len(self.pending),
+            "unrecovered": len(self.pending),
+            "recover_p50_s": percentile(self.seconds, 0.50),
+            "recover_p99_s": percentile(self.seconds, 0.99),
+        }
+
+
+def percentile(values: list[float], p: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return round(ordered[max(0, math.ceil(p * len(ordered)) - 1)], 1)
+
+
 # --- faults ------------------------------------------------------------------------------------------------------
 
 
@@ -176,6 +278,7 @@ class Stack:
     broker: Broker
     model: FaultProxy | None
     docker: DockerDaemon | None
+    clock: RecoveryClock | None = None
 
 
 # Faults and the supervisor below both replace workers; one at a time.
@@ -222,6 +325,8 @@ def sigterm_worker(stack: Stack, stop: threading.Event) -> list[str]:
 def restart_redis(stack: Stack, stop: threading.Event) -> list[str]:
     if stop.wait(2.0):
         return []
+    if stack.clock:
+        stack.clock.fault()
     stack.broker.stop()
     time.sleep(5)
     stack.broker.start()
@@ -232,6 +337,8 @@ def restart_docker(stack: Stack, stop: threading.Event) -> list[str]:
     if stop.wait(4.0):
         return []
     running = len(stack.docker.sandboxes())
+    if stack.clock:
+        stack.clock.fault()
     stack.docker.stop()
     time.sleep(5)
     stack.docker.start()
@@ -263,9 +370,76 @@ def model_faults(stack: Stack, stop: threading.Event) -> list[str]:
     return done
 
 
+def kill_every_20s(stack: Stack, stop: threading.Event) -> list[str]:
+    """Every 20 s, kill -9 a random worker of each service; the supervisor (and ``kill``) start new ones."""
+    done = []
+    while not stop.wait(20.0):
+        by_service: dict[str, list[str]] = {}
+        for queue in stack.workers.by_queue:
+            by_service.setdefault(queue.split(".")[0], []).append(queue)
+        victims = [random.choice(queues) for queues in by_service.values()]
+        stack.clock.fault()
+        with WORKERS_LOCK:
+            for queue in victims:
+                stack.workers.by_queue[queue].process.kill()
+            for queue in victims:
+                stack.workers.by_queue[queue].process.wait()
+        done.append(f"kill -9 {', '.join(victims)}")
+    return done
+
+
+def once_episodes_run(stack: Stack, stop: threading.Event, after_s: float = 10.0) -> bool:
+    """Wait ``after_s``, and then until some episode of the run is live (a worker the last fault killed may still
+    be starting): a one-shot fault that hits an idle run measures nothing. False if the run ended first."""
+    from orchestrator.models import Episode
+    from orchestrator.transitions import LIVE
+
+    if stop.wait(after_s):
+        return False
+    while not Episode.objects.filter(run_id=stack.clock.run_id, status__in=LIVE).exists():
+        if stop.wait(0.5):
+            return False
+    return True
+
+
+def kill_all(stack: Stack, stop: threading.Event) -> list[str]:
+    """SIGKILL every worker at once; they are started again 30 s later (the supervisor waits for the lock)."""
+    if not once_episodes_run(stack, stop):
+        return []
+    with WORKERS_LOCK:
+        stack.clock.fault()
+        for worker in stack.workers.by_queue.values():
+            worker.process.kill()
+        for worker in stack.workers.by_queue.values():
+            worker.process.wait()
+        time.sleep(30)
+    return [f"SIGKILL of {len(stack.workers.by_queue)} workers, restarted 30 s later"]
+
+
+def redis_shutdown(save: bool):
+    def fault(stack: Stack, stop: threading.Event) -> list[str]:
+        if not once_episodes_run(stack, stop):
+            return []
+        stack.clock.fault()
+        stack.broker.shutdown(save)
+        time.sleep(5)
+        stack.broker.start()
+        return [f"redis SHUTDOWN {'SAVE' if save else 'NOSAVE'}, back after 5 s"]
+
+    return fault
+
+
+def no_fault(stack: Stack, stop: threading.Event) -> list[str]:
+    return []
+
+
 FAULTS = {"kill-workers": kill_workers, "sigterm-worker": sigterm_worker, "restart-redis": restart_redis,
           "restart-docker": restart_docker, "kill-containers": kill_containers,
           "model-faults": model_faults}  # fmt: skip
+PRODUCTION_FAULTS = {"none": no_fault, "kill-every-20s": kill_every_20s, "kill-all": kill_all,
+                     "redis-save": redis_shutdown(True), "redis-nosave": redis_shutdown(False),
+                     "restart-docker": restart_docker}  # fmt: skip
+PERIODIC_FAULTS = {"kill-every-20s"}
 MODEL_OF_FAULT = {"model-faults": "tiny"}
 DOCKER_FAULTS = {"restart-docker", "kill-containers"}  # their episodes run in real containers, on pool "docker"
 
@@ -309,29 +483,58 @@ def run_under(fault: str, stack: Stack, args) -> dict:
     )  # fmt: skip
     run = Run.objects.create(name=f"chaos {fault}", dataset=dataset, model_name=MODEL_OF_FAULT.get(fault, "sim"),
                              agent_config=TINY_AGENT_CONFIG if fault in MODEL_OF_FAULT else {},
-                             env_pool="docker" if fault in DOCKER_FAULTS else "default",
+                             env_pool="docker" if args.production or fault in DOCKER_FAULTS else "default",
                              samples_per_task=args.episodes, max_concurrent_episodes=args.concurrency,
                              max_steps=args.steps + 2, max_attempts=3)  # fmt: skip
     run.tasks.set([task])
     began = time.monotonic()
-    app.send_task("orchestrator.start_run", kwargs={"run_id": run.pk})
+    ride_out_the_broker(lambda: app.send_task("orchestrator.start_run", kwargs={"run_id": run.pk}))
     stop = threading.Event()
     injected: list[str] = []
-    injector = threading.Thread(target=lambda: injected.extend(FAULTS[fault](stack, stop)))
+    stack.clock = RecoveryClock(run.pk)
+    inject = (PRODUCTION_FAULTS if args.production else FAULTS)[fault]
+
+    def injector_body() -> None:
+        try:
+            injected.extend(inject(stack, stop))
+        except Exception as error:  # the harness outlives its faults: note it and let the run be judged
+            injected.append(f"the fault raised {error!r}")
+
+    injector = threading.Thread(target=injector_body)
     injector.start()
     deadline = time.monotonic() + args.timeout
     restarted: list[str] = []
     while time.monotonic() < deadline:
-        restarted += supervise(stack.workers)
-        run.refresh_from_db()
-        if run.status in Run.TERMINAL and not injector.is_alive():
+        try:
+            restarted += supervise(stack.workers)
+            run.refresh_from_db()
+        except Exception as error:
+            print(f"chaos: supervisor: {error!r}", flush=True)
+        # A one-shot fault is always injected (the run waits for it); a periodic one ends with the run.
+        if run.status in Run.TERMINAL and (not injector.is_alive() or fault in PERIODIC_FAULTS):
             break
         time.sleep(1)
     stop.set()
     injector.join()
+    recovery = stack.clock.stop()
     run.refresh_from_db()
     seconds = round(time.monotonic() - began, 1)
-    return {"fault": fault, "injected": injected, "supervisor_restarts": restarted, "seconds": seconds, **audit(run)}
+    return {"fault": fault, "injected": injected, "supervisor_restarts": restarted, "seconds": seconds,
+            **recovery, **audit(run)}  # fmt: skip
+
+
+def ride_out_the_broker(call, patience_s: float = 120):
+    """``call()``, again and again while the broker is away (kombu raises its OperationalError)."""
+    from kombu.exceptions import OperationalError
+
+    deadline = time.monotonic() + patience_s
+    while True:
+        try:
+            return call()
+        except OperationalError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(1)
 
 
 def start_model_server(args, log_dir: Path) -> subprocess.Popen:
@@ -362,22 +565,34 @@ def start_model_server(args, log_dir: Path) -> subprocess.Popen:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--faults", default=",".join(FAULTS), help=f"comma-separated, of {', '.join(FAULTS)}")
-    parser.add_argument("--episodes", type=int, default=200)
-    parser.add_argument("--concurrency", type=int, default=50)
+    production_help = "the shipped defaults, real containers, and the faults " + ", ".join(PRODUCTION_FAULTS)
+    parser.add_argument("--production", action="store_true", help=production_help)
+    parser.add_argument("--faults", help=f"comma-separated, of {', '.join(FAULTS)} (or, with --production, of "
+                        f"{', '.join(PRODUCTION_FAULTS)}); default: all")  # fmt: skip
+    parser.add_argument("--episodes", type=int, help="per fault (default 200; 100 with --production)")
+    parser.add_argument("--concurrency", type=int, help="live episodes (default 50; 32 with --production)")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--timeout", type=float, default=600, help="seconds a run may take before it is judged")
     parser.add_argument("--redis-port", type=int, default=CHAOS_REDIS_PORT)
     parser.add_argument("--output", default="chaos-results.json")
     args = parser.parse_args()
+    catalogue = PRODUCTION_FAULTS if args.production else FAULTS
+    args.faults = args.faults or ",".join(catalogue)
+    args.episodes = args.episodes or (100 if args.production else 200)
+    args.concurrency = args.concurrency or (32 if args.production else 50)
     faults = args.faults.split(",")
-    if unknown := set(faults) - set(FAULTS):
+    if unknown := set(faults) - set(catalogue):
         parser.error(f"unknown fault(s): {', '.join(sorted(unknown))}")
 
+    if args.production:  # the shipped defaults, whatever the calling environment (a test session) set
+        for name in ("MEGAFLOW_TASK_TIME_LIMIT_S", "MEGAFLOW_VISIBILITY_TIMEOUT_S", "MEGAFLOW_RETRY_BACKOFF_S",
+                     "MEGAFLOW_DOCKER_RECONNECT_S", "MEGAFLOW_WORKER_DEAD_S", "MEGAFLOW_WORKER_HEARTBEAT_S",
+                     "MEGAFLOW_WATCHDOG_INTERVAL_S"):  # fmt: skip
+            os.environ.pop(name, None)
     os.environ.update(chaos_environment(args))
     data_dir = data_dir_for(args)
     shutil.rmtree(data_dir / "redis", ignore_errors=True)  # an aborted run's queues must not replay into this one
-    broker = Broker(args.redis_port, data_dir / "redis")
+    broker = Broker(args.redis_port, data_dir / "redis", snapshots=args.production)
     broker.start()
     import django
 
@@ -396,39 +611,45 @@ def main() -> None:
     workers = CeleryWorkers({**os.environ}, log_dir, name="chaos")
     workers.start_beat(data_dir / "celerybeat-schedule", loglevel="WARNING")
     rows = []
-    model_server, model_proxy = None, None
-    if "model-faults" in faults:
-        model_server = start_model_server(args, log_dir)
-        model_proxy = FaultProxy(f"http://127.0.0.1:{model_port(args) + 1}", port=model_port(args)).start()
-    docker = None
-    if DOCKER_FAULTS & set(faults):
-        docker = DockerDaemon(data_dir / "docker")
-        docker.start()
-        docker.ensure_image(settings.MEGAFLOW_BASE_IMAGE)
-        workers.queue_env["env.docker"] = {"MEGAFLOW_ENV_BACKEND": "docker", "DOCKER_HOST": docker.host}
-    stack = Stack(workers, broker, model_proxy, docker)
+    model_server, model_proxy, docker = None, None, None
     try:
+        if "model-faults" in faults:
+            model_server = start_model_server(args, log_dir)
+            model_proxy = FaultProxy(f"http://127.0.0.1:{model_port(args) + 1}", port=model_port(args)).start()
+        if uses_docker(args):
+            docker = DockerDaemon(data_dir / "docker")
+            docker.start()
+            docker.ensure_image(settings.MEGAFLOW_BASE_IMAGE)
+            workers.queue_env["env.docker"] = {"MEGAFLOW_ENV_BACKEND": "docker", "DOCKER_HOST": docker.host}
+        stack = Stack(workers, broker, model_proxy, docker)
         workers.wait_ready([workers.start(spec) for spec in all_worker_specs()])
         for fault in faults:
-            rows.append(run_under(fault, stack, args))
+            try:
+                rows.append(run_under(fault, stack, args))
+            except Exception as error:  # one fault's run broke the harness: the others still run
+                rows.append({"fault": fault, "error": repr(error)})
             print(format_row(rows[-1]), flush=True)
     finally:
-        workers.stop_all()
-        broker.stop()
-        if docker:
-            docker.stop()
-        if model_proxy:
-            model_proxy.stop()
+        for stop in (workers.stop_all, broker.stop, docker and docker.stop, model_proxy and model_proxy.stop):
+            try:
+                if stop:
+                    stop()
+            except Exception as error:
+                print(f"chaos: cleanup: {error!r}")
         if model_server:
             model_server.terminate()
             model_server.wait(20)
-    Path(args.output).write_text(json.dumps(rows, indent=2) + "\n")
-    print()
-    print(HEADER)
-    for row in rows:
-        print(format_row(row))
-    print(f"wrote {args.output}")
-    broken = [row["fault"] for row in rows if row["lost"] or row["duplicated_steps"] or row["failed_without_reason"]]
+        Path(args.output).write_text(json.dumps(rows, indent=2) + "\n")
+        print()
+        print(f"chaos{' --production' if args.production else ''}: {args.episodes} episodes per fault, "
+              f"concurrency {args.concurrency}")  # fmt: skip
+        print(HEADER)
+        baseline = next((row["seconds"] for row in rows if row.get("fault") == "none" and "seconds" in row), None)
+        for row in rows:
+            print(format_row(row, baseline))
+        print(f"wrote {args.output}")
+    broken = [row["fault"] for row in rows if row.get("error") or row["lost"] or row["duplicated_steps"]
+              or row["failed_without_reason"]]  # fmt: skip
     if broken:
         print(f"chaos: FAILED under {', '.join(broken)}")
         sys.exit(1)
@@ -436,14 +657,19 @@ def main() -> None:
 
 
 HEADER = (f"{'fault':<16} {'episodes':>8} {'terminal':>8} {'lost':>5} {'dup steps':>9} {'retried':>7} "
-          f"{'no reason':>9} {'crashed':>7}  run")  # fmt: skip
+          f"{'no reason':>9} {'crashed':>7} {'affected':>8} {'rec p50':>7} {'rec p99':>7} {'never':>5}"
+          "  run")  # fmt: skip
 
 
-def format_row(row: dict) -> str:
+def format_row(row: dict, baseline: float | None = None) -> str:
+    if "error" in row:
+        return f"{row['fault']:<16} the harness could not run it: {row['error']}"
+    times = " ".join(f"{'-' if row[key] is None else row[key]:>7}" for key in ("recover_p50_s", "recover_p99_s"))
+    ratio = f" ({row['seconds'] / baseline:.2f}x fault-free)" if baseline else ""
     return (f"{row['fault']:<16} {row['episodes']:>8} {row['terminal']:>8} {row['lost']:>5} "
             f"{row['duplicated_steps']:>9} {row['retried']:>7} {row['failed_without_reason']:>9} "
-            f"{len(row['supervisor_restarts']):>7}  "
-            f"{row['run_status']} in {row['seconds']} s")  # fmt: skip
+            f"{len(row['supervisor_restarts']):>7} {row['affected']:>8} {times} {row['unrecovered']:>5}  "
+            f"{row['run_status']} in {row['seconds']} s{ratio}")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -1,0 +1,246 @@
+"""Who holds what, and who is alive: worker process incarnations, their heartbeats, and what the broker forgot.
+
+Every process has an **incarnation**: its node name (``env-default@host`` in a worker, ``host:pid`` elsewhere)
+plus an id drawn when it starts, so that a worker started in place of a killed one under the same node name is
+somebody else. Transitions record the incarnation that made them (``Episode.holder``, orchestrator/transitions.py).
+
+A worker **heartbeats** from a thread of its own every ``MEGAFLOW_WORKER_HEARTBEAT_S``: a key that expires after
+``MEGAFLOW_WORKER_DEAD_S`` and carries the episodes whose hops the worker runs at that moment (``holding``,
+entered by ``@megaflow_task`` around every task that names an ``episode_id``), and an entry in the registry of
+workers with its queues and the time of the beat. A registered worker whose key expired is dead. Long work is
+kept alive by the heartbeat, not by a lease as long as the longest task.
+
+The watchdog (orchestrator/runs.py) reads the ``Fleet``, turns what happened into recovery ``Event`` s — a
+worker went silent (the messages it had taken from its queues may be lost), the broker restarted (publishes in
+flight may be lost) or lost its data (every queued message is lost: no epoch key) — and re-drives from the
+database the live episodes no living worker holds that have not moved since.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import json
+import logging
+import os
+import secrets
+import socket
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import redis
+from celery import signals
+from django.conf import settings
+
+logger = logging.getLogger("megaflow.liveness")
+
+ALIVE_KEY = "megaflow:alive:"  # + incarnation: {"held": [episode ids]}, expires after MEGAFLOW_WORKER_DEAD_S
+REGISTRY_KEY = "megaflow:workers"  # incarnation → {"node", "queues", "beat_at"}
+BROKER_KEY = "megaflow:broker"  # {"epoch": written once per broker life, "run_id": the redis-server's}
+EVENTS_KEY = "megaflow:recovery-events"  # sorted set of Event, scored by when it happened
+
+_node = f"{socket.gethostname()}:{os.getpid()}"
+_token = secrets.token_hex(4)
+_held: collections.Counter[int] = collections.Counter()
+_held_lock = threading.Lock()
+
+
+def node() -> str:
+    """This process's node name (the Celery node name in a worker)."""
+    return _node
+
+
+def incarnation() -> str:
+    """This process, this start: ``node#id``."""
+    return f"{_node}#{_token}"
+
+
+@contextmanager
+def holding(episode_id: int | None) -> Iterator[None]:
+    """While the block runs, this process's heartbeat says it holds ``episode_id`` (None: nothing)."""
+    if episode_id is None:
+        yield
+        return
+    with _held_lock:
+        _held[episode_id] += 1
+    try:
+        yield
+    finally:
+        with _held_lock:
+            _held[episode_id] -= 1
+            if _held[episode_id] <= 0:
+                del _held[episode_id]
+
+
+def held() -> list[int]:
+    with _held_lock:
+        return sorted(_held)
+
+
+@functools.cache
+def client() -> redis.Redis:
+    # Short timeouts: a heartbeat or a watchdog that waits on a broker that went away only delays recovery.
+    return redis.Redis.from_url(settings.REDIS_URL, decode_responses=True, socket_connect_timeout=3, socket_timeout=5)
+
+
+def heartbeat_s() -> float:
+    return settings.MEGAFLOW_WORKER_HEARTBEAT_S
+
+
+def beat(queues: Iterable[str] = (), redis_client: redis.Redis | None = None) -> None:
+    """One heartbeat of this process: alive for ``MEGAFLOW_WORKER_DEAD_S`` more seconds, holding what it holds."""
+    me = incarnation()
+    pipe = (redis_client or client()).pipeline(transaction=False)
+    pipe.set(ALIVE_KEY + me, json.dumps({"held": held()}), ex=max(1, round(settings.MEGAFLOW_WORKER_DEAD_S)))
+    pipe.hset(REGISTRY_KEY, me, json.dumps({"node": _node, "queues": sorted(queues), "beat_at": time.time()}))
+    pipe.execute()
+
+
+def sign_off(redis_client: redis.Redis | None = None) -> None:
+    """A clean exit: this incarnation is gone, and nothing it held was lost (a warm shutdown finished it)."""
+    me = incarnation()
+    (redis_client or client()).pipeline(transaction=False).delete(ALIVE_KEY + me).hdel(REGISTRY_KEY, me).execute()
+
+
+class Heartbeat(threading.Thread):
+    """Beats every ``MEGAFLOW_WORKER_HEARTBEAT_S`` until stopped; a broker that is away is tried again next beat."""
+
+    def __init__(self, queues: Iterable[str]):
+        super().__init__(name="megaflow-heartbeat", daemon=True)
+        self.queues = sorted(queues)
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        while True:
+            try:
+                beat(self.queues)
+            except redis.RedisError as error:
+                logger.warning("heartbeat of %s failed: %s", incarnation(), error)
+            if self.stopped.wait(heartbeat_s()):
+                return
+
+
+_heartbeat: Heartbeat | None = None
+
+
+@signals.celeryd_init.connect
+def _name_this_worker(sender=None, **_) -> None:
+    """A worker's incarnation is its Celery node name and a fresh id."""
+    global _node, _token
+    if sender:
+        _node, _token = str(sender), secrets.token_hex(4)
+
+
+@signals.worker_ready.connect
+def _start_heartbeat(sender=None, **_) -> None:
+    global _heartbeat
+    consumer = getattr(sender, "task_consumer", None)
+    queues = [queue.name for queue in getattr(consumer, "queues", [])]
+    _heartbeat = Heartbeat(queues)
+    _heartbeat.start()
+    logger.info("worker incarnation %s heartbeats every %s s (queues %s)", incarnation(), heartbeat_s(), queues)
+
+
+@signals.worker_shutdown.connect
+def _stop_heartbeat(**_) -> None:
+    if _heartbeat is None:
+        return
+    _heartbeat.stopped.set()
+    try:
+        sign_off()
+    except redis.RedisError as error:
+        logger.warning("%s could not sign off: %s", incarnation(), error)
+
+
+# --- what the watchdog reads -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Fleet:
+    """The workers alive now, each with the episodes it holds, and every registered one (alive or not)."""
+
+    alive: dict[str, frozenset[int]] = field(default_factory=dict)
+    registered: dict[str, dict] = field(default_factory=dict)
+
+    def holds(self, episode_id: int) -> bool:
+        return any(episode_id in episodes for episodes in self.alive.values())
+
+    @property
+    def dead(self) -> dict[str, dict]:
+        return {name: info for name, info in self.registered.items() if name not in self.alive}
+
+
+def read_fleet(redis_client: redis.Redis | None = None) -> Fleet:
+    redis_client = redis_client or client()
+    registered = {name: json.loads(info) for name, info in redis_client.hgetall(REGISTRY_KEY).items()}
+    names = list(registered)
+    beats = redis_client.mget([ALIVE_KEY + name for name in names]) if names else []
+    alive = {name: frozenset(json.loads(value)["held"]) for name, value in zip(names, beats, strict=True) if value}
+    return Fleet(alive, registered)
+
+
+@dataclass(frozen=True)
+class Event:
+    """Something after which messages may have been lost: live episodes that no living worker holds and that
+    have not moved since ``at`` (a UNIX time) are re-driven, those whose next hop runs on one of ``queues``
+    (None: any queue)."""
+
+    at: float
+    why: str
+    queues: frozenset[str] | None = None
+
+    def covers(self, queue: str) -> bool:
+        return self.queues is None or queue in self.queues
+
+    def to_json(self) -> str:
+        queues = None if self.queues is None else sorted(self.queues)
+        return json.dumps({"at": self.at, "why": self.why, "queues": queues})
+
+    @classmethod
+    def from_json(cls, text: str) -> Event:
+        data = json.loads(text)
+        return cls(data["at"], data["why"], None if data["queues"] is None else frozenset(data["queues"]))
+
+
+def recovery_window_s() -> float:
+    """How long an event keeps re-driving what it may have lost: a hop that was running when the broker went away
+    may fail to publish well after it came back (timeouts, retries)."""
+    return max(120.0, 4 * settings.MEGAFLOW_WORKER_DEAD_S)
+
+
+def observe(fleet: Fleet, redis_client: redis.Redis | None = None, now: float | None = None) -> list[Event]:
+    """Record what happened since the last look (workers that went silent, a broker that restarted or lost its
+    data) and return the events still within the recovery window."""
+    redis_client = redis_client or client()
+    now = time.time() if now is None else now
+    found = []
+    for name, info in fleet.dead.items():
+        if redis_client.hdel(REGISTRY_KEY, name):  # one watchdog records each death
+            # It died at most a heartbeat after its last one.
+            at = float(info.get("beat_at", now)) + heartbeat_s()
+            queues = frozenset(info["queues"]) if info.get("queues") else None
+            found.append(Event(at, f"worker {name} went silent", queues))
+    found += broker_events(redis_client, now)
+    if found:  # scored by when they were seen: the window runs from there
+        redis_client.zadd(EVENTS_KEY, {event.to_json(): now for event in found})
+        for event in found:
+            logger.warning("recovery: %s", event.why)
+    redis_client.zremrangebyscore(EVENTS_KEY, "-inf", now - recovery_window_s())
+    return [Event.from_json(text) for text in redis_client.zrangebyscore(EVENTS_KEY, now - recovery_window_s(), "+inf")]
+
+
+def broker_events(redis_client: redis.Redis, now: float) -> list[Event]:
+    """A broker without its epoch key lost its data (or is new: then nothing is live), and every message queued
+    before now with it; one whose server run id changed restarted (what was in flight to it may be lost)."""
+    server = redis_client.info("server")
+    run_id, started = server["run_id"], now - float(server["uptime_in_seconds"])
+    if redis_client.hsetnx(BROKER_KEY, "epoch", secrets.token_hex(8)):
+        redis_client.hset(BROKER_KEY, "run_id", run_id)
+        return [Event(now, "the broker has no epoch: it lost its data (or is new)")]
+    if redis_client.hget(BROKER_KEY, "run_id") != run_id:
+        redis_client.hset(BROKER_KEY, "run_id", run_id)
+        return [Event(started, "the broker restarted")]
+    return []

@@ -1,0 +1,274 @@
+"""Worker liveness and recovery, deterministically: heartbeats, deaths and broker epochs against a Redis database
+of this test's own (megaflow_site/liveness.py), and the watchdog's decisions (orchestrator/runs.redrive_lost)
+given a fleet and events, driven through the episode loop by calling it directly. No workers, no Docker, no
+sleeps: time is passed in, and a key's expiry is its deletion.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from datetime import timedelta
+
+import pytest
+import redis
+from django.conf import settings
+from django.utils import timezone
+
+from envs import service as env_service
+from envs.backend import get_backend
+from megaflow_site import liveness
+from orchestrator import episode_loop, runs, tasks, transitions
+from orchestrator.models import Dataset, Episode, Run, Step, Task
+
+# Transactional: a step's claim is an INSERT that may hit the unique index, as between two deliveries.
+pytestmark = pytest.mark.django_db(transaction=True)
+
+E = Episode.Status
+DEAD = "env-default@host#dead"
+ALIVE = "env-default@host#alive"
+
+
+@pytest.fixture
+def broker() -> redis.Redis:
+    """A Redis database next to the session's (its number minus one), empty before and after."""
+    base, _, number = settings.REDIS_URL.rpartition("/")
+    client = redis.Redis.from_url(f"{base}/{int(number) - 1}", decode_responses=True)
+    client.flushdb()
+    yield client
+    client.flushdb()
+
+
+# --- heartbeats, deaths, the broker's epoch ---------------------------------------------------------------------
+
+
+def test_a_worker_is_alive_while_it_beats_and_its_silence_is_one_death(broker):
+    with liveness.holding(7), liveness.holding(7), liveness.holding(8):
+        liveness.beat(["env.default"], broker)
+        assert liveness.held() == [7, 8]
+    assert liveness.held() == []
+    me = liveness.incarnation()
+    assert 0 < broker.ttl(liveness.ALIVE_KEY + me) <= settings.MEGAFLOW_WORKER_DEAD_S
+    fleet = liveness.read_fleet(broker)
+    assert fleet.alive == {me: frozenset({7, 8})} and fleet.holds(7) and not fleet.holds(9) and fleet.dead == {}
+    liveness.observe(fleet, broker)  # the broker's epoch, first seen
+
+    broker.delete(liveness.ALIVE_KEY + me)  # what Redis does once MEGAFLOW_WORKER_DEAD_S passed without a beat
+    fleet = liveness.read_fleet(broker)
+    assert fleet.alive == {} and set(fleet.dead) == {me}
+    [death] = [event for event in liveness.observe(fleet, broker) if "silent" in event.why]
+    assert death.why == f"worker {me} went silent" and death.queues == {"env.default"}
+    assert death.covers("env.default") and not death.covers("model.sim")
+    assert liveness.observe(fleet, broker).count(death) == 1, "recorded once, and kept for the recovery window"
+    later = time.time() + liveness.recovery_window_s() + 1
+    assert liveness.observe(liveness.read_fleet(broker), broker, now=later) == []
+
+
+def test_a_clean_exit_is_not_a_death(broker):
+    liveness.beat(["agent"], broker)
+    liveness.observe(liveness.read_fleet(broker), broker)
+    liveness.sign_off(broker)
+    fleet = liveness.read_fleet(broker)
+    assert fleet.registered == {} and not [event for event in liveness.observe(fleet, broker) if "silent" in event.why]
+
+
+def test_the_broker_epoch_tells_a_restart_and_a_loss_of_data(broker):
+    [first] = liveness.observe(liveness.Fleet(), broker)
+    assert "no epoch" in first.why and first.queues is None
+    assert liveness.observe(liveness.Fleet(), broker) == [first], "nothing new"
+    broker.hset(liveness.BROKER_KEY, "run_id", "an earlier server")  # as if redis-server restarted with its data
+    assert [event.why for event in liveness.observe(liveness.Fleet(), broker)][-1] == "the broker restarted"
+    broker.flushdb()  # SHUTDOWN NOSAVE: the server comes back empty
+    [lost] = liveness.observe(liveness.Fleet(), broker)
+    assert "lost its data" in lost.why
+
+
+def test_the_heartbeat_outlives_a_broker_that_is_away(monkeypatch, caplog):
+    away = redis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.2)
+    monkeypatch.setattr(liveness, "client", lambda: away)
+    heartbeat = liveness.Heartbeat(["agent"])
+    heartbeat.stopped.set()
+    heartbeat.run()  # one beat, which fails, and returns because it was stopped: it did not raise
+    assert "heartbeat of" in caplog.text
+
+
+def test_a_task_holds_the_episode_it_names_while_it_runs(monkeypatch):
+    seen = []
+    monkeypatch.setattr(episode_loop, "episode_turn", lambda *args: seen.append(liveness.held()))
+    tasks.episode_turn(episode_id=41, step=0, model="sim", attempt=1)
+    assert seen == [[41]] and liveness.held() == []
+
+
+# --- the watchdog's decisions -----------------------------------------------------------------------------------
+
+REPLY = "Looking.\n```bash\necho hello\n```"
+
+
+@pytest.fixture
+def sent(monkeypatch, settings) -> list[tuple[str, dict]]:
+    settings.MEGAFLOW_ENV_BACKEND = "sim"
+    settings.MEGAFLOW_SIM_EXEC_LATENCY_S = 0
+    settings.MEGAFLOW_WARM_POOL_SIZES = {}
+    get_backend.cache_clear()
+    for cache in (episode_loop.cached_run, episode_loop.cached_task, episode_loop.agent_of_run):
+        cache.cache_clear()
+    messages: list[tuple[str, dict]] = []
+    monkeypatch.setattr(episode_loop, "send", lambda name, **kwargs: messages.append((name, kwargs)))
+    monkeypatch.setattr(runs, "send", lambda name, **kwargs: messages.append((name, kwargs)))
+    monkeypatch.setattr(runs, "admission_limit", lambda: None)
+    yield messages
+    get_backend.cache_clear()
+
+
+@pytest.fixture
+def run(db) -> Run:
+    dataset = Dataset.objects.create(name="liveness")
+    task = Task.objects.create(dataset=dataset, instance_id="t-1", problem_statement="Fix it.", test_command="true",
+                               fail_to_pass=["test_it"], spec_sha256="0" * 64)  # fmt: skip
+    run = Run.objects.create(dataset=dataset, model_name="sim", env_pool="default", status=Run.Status.RUNNING,
+                             max_steps=5, max_attempts=2)  # fmt: skip
+    run.tasks.add(task)
+    return run
+
+
+def started(run: Run, sent, sample: int = 0) -> Episode:
+    episode = Episode.objects.create(run=run, task=run.tasks.get(), sample_index=sample, status=E.QUEUED)
+    assert transitions.admit(episode.pk, 1)
+    episode_loop.episode_start(episode.pk, "default", attempt=1)
+    sent.clear()
+    return Episode.objects.get(pk=episode.pk)
+
+
+def held_by(episode: Episode, holder: str, **fields) -> None:
+    Episode.objects.filter(pk=episode.pk).update(holder=holder, **fields)
+
+
+def pump(sent) -> list[str]:
+    """Deliver what the loop published, as the workers would, until nothing is left; returns the task names."""
+    delivered = []
+    while sent:
+        name, message = sent.pop(0)
+        delivered.append(name)
+        if name != "envs.episode_start":
+            message.pop("pool", None)
+        if name == "envs.episode_start":
+            episode_loop.episode_start(**message)
+        elif name == "envs.episode_step":
+            episode_loop.episode_step(**message)
+        elif name == "modelserving.episode_turn":
+            episode_loop.episode_turn(**message)
+        elif name == "orchestrator.episode_done":
+            runs.episode_done(**message)
+    return delivered
+
+
+def after(seconds: float):
+    return timezone.now() + timedelta(seconds=seconds)
+
+
+def test_a_step_held_by_a_dead_worker_is_taken_over_at_once_and_its_straggler_dropped(run, sent, monkeypatch):
+    episode = started(run, sent)
+    Step.objects.create(episode=episode, index=0, model_output=REPLY)  # claimed; then the worker was killed
+    held_by(episode, DEAD)
+    commands = []
+    real_run = env_service.run_command
+    monkeypatch.setattr(env_service, "run_command", lambda *args: commands.append(args[1]) or real_run(*args))
+
+    dead_s = settings.MEGAFLOW_WORKER_DEAD_S
+    assert runs.redrive_lost(liveness.Fleet(), [], now=after(dead_s - 1)) == [], "not before the dead-worker window"
+    assert runs.redrive_lost(liveness.Fleet(), [], now=after(dead_s + 1)) == [episode.pk]
+    [(name, message)] = sent
+    assert (name, message["step"], message["reply"]) == ("envs.episode_step", 0, REPLY)
+    assert Episode.objects.values_list("holder", flat=True).get(pk=episode.pk) == liveness.incarnation()
+    sent.clear()
+    episode_loop.episode_step(**{key: value for key, value in message.items() if key != "pool"})
+    assert commands == ["echo hello"] and [name for name, _ in sent] == ["modelserving.episode_turn"]
+    pump(sent)  # the next turn claims step 1 (and the episode goes on to the end)
+
+    # The original message, redelivered when the visibility timeout ran out an hour later: a straggler.
+    episode_loop.episode_step(episode.pk, 0, REPLY, attempt=1)
+    assert commands.count("echo hello") == 1 and [name for name, _ in sent] == ["envs.stop_sandbox"], "nothing else"
+    indexes = list(Step.objects.filter(episode=episode).order_by("index").values_list("index", flat=True))
+    assert indexes == list(range(len(indexes))) and len(indexes) >= 2
+
+
+def test_long_work_is_kept_alive_by_its_holders_heartbeat(run, sent):
+    episode = started(run, sent)
+    held_by(episode, ALIVE)
+    holding = liveness.Fleet(alive={ALIVE: frozenset({episode.pk})})
+    long_after = after(runs.stalled_after_s() + 60)  # longer than any lease would be
+    assert runs.redrive_lost(holding, [liveness.Event(long_after.timestamp(), "anything")], now=long_after) == []
+    # Alive but not holding it: its next hop's message waits in a queue; only the last resort re-drives it.
+    idle = liveness.Fleet(alive={ALIVE: frozenset()})
+    assert settings.MEGAFLOW_WORKER_DEAD_S + 5 < runs.stalled_after_s()
+    assert runs.redrive_lost(idle, [], now=after(settings.MEGAFLOW_WORKER_DEAD_S + 5)) == []
+    assert runs.redrive_lost(idle, [], now=long_after) == [episode.pk]
+
+
+def test_a_death_re_drives_what_the_dead_worker_may_have_taken_from_its_queues(run, sent):
+    """A worker killed between taking a message and holding its episode: the episode's holder (the previous
+    hop's worker) is alive, so only the death, on the queue the dead worker consumed, tells it was lost."""
+    waiting_for_model = started(run, sent, sample=0)  # its first turn is on model.sim
+    waiting_for_env = Episode.objects.create(run=run, task=run.tasks.get(), sample_index=1, status=E.STARTING)
+    for episode in (waiting_for_model, waiting_for_env):
+        held_by(episode, ALIVE)
+    idle = liveness.Fleet(alive={ALIVE: frozenset()})
+    death = liveness.Event(after(0).timestamp(), f"worker {DEAD} went silent", frozenset({"env.default"}))
+    now = after(2 * settings.MEGAFLOW_WORKER_HEARTBEAT_S + 1)
+
+    assert runs.redrive_lost(idle, [death], now=now) == [waiting_for_env.pk]
+    assert sent == [("envs.episode_start", {"episode_id": waiting_for_env.pk, "pool": "default", "attempt": 1})]
+    assert runs.redrive_lost(idle, [death], now=now) == [], "it moved (was re-driven) after the death"
+    model_death = liveness.Event(death.at, "worker model-sim@host#x went silent", frozenset({"model.sim"}))
+    assert runs.redrive_lost(idle, [model_death], now=now) == [waiting_for_model.pk]
+
+
+def test_a_broker_that_lost_its_data_re_drives_every_live_episode_nobody_holds(run, sent):
+    starting = Episode.objects.create(run=run, task=run.tasks.get(), sample_index=5, status=E.STARTING)
+    running = started(run, sent, sample=1)
+    evaluating = started(run, sent, sample=2)
+    episode_loop.episode_step(evaluating.pk, 0, "```bash\necho MEGAFLOW_SUBMIT\n```", attempt=1)
+    Episode.objects.filter(pk=evaluating.pk).update(status=E.EVALUATING)  # its evaluation was cut short
+    busy = started(run, sent, sample=3)
+    Episode.objects.create(run=run, task=run.tasks.get(), sample_index=4, status=E.QUEUED)
+    sent.clear()
+    fleet = liveness.Fleet(alive={ALIVE: frozenset({busy.pk})})
+    lost = liveness.Event(after(0).timestamp(), "the broker has no epoch: it lost its data (or is new)")
+
+    redriven = runs.redrive_lost(fleet, [lost], now=after(2 * settings.MEGAFLOW_WORKER_HEARTBEAT_S + 1))
+    assert sorted(redriven) == sorted([starting.pk, running.pk, evaluating.pk])
+    assert sorted((name, message["episode_id"]) for name, message in sent) == sorted(
+        [("envs.episode_start", starting.pk), ("modelserving.episode_turn", running.pk),
+         ("envs.episode_step", evaluating.pk)]
+    )  # fmt: skip
+    assert runs.redrive_lost(fleet, [lost], now=after(2 * settings.MEGAFLOW_WORKER_HEARTBEAT_S + 1)) == []
+
+
+def test_admission_keeps_moving_past_the_dead_worker_window(run, sent):
+    """A run at its concurrency limit whose live episode was held by a worker that died: within the dead-worker
+    window it is re-driven, finishes, and the next episode gets the slot."""
+    Run.objects.filter(pk=run.pk).update(max_concurrent_episodes=1)
+    stuck = started(run, sent)
+    waiting = Episode.objects.create(run=run, task=run.tasks.get(), sample_index=1, status=E.QUEUED)
+    held_by(stuck, DEAD)
+    assert runs.admit() == [], "the run's one slot is held"
+
+    assert runs.redrive_lost(liveness.Fleet(), [], now=after(settings.MEGAFLOW_WORKER_DEAD_S + 1)) == [stuck.pk]
+    delivered = pump(sent)
+    assert Episode.objects.get(pk=stuck.pk).status == E.SUCCEEDED
+    assert "orchestrator.episode_done" in delivered and "envs.episode_start" in delivered
+    assert Episode.objects.get(pk=waiting.pk).status in transitions.LIVE | {E.SUCCEEDED}
+
+
+@pytest.mark.skipif(os.environ.get("MEGAFLOW_TEST_SLOT") is None, reason="needs the session's isolation slot")
+def test_the_watchdog_reads_the_fleet_and_the_broker(run, sent):
+    """``runs.watchdog`` end to end on the session's Redis: a live episode held by a registered worker that went
+    silent is re-driven."""
+    episode = started(run, sent)
+    client = liveness.client()
+    ghost = "model-sim@nowhere#ghost"
+    client.hset(liveness.REGISTRY_KEY, ghost, '{"node": "model-sim@nowhere", "queues": ["model.sim"], "beat_at": 0}')
+    held_by(episode, ghost, updated_at=timezone.now() - timedelta(seconds=settings.MEGAFLOW_WORKER_DEAD_S + 1))
+    assert episode.pk in runs.watchdog()
+    assert ghost not in client.hgetall(liveness.REGISTRY_KEY)
+    assert [name for name, _ in sent] == ["modelserving.episode_turn"]
