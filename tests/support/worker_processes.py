@@ -17,7 +17,7 @@ from kombu.exceptions import OperationalError
 from megaflow_site.celery import app
 from megaflow_site.topology import WorkerSpec
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]  # tests/support/ → the repository
 WORKER_START_TIMEOUT_S = 60
 
 
