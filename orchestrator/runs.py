@@ -18,6 +18,7 @@ from orchestrator.autoscale import admission_limit
 from orchestrator.episode_loop import send
 from orchestrator.hot_state import redis_client
 from orchestrator.models import Episode, Run
+from orchestrator.placement import Placer
 
 logger = logging.getLogger("megaflow.runs")
 
@@ -68,26 +69,30 @@ def admit() -> list[int]:
     """Start queued episodes while their run and the whole fleet have room (``Run.max_concurrent_episodes``,
     ``MEGAFLOW_MAX_LIVE_EPISODES``, the autoscaler's admission limit). One admitter at a time (a Redis lock),
     oldest runs first."""
-    admitted: list[tuple[int, int, str]] = []
+    admitted: list[tuple[int, int, str, str]] = []
     with redis_client().lock("megaflow:admission", timeout=60, blocking_timeout=30):
         ceiling = settings.MEGAFLOW_MAX_LIVE_EPISODES
         if (throttle := admission_limit()) is not None:  # the autoscaler's, while the latency SLO is breached
             ceiling = min(ceiling, throttle)
         room = ceiling - Episode.objects.filter(status__in=LIVE).count()
+        placers: dict[str, Placer] = {}  # per pool: the env host each episode goes to (orchestrator/placement.py)
         for run in Run.objects.filter(status=Run.Status.RUNNING).order_by("created_at"):
             if room <= 0:
                 break
             run_room = run.max_concurrent_episodes - run.episodes.filter(status__in=LIVE).count()
             queued = run.episodes.filter(status=Episode.Status.QUEUED).order_by("pk")
-            ready = [(episode.pk, episode.attempt) for episode in queued.only("pk", "attempt", "updated_at")
+            ready = [(episode.pk, episode.attempt, episode.task.image)
+                     for episode in queued.select_related("task").only("pk", "attempt", "updated_at", "task__image")
                      if _backed_off(episode)]  # fmt: skip
-            for episode_id, attempt in ready[: max(0, min(room, run_room))]:
-                if transitions.admit(episode_id, attempt):
-                    admitted.append((episode_id, attempt, run.env_pool))
+            placer = placers.setdefault(run.env_pool, Placer(run.env_pool))
+            for episode_id, attempt, image in ready[: max(0, min(room, run_room))]:
+                host = placer.place(image)
+                if transitions.admit(episode_id, attempt, env_host=host):
+                    admitted.append((episode_id, attempt, run.env_pool, host))
                     room -= 1
-    for episode_id, attempt, pool in admitted:
-        send("envs.episode_start", episode_id=episode_id, pool=pool, attempt=attempt)
-    return [episode_id for episode_id, _, _ in admitted]
+    for episode_id, attempt, pool, host in admitted:
+        send("envs.episode_start", episode_id=episode_id, pool=pool, attempt=attempt, host=host)
+    return [episode_id for episode_id, *_ in admitted]
 
 
 def _backed_off(episode: Episode) -> bool:
@@ -128,10 +133,11 @@ def watchdog() -> list[int]:
             continue
         last = episode.steps.order_by("-index").first()
         if episode.status == Episode.Status.STARTING:
+            # Any host of the pool may take a start over (its placed host may be the one that is down).
             send("envs.episode_start", episode_id=episode.pk, pool=run.env_pool, attempt=episode.attempt)
         elif last is not None and (last.completed_at is None or episode.status == Episode.Status.EVALUATING):
             send("envs.episode_step", episode_id=episode.pk, step=last.index, reply=last.model_output,
-                 pool=run.env_pool, attempt=episode.attempt)  # fmt: skip
+                 pool=run.env_pool, attempt=episode.attempt, host=episode.env_host)  # fmt: skip
         else:
             next_step = 0 if last is None else last.index + 1
             send("modelserving.episode_turn", episode_id=episode.pk, step=next_step, model=run.model_name,
@@ -148,9 +154,11 @@ def cancel_run(run_id: int, reason: str = "cancelled") -> int:
         transitions.cancel_run(run_id)
         cancelled = transitions.cancel_episodes(run_id, reason)
     pool = Run.objects.values_list("env_pool", flat=True).get(pk=run_id)
+    hosts = dict(Episode.objects.filter(pk__in=[pk for pk, _ in cancelled]).values_list("pk", "env_host"))
     for episode_id, container_id in cancelled:
         if container_id:
-            send("envs.stop_sandbox", pool=pool, container_id=container_id, episode_id=episode_id)
+            send("envs.stop_sandbox", pool=pool, container_id=container_id, episode_id=episode_id,
+                 host=hosts.get(episode_id, ""))  # fmt: skip
     return len(cancelled)
 
 
