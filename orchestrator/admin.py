@@ -4,7 +4,7 @@ from django.contrib import admin, messages
 from django.db.models import Avg, Count, Q
 from django.http import StreamingHttpResponse
 
-from orchestrator import run_charts, runs, trajectories
+from orchestrator import costs, run_charts, runs, trajectories
 from orchestrator.models import Dataset, Episode, Run, Step, Task
 
 
@@ -37,7 +37,7 @@ class RunAdmin(admin.ModelAdmin):
     list_filter = ["status", "model_name", "env_pool", "agent_name", "owner", "created_at"]
     search_fields = ["name", "dataset__name"]
     date_hierarchy = "created_at"
-    readonly_fields = ["status", "created_at", "updated_at", "started_at", "finished_at", "charts"]
+    readonly_fields = ["status", "created_at", "updated_at", "started_at", "finished_at", "cost", "charts"]
     filter_horizontal = ["tasks"]
     actions = ["cancel_runs", "retry_failed_episodes", "export_trajectories"]
 
@@ -65,6 +65,10 @@ class RunAdmin(admin.ModelAdmin):
     @admin.display(description="mean reward", ordering="_mean_reward")
     def mean_reward(self, run):
         return "-" if run._mean_reward is None else f"{run._mean_reward:.3f}"
+
+    @admin.display(description="cost")
+    def cost(self, run):
+        return costs.format_cost(costs.run_cost(run.pk)) if run.pk else "-"
 
     @admin.display(description="charts")
     def charts(self, run):
@@ -107,9 +111,15 @@ class StepInline(admin.TabularInline):
 
 @admin.register(Episode)
 class EpisodeAdmin(admin.ModelAdmin):
-    list_display = ["id", "run", "task", "sample_index", "attempt", "status", "reward", "step_count", "updated_at"]
-    list_filter = ["status", "run__model_name", "attempt", ("reward", admin.EmptyFieldListFilter), "run"]
-    search_fields = ["task__instance_id", "failure_reason", "worker", "container_id"]
+    list_display = ["id", "run", "task", "sample_index", "attempt", "status", "reward", "step_count", "env_host",
+                    "sandbox_s", "image_pulls", "updated_at"]  # fmt: skip
+    list_filter = ["status", "run__model_name", "attempt", ("reward", admin.EmptyFieldListFilter), "env_host", "run"]
+    search_fields = ["task__instance_id", "failure_reason", "worker", "container_id", "pulling_image"]
     list_select_related = ["run", "task"]
-    readonly_fields = ["created_at", "updated_at", "started_at", "finished_at"]
+    readonly_fields = ["created_at", "updated_at", "started_at", "finished_at", "cost", *costs.FIELDS.values()]
+
+    @admin.display(description="cost")
+    def cost(self, episode):
+        return costs.format_cost(costs.episode_cost(episode))
+
     inlines = [StepInline]
