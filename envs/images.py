@@ -129,8 +129,10 @@ def _pull(api: docker.APIClient, reference: image_reference.ImageReference, imag
         timer.cancel()
     if cut_off.is_set():
         raise SandboxError(f"pulling {image} from {registry} took longer than {timeout_s:.0f} s; cut off")
-    if api.inspect_image(image) is None:  # pragma: no cover -- inspect raises when absent
-        raise SandboxError(f"pulling {image} ended without the image")
+    try:
+        api.inspect_image(image)
+    except docker.errors.ImageNotFound:
+        raise SandboxError(f"pulling {image} from {registry} ended without the image") from None
     return sum(totals.values())
 
 
