@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 export MEGAFLOW_VENV := $(abspath $(VENV))
 
 .PHONY: help bootstrap up down status demo test lint workers bench bench-env bench-model chaos sim-autoscale \
-	bench-autoscale
+	bench-autoscale push-images bench-images
 
 help:
 	@echo "make demo    run the demo on the embedded default (SQLite, local Redis, local Docker)"
@@ -19,6 +19,8 @@ help:
 	@echo "make bench-model  gateway overhead and server batch sizes (writes bench-model-results.json)"
 	@echo "make sim-autoscale  coordinated vs per-pool utilisation autoscaling, simulated 128-GPU fleet (table; writes autoscale-sim.png)"
 	@echo "make bench-autoscale  microseconds per autoscaling decision (writes bench-autoscale-results.json)"
+	@echo "make push-images  push the base image and IMAGES=\"task images...\" to the image registry"
+	@echo "make bench-images  image-locality vs image-blind placement, two env hosts (writes bench-images-results.json)"
 
 bootstrap:
 	@deploy/bootstrap.sh
@@ -61,3 +63,9 @@ sim-autoscale: bootstrap
 
 bench-autoscale: bootstrap
 	@$(PY) -m tests.bench.autoscale $(BENCH_AUTOSCALE_ARGS)
+
+push-images: bootstrap
+	@deploy/push-images.sh $(IMAGES)
+
+bench-images: bootstrap
+	@$(PY) -m tests.bench.images $(BENCH_IMAGES_ARGS)

@@ -21,12 +21,13 @@ is_root() { [ "$(id -u)" -eq 0 ]; }
 
 # --- Debian packages ---------------------------------------------------------------------------------------
 missing=()
-# chromium and chromium-driver: the headless browser tests/test_api_docs.py renders the API docs in.
-for pkg in redis-server docker.io debootstrap chromium chromium-driver; do
+# chromium and chromium-driver: the headless browser tests/test_api_docs.py renders the API docs in;
+# docker-registry: the local image registry (MEGAFLOW_IMAGE_REGISTRY unset).
+for pkg in redis-server docker.io debootstrap chromium chromium-driver docker-registry; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
 done
 if [ ${#missing[@]} -eq 0 ]; then
-  step "Debian packages: redis-server, docker.io, debootstrap, chromium, chromium-driver already installed"
+  step "Debian packages: redis-server, docker.io, debootstrap, chromium, chromium-driver, docker-registry already installed"
 else
   is_root || fail "Debian packages ${missing[*]} are missing -- install them as root: apt-get install ${missing[*]}"
   step "Debian packages: installing ${missing[*]}"
@@ -72,6 +73,28 @@ else
   step "Base image: building $BASE_IMAGE (debootstrap bookworm + python3, git, pytest; a few minutes, once)"
   "$ROOT/deploy/base-image/build.sh" "$BASE_IMAGE" >"$LOG_DIR/base-image.log" 2>&1 \
     || fail "building $BASE_IMAGE failed -- see $LOG_DIR/base-image.log"
+fi
+
+# --- Image registry ------------------------------------------------------------------------------------------
+# Task images live in a registry and env workers pull them on demand. With MEGAFLOW_IMAGE_REGISTRY unset, a local
+# one (Debian's docker-registry) serves on 127.0.0.1:5000 only, storing under $DATA_DIR/registry; docker treats
+# 127.0.0.0/8 as an insecure registry, so no daemon configuration is needed. `make push-images` pushes to it.
+registry_answers() { python3 -c "import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=2)" \
+  "http://$1/v2/" >/dev/null 2>&1; }
+if [ -n "${MEGAFLOW_IMAGE_REGISTRY:-}" ]; then
+  step "Image registry: $MEGAFLOW_IMAGE_REGISTRY (configured; nothing started)"
+elif registry_answers 127.0.0.1:5000; then
+  step "Image registry: answering at 127.0.0.1:5000"
+else
+  step "Image registry: starting docker-registry on 127.0.0.1:5000 (storage $DATA_DIR/registry)"
+  mkdir -p "$DATA_DIR/registry/data"
+  printf '%s\n' "version: 0.1" "log:" "  level: warn" "storage:" "  filesystem:" \
+    "    rootdirectory: $DATA_DIR/registry/data" "  delete:" "    enabled: true" "http:" "  addr: 127.0.0.1:5000" \
+    >"$DATA_DIR/registry/config.yml"
+  nohup docker-registry serve "$DATA_DIR/registry/config.yml" >"$LOG_DIR/registry.log" 2>&1 &
+  printf '%s\ndocker-registry\n' "$!" >"$RUN_DIR/registry.pid"
+  for _ in $(seq 50); do registry_answers 127.0.0.1:5000 && break; sleep 0.2; done
+  registry_answers 127.0.0.1:5000 || fail "docker-registry did not start on 127.0.0.1:5000 -- see $LOG_DIR/registry.log"
 fi
 
 # --- Python virtualenv ---------------------------------------------------------------------------------------

@@ -133,7 +133,8 @@ def services() -> list[Service]:
     for spec in all_worker_specs():
         argv = spec.argv()
         argv[0] = _bin("celery")
-        stack.append(Service(f"worker-{spec.queue}", argv, lambda node=spec.node_name: _worker_answers(node)))
+        stack.append(Service(f"worker-{spec.queue}", argv, lambda node=spec.node_name: _worker_answers(node),
+                             env=spec.environment))  # fmt: skip
     stack.append(Service(
         "beat",
         [_bin("celery"), "-A", "megaflow_site", "beat", "--loglevel", "INFO"],

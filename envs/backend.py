@@ -11,6 +11,7 @@ Adding a backend is adding one module that subclasses ``EnvironmentBackend`` and
 from __future__ import annotations
 
 import abc
+import contextlib
 import functools
 import time
 from dataclasses import asdict, dataclass, field
@@ -36,6 +37,18 @@ class ImageNotFound(SandboxError):
     def __init__(self, image: str):
         super().__init__(f"image not found: {image}", retryable=False)
         self.image = image
+
+
+@dataclass(frozen=True)
+class PullRecord:
+    """What getting a sandbox's image cost (envs/images.py): ``pulled`` when this start pulled it, ``waited``
+    when it waited on another start's pull of it; the seconds spent and the bytes downloaded."""
+
+    image: str
+    pulled: bool = False
+    waited: bool = False
+    seconds: float = 0.0
+    bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -188,6 +201,15 @@ class EnvironmentBackend(abc.ABC):
     def is_alive(self, sandbox_id: str) -> bool:
         """Whether the sandbox still runs (the warm pool checks before lending one)."""
         return True
+
+    def ensure_image(self, image: str, on_pull=None) -> PullRecord:
+        """Make ``image`` available, pulling it if the backend has images; ``on_pull(image)`` is called before a
+        pull. Backends without images (local, sim) have nothing to do."""
+        return PullRecord(image)
+
+    def holding_image(self, image: str):
+        """A context in which ``image`` is not evicted from the backend's image cache."""
+        return contextlib.nullcontext()
 
 
 _registry = BackendRegistry("envs", Path(__file__).parent)

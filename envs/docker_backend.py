@@ -51,15 +51,18 @@ import requests
 import tenacity
 from django.conf import settings
 
+from envs import images
 from envs.backend import (
     EnvironmentBackend,
     ExecResult,
     ImageNotFound,
     OutputCapture,
+    PullRecord,
     SandboxError,
     SandboxSpec,
     register_backend,
 )
+from envs.image_cache import ImageCache
 from envs.startup_control import start_gate
 
 logger = logging.getLogger("megaflow.envs.docker")
@@ -228,6 +231,14 @@ class DockerBackend(EnvironmentBackend):
             return bool(daemon_call(self.api.inspect_container, sandbox_id)["State"]["Running"])
         except docker.errors.NotFound:
             return False
+
+    # --- images (envs/images.py, envs/image_cache.py) ------------------------------------------------------------
+
+    def ensure_image(self, image: str, on_pull=None) -> PullRecord:
+        return daemon_call(images.ensure_image, self.api, image, on_pull)
+
+    def holding_image(self, image: str):
+        return ImageCache(self.api).pin(image)
 
     # --- commands ----------------------------------------------------------------------------------------
 

@@ -9,12 +9,14 @@ records it through orchestrator/transitions.py), so this package never writes an
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
 from envs import task_sandbox, warm_pool
-from envs.backend import ExecResult, SandboxError, get_backend
+from envs.backend import ExecResult, PullRecord, SandboxError, get_backend
 from envs.task_sandbox import Evaluation
 from orchestrator.db import release_connection
+from orchestrator.hot_state import redis_client
 from orchestrator.models import Task
 
 logger = logging.getLogger("megaflow.envs")
@@ -22,21 +24,33 @@ logger = logging.getLogger("megaflow.envs")
 
 @dataclass(frozen=True)
 class Sandbox:
-    """A container lent to one episode; ``warm`` when it came from the pool's idle containers."""
+    """A container lent to one episode; ``warm`` when it came from the pool's idle containers; ``pull`` is what
+    getting its image cost (envs/images.py)."""
 
     container_id: str
     warm: bool = False
+    pull: PullRecord | None = None
 
 
-def create_sandbox(task: Task, episode_id: int, run_id: int, pool: str) -> Sandbox:
-    """A fresh (or warm) container for the episode, not yet prepared."""
+def _since_key(container_id: str) -> str:
+    return f"megaflow:sandbox:since:{container_id}"
+
+
+def create_sandbox(task: Task, episode_id: int, run_id: int, pool: str, on_pull=None) -> Sandbox:
+    """A fresh (or warm) container for the episode, not yet prepared. Its image is pulled first when the host lacks
+    it (``on_pull(image)`` is called before the pull), and kept from eviction until the container exists."""
     spec = task_sandbox.sandbox_spec(task, episode_id, run_id, pool=pool)
     release_connection()  # starting a sandbox takes seconds; the database is not needed meanwhile
     backend = get_backend()
-    if warm_pool.pool_size(pool) > 0:
-        container_id, warm = warm_pool.WarmPool(backend, pool).acquire(spec)
-        return Sandbox(container_id, warm)
-    return Sandbox(backend.create(spec))
+    with backend.holding_image(spec.image):
+        pull = backend.ensure_image(spec.image, on_pull)
+        if warm_pool.pool_size(pool) > 0:
+            container_id, warm = warm_pool.WarmPool(backend, pool).acquire(spec)
+        else:
+            container_id, warm = backend.create(spec), False
+    # Since when the episode holds the container: its sandbox-seconds are counted from here to its release.
+    redis_client().set(_since_key(container_id), time.time(), ex=7 * 86400)
+    return Sandbox(container_id, warm, pull)
 
 
 def prepare_sandbox(container_id: str, task: Task) -> None:
@@ -64,11 +78,13 @@ def evaluate(container_id: str, task: Task) -> Evaluation:
     return task_sandbox.evaluate(get_backend(), container_id, task)
 
 
-def release(container_id: str, pool: str) -> None:
-    """Give the container back to its warm pool, or destroy it. Never raises: a sandbox that cannot be released
-    is logged and left to the reaper."""
+def release(container_id: str, pool: str) -> float:
+    """Give the container back to its warm pool, or destroy it. Returns the seconds the episode held it (0.0 when
+    it was released before: a release is counted once). Never raises: a sandbox that cannot be released is logged
+    and left to the reaper."""
     if not container_id:
-        return
+        return 0.0
+    held_s = stop_clock(container_id)
     try:
         if warm_pool.pool_size(pool) > 0:
             warm_pool.WarmPool(get_backend(), pool).release(container_id)
@@ -76,3 +92,10 @@ def release(container_id: str, pool: str) -> None:
             get_backend().destroy(container_id)
     except SandboxError as error:
         logger.warning("could not release container %s: %s", container_id[:12], error.reason)
+    return held_s
+
+
+def stop_clock(container_id: str) -> float:
+    """The seconds the episode has held the container, once: the clock stops here (a later release counts 0)."""
+    since = redis_client().getdel(_since_key(container_id)) if container_id else None
+    return max(0.0, time.time() - float(since)) if since else 0.0

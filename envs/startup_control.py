@@ -60,11 +60,11 @@ def _backoff(attempt: int) -> float:
     return random.uniform(0, min(_BACKOFF_CAP_S, _BACKOFF_BASE_S * 2**attempt))
 
 
-def _wait_until(take, what: str, deadline: float) -> None:
+def _wait_until(take, what: str, deadline: float, waited_s: float = MAX_WAIT_S) -> None:
     attempt = 0
     while not take():
         if time.monotonic() > deadline:
-            raise SandboxError(f"waited {MAX_WAIT_S} s for {what}; the environment pool is overloaded")
+            raise SandboxError(f"waited {waited_s:.0f} s for {what}; the environment pool is overloaded")
         time.sleep(_backoff(attempt))
         attempt += 1
 
@@ -82,16 +82,24 @@ def start_gate():
     deadline = time.monotonic() + MAX_WAIT_S
     limiter, rate = _rate_limiter()
     _wait_until(lambda: limiter.hit(rate, "megaflow", "container-start"), "the container creation rate", deadline)
+    remaining = max(0.0, deadline - time.monotonic())
+    with semaphore_slot(SLOTS_KEY, settings.MEGAFLOW_START_CONCURRENCY, "a container start slot", remaining):
+        yield
+
+
+@contextmanager
+def semaphore_slot(key: str, capacity: int, what: str, max_wait_s: float = MAX_WAIT_S, lease_s: float = SLOT_LEASE_S):
+    """Hold one of ``capacity`` slots of the Redis semaphore ``key`` (a lease of ``lease_s``, so a killed holder
+    frees it), waiting with jittered back-off up to ``max_wait_s``; envs/images.py bounds pulls with it."""
     token = uuid.uuid4().hex
-    capacity = settings.MEGAFLOW_START_CONCURRENCY
     script = _acquire_script()
 
     def take_slot() -> bool:
         now = time.time()
-        return bool(script(keys=[SLOTS_KEY], args=[now, capacity, now + SLOT_LEASE_S, token]))
+        return bool(script(keys=[key], args=[now, capacity, now + lease_s, token]))
 
-    _wait_until(take_slot, "a container start slot", deadline)
+    _wait_until(take_slot, what, time.monotonic() + max_wait_s, max_wait_s)
     try:
         yield
     finally:
-        redis_client().zrem(SLOTS_KEY, token)
+        redis_client().zrem(key, token)

@@ -166,7 +166,10 @@ class WarmPool:
                         self.discard(container_id)
                         done["reaped"] += 1
             while self.redis.llen(idle_key) < self.size:
-                container_id = self._create(spec_for_shape(shape))
+                spec = spec_for_shape(shape)
+                with self.backend.holding_image(spec.image):
+                    self.backend.ensure_image(spec.image)  # it may have been evicted while no container used it
+                    container_id = self._create(spec)
                 self.redis.hset(_container_key(container_id), mapping={"state": IDLE, "since": time.time()})
                 self.redis.rpush(idle_key, container_id)
                 done["started"] += 1

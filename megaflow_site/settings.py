@@ -7,7 +7,9 @@ Docker daemon. Every knob is an environment variable; README.md lists them.
 import hashlib
 import json
 import os
+import re
 import secrets
+import socket
 from pathlib import Path
 
 import dj_database_url
@@ -334,6 +336,28 @@ MEGAFLOW_WARM_MAX_USES = env_int("MEGAFLOW_WARM_MAX_USES", 50)
 # The orphan reaper leaves a container alone this long after its creation (its episode row may lag).
 MEGAFLOW_REAPER_GRACE_S = env_int("MEGAFLOW_REAPER_GRACE_S", 120)
 MEGAFLOW_REAPER_INTERVAL_S = env_int("MEGAFLOW_REAPER_INTERVAL_S", 60)
+# --- Environment images ---------------------------------------------------------------------------------------
+# The registry task images live in (deploy/bootstrap.sh starts one on 127.0.0.1:5000 when this is unset; `make
+# push-images` pushes there). Env workers pull any image whose reference names a registry when they lack it.
+MEGAFLOW_IMAGE_REGISTRY = env_str("MEGAFLOW_IMAGE_REGISTRY", "")
+# Bytes of task images one env host keeps (beyond the base image, which is always kept); the least recently
+# used image no container uses is removed past it. 0: no bound.
+MEGAFLOW_IMAGE_CACHE_GB = env_float("MEGAFLOW_IMAGE_CACHE_GB", 0.0)
+# Pulls one env host runs at once (more episodes wanting other images wait), and how long one may take.
+MEGAFLOW_IMAGE_PULL_CONCURRENCY = env_int("MEGAFLOW_IMAGE_PULL_CONCURRENCY", 2)
+MEGAFLOW_IMAGE_PULL_TIMEOUT_S = env_int("MEGAFLOW_IMAGE_PULL_TIMEOUT_S", 600)
+# Which env host this process is (one Docker daemon and its image cache), and the env hosts that have queues of
+# their own (env.<pool>.<host>): episodes are routed to the host that holds their image (MEGAFLOW_PLACEMENT
+# "locality"), or to the least loaded one ("blind"). No hosts listed: every env worker of a pool shares env.<pool>.
+MEGAFLOW_ENV_HOST = env_str("MEGAFLOW_ENV_HOST", socket.gethostname())
+MEGAFLOW_ENV_HOSTS = env_list("MEGAFLOW_ENV_HOSTS", "")
+MEGAFLOW_PLACEMENT = env_str("MEGAFLOW_PLACEMENT", "locality")
+if MEGAFLOW_PLACEMENT not in {"locality", "blind"}:
+    raise ConfigError(f"MEGAFLOW_PLACEMENT={MEGAFLOW_PLACEMENT!r} is not a placement", "set it to locality or blind")
+for _host in MEGAFLOW_ENV_HOSTS:
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", _host):
+        raise ConfigError(f"MEGAFLOW_ENV_HOSTS has {_host!r}", "name env hosts with letters, digits, - and _")
+
 # Labels this deployment's containers, so that deployments sharing a Docker daemon (a dev stack and the test
 # suite, say) never reap each other's: the reaper only judges containers of its own deployment.
 MEGAFLOW_DEPLOYMENT = env_str("MEGAFLOW_DEPLOYMENT", hashlib.sha256(DATABASE_URL.encode()).hexdigest()[:12])

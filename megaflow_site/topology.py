@@ -11,6 +11,11 @@ Model and environment tasks take the model name / pool as a keyword argument, an
 the message; an unknown name raises ``UnknownQueue`` at publish time instead of parking the message on a
 queue that no worker consumes.
 
+Env hosts (``MEGAFLOW_ENV_HOSTS``; a host is one Docker daemon and its image cache) have a queue of their own per
+pool, ``env.<pool>.<host>``, which that host's env workers consume beside ``env.<pool>``. An env task that names
+a listed host (``host=``) goes there: an episode placed on a host (orchestrator/placement.py), and every hop
+that touches its sandbox, which lives on that host's daemon. Everything else stays on ``env.<pool>``.
+
 ``python -m megaflow_site.topology`` prints the worker command for every declared queue.
 """
 
@@ -44,6 +49,7 @@ SERVICE_OF_PACKAGE = {
 
 # The keyword argument that names a model / pool in a message, per keyed service.
 ROUTING_KWARG = {Service.MODEL: "model", Service.ENV: "pool"}
+HOST_KWARG = "host"  # env tasks: the env host whose own queue takes the message (blank or unlisted: the pool's)
 
 
 class UnknownQueue(LookupError):
@@ -70,6 +76,11 @@ def queue_name(service: Service, key: str | None = None) -> str:
     return f"{service}.{key}"
 
 
+def host_queue_name(pool: str, host: str) -> str:
+    """The queue of ``pool`` on env host ``host`` (one of ``MEGAFLOW_ENV_HOSTS``)."""
+    return f"{queue_name(Service.ENV, pool)}.{host}"
+
+
 def service_of_task(task_name: str) -> Service | None:
     return SERVICE_OF_PACKAGE.get(task_name.split(".", 1)[0])
 
@@ -78,6 +89,8 @@ def declared_queues() -> list[Queue]:
     names = [AGENT_QUEUE]
     for service in (Service.MODEL, Service.ENV):
         names += [queue_name(service, key) for key in known_keys(service)]
+    hosts = settings.MEGAFLOW_ENV_HOSTS
+    names += [host_queue_name(pool, host) for pool in known_keys(Service.ENV) for host in hosts]
     return [Queue(name, routing_key=name) for name in names]
 
 
@@ -87,6 +100,9 @@ def route_task(name, args, kwargs, options, task=None, **_):
     if service is None:
         return None
     key = (kwargs or {}).get(ROUTING_KWARG.get(service, ""))
+    host = (kwargs or {}).get(HOST_KWARG) if service is Service.ENV else None
+    if host and host in settings.MEGAFLOW_ENV_HOSTS:
+        return {"queue": host_queue_name(key or default_key(service), host)}
     return {"queue": queue_name(service, key)}
 
 
@@ -97,6 +113,7 @@ class WorkerSpec:
     service: Service
     key: str | None = None
     concurrency: int | None = None
+    host: str | None = None  # an env host's worker: it consumes env.<pool>.<host> and env.<pool>
 
     # Every service waits on I/O (the database, Redis, Docker, an inference server) rather than computing,
     # so threads carry many tasks per process; the model pool needs many requests in flight to batch.
@@ -104,7 +121,19 @@ class WorkerSpec:
 
     @property
     def queue(self) -> str:
+        if self.host:
+            return host_queue_name(self.key, self.host)
         return queue_name(self.service, self.key)
+
+    @property
+    def queues(self) -> list[str]:
+        """What the worker consumes: its queue, and for an env host's worker the pool's shared queue too."""
+        return [self.queue, queue_name(self.service, self.key)] if self.host else [self.queue]
+
+    @property
+    def environment(self) -> dict[str, str]:
+        """Variables the worker needs beyond the deployment's own (an env host's worker says which host it is)."""
+        return {"MEGAFLOW_ENV_HOST": self.host} if self.host else {}
 
     @property
     def node_name(self) -> str:
@@ -113,7 +142,7 @@ class WorkerSpec:
     def argv(self, node_name: str | None = None, loglevel: str = "INFO") -> list[str]:
         return [
             "celery", "-A", "megaflow_site", "worker",
-            "-Q", self.queue,
+            "-Q", ",".join(self.queues),
             "-n", node_name or self.node_name,
             "--concurrency", str(self.concurrency or self.DEFAULT_CONCURRENCY[self.service]),
             "--loglevel", loglevel,
@@ -136,16 +165,18 @@ def flower_argv(celery: str, port: int) -> list[str]:
 def all_worker_specs() -> list[WorkerSpec]:
     """One worker per declared queue: the local stack and the test suite both start exactly these."""
     specs = [WorkerSpec(Service.AGENT)]
-    for service in (Service.MODEL, Service.ENV):
-        specs += [WorkerSpec(service, key) for key in known_keys(service)]
+    specs += [WorkerSpec(Service.MODEL, key) for key in known_keys(Service.MODEL)]
+    for pool in known_keys(Service.ENV):
+        hosts = settings.MEGAFLOW_ENV_HOSTS or [None]
+        specs += [WorkerSpec(Service.ENV, pool, host=host) for host in hosts]
     return specs
 
 
 def main() -> None:
     django.setup()
     for spec in all_worker_specs():
-        print(f"# {spec.service} service, queue {spec.queue}")
-        print(" ".join(spec.argv()))
+        print(f"# {spec.service} service, queue {', '.join(spec.queues)}")
+        print(" ".join([*(f"{name}={value}" for name, value in spec.environment.items()), *spec.argv()]))
     sys.exit(0)
 
 

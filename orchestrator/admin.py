@@ -10,7 +10,7 @@ from django.http import HttpResponseNotAllowed, HttpResponseRedirect, StreamingH
 from django.shortcuts import get_object_or_404
 from django.urls import path, reverse
 
-from orchestrator import run_charts, runs, trajectories
+from orchestrator import costs, run_charts, runs, trajectories
 from orchestrator.models import Dataset, Episode, Run, Step, Task
 
 
@@ -85,7 +85,7 @@ class RunAdmin(admin.ModelAdmin):
     list_filter = ["status", "model_name", "env_pool", "agent_name", "owner", "created_at"]
     search_fields = ["name", "dataset__name"]
     date_hierarchy = "created_at"
-    readonly_fields = ["status", "created_at", "updated_at", "started_at", "finished_at", "charts"]
+    readonly_fields = ["status", "created_at", "updated_at", "started_at", "finished_at", "cost", "charts"]
     filter_horizontal = ["tasks"]
     actions = ["cancel_runs", "retry_failed_episodes", "export_trajectories"]
 
@@ -186,6 +186,10 @@ class RunAdmin(admin.ModelAdmin):
     def mean_reward(self, run):
         return "-" if run._mean_reward is None else f"{run._mean_reward:.3f}"
 
+    @admin.display(description="cost")
+    def cost(self, run):
+        return costs.format_cost(costs.run_cost(run.pk)) if run.pk else "-"
+
     @admin.display(description="charts")
     def charts(self, run):
         return run_charts.render(run_charts.run_charts(run)) if run.pk else "-"
@@ -227,9 +231,15 @@ class StepInline(admin.TabularInline):
 
 @admin.register(Episode)
 class EpisodeAdmin(admin.ModelAdmin):
-    list_display = ["id", "run", "task", "sample_index", "attempt", "status", "reward", "step_count", "updated_at"]
-    list_filter = ["status", "run__model_name", "attempt", ("reward", admin.EmptyFieldListFilter), "run"]
-    search_fields = ["task__instance_id", "failure_reason", "worker", "container_id"]
+    list_display = ["id", "run", "task", "sample_index", "attempt", "status", "reward", "step_count", "env_host",
+                    "sandbox_s", "image_pulls", "updated_at"]  # fmt: skip
+    list_filter = ["status", "run__model_name", "attempt", ("reward", admin.EmptyFieldListFilter), "env_host", "run"]
+    search_fields = ["task__instance_id", "failure_reason", "worker", "container_id", "pulling_image"]
     list_select_related = ["run", "task"]
-    readonly_fields = ["created_at", "updated_at", "started_at", "finished_at"]
+    readonly_fields = ["created_at", "updated_at", "started_at", "finished_at", "cost", *costs.FIELDS.values()]
+
+    @admin.display(description="cost")
+    def cost(self, episode):
+        return costs.format_cost(costs.episode_cost(episode))
+
     inlines = [StepInline]

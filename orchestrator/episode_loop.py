@@ -30,6 +30,7 @@ import dataclasses
 import functools
 import logging
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -46,7 +47,7 @@ from envs.backend import SandboxError
 from modelserving import service as model_service
 from modelserving.backend import GenerationRequest, SamplingParams
 from modelserving.token_prompts import PreviousTurn
-from orchestrator import transitions
+from orchestrator import costs, transitions
 from orchestrator.db import release_connection
 from orchestrator.models import Episode, Run, Step, Task
 
@@ -92,6 +93,7 @@ class Live:
     status: str
     attempt: int
     container_id: str
+    env_host: str
     started_at: datetime | None
     created_at: datetime
     prompt_tokens: int
@@ -133,9 +135,21 @@ def _current(episode_id: int, attempt: int | None) -> Live | None:
 
 
 def release(episode: Live, container_id: str | None = None) -> None:
-    """Have the Environment Service release the episode's sandbox (or ``container_id``)."""
+    """Have the Environment Service release the episode's sandbox (or ``container_id``), on the host holding it."""
     if container_id := container_id or episode.container_id:
-        send("envs.stop_sandbox", pool=episode.run.env_pool, container_id=container_id, episode_id=episode.id)
+        send("envs.stop_sandbox", pool=episode.run.env_pool, container_id=container_id, episode_id=episode.id,
+             host=episode.env_host)  # fmt: skip
+
+
+def release_here(episode_id: int, container_id: str, pool: str) -> None:
+    """Release a sandbox of this host now and charge the episode the seconds it held it."""
+    costs.charge(episode_id, sandbox_s=env_service.release(container_id, pool))
+
+
+def charge_sandbox(episode_id: int, container_id: str) -> None:
+    """Charge the sandbox's seconds before the episode's attempt ends, so that a run's cost is complete when it
+    completes (the release that follows counts nothing more)."""
+    costs.charge(episode_id, sandbox_s=env_service.stop_clock(container_id))
 
 
 def finished(episode_id: int) -> None:
@@ -149,10 +163,11 @@ def publish_turn(episode: Live, step: int) -> None:
 
 def _sandbox_failed(episode: Live, error: SandboxError, container_id: str, what: str = "") -> None:
     """Record a sandbox failure (a retryable one requeues the episode), release the sandbox, account for it."""
+    charge_sandbox(episode.id, container_id)
     outcome = transitions.fail_or_retry(
         episode.id, f"{what}{error.reason}", error.retryable, attempt=episode.attempt, holding=container_id
     )
-    env_service.release(container_id, episode.run.env_pool)
+    release_here(episode.id, container_id, episode.run.env_pool)
     logger.info("episode %s: %s%s (%s)", episode.id, what, error.reason, outcome)
     if outcome is not transitions.Outcome.UNCHANGED:
         finished(episode.id)
@@ -162,7 +177,16 @@ def _sandbox_failed(episode: Live, error: SandboxError, container_id: str, what:
 
 
 def episode_start(episode_id: int, pool: str, attempt: int | None = None) -> None:
-    """Give the episode a prepared sandbox, then publish its first model turn."""
+    """Give the episode a prepared sandbox (pulling its image when this host lacks it), then publish its first model
+    turn. The hop's time and the pull are charged to the episode's cost."""
+    began = time.monotonic()
+    try:
+        _start(episode_id, pool, attempt)
+    finally:
+        costs.charge(episode_id, env_worker_s=time.monotonic() - began)
+
+
+def _start(episode_id: int, pool: str, attempt: int | None) -> None:
     episode = _current(episode_id, attempt)
     if episode is None:
         return
@@ -174,18 +198,28 @@ def episode_start(episode_id: int, pool: str, attempt: int | None = None) -> Non
         else:
             _sandbox_failed(episode, SandboxError("the sandbox container stopped"), episode.container_id)
         return
-    if not transitions.claim_start(episode_id, episode.attempt):
+    if not transitions.claim_start(episode_id, episode.attempt, env_host=settings.MEGAFLOW_ENV_HOST):
         return  # not starting: cancelled, retried or not admitted
+    episode = dataclasses.replace(episode, env_host=settings.MEGAFLOW_ENV_HOST)
     task = episode.task
     if episode.container_id:
-        env_service.release(episode.container_id, pool)  # a start cut short by a dying worker
+        release_here(episode_id, episode.container_id, pool)  # a start cut short by a dying worker
+
+    def pulling(image: str) -> None:  # the episode shows what it waits for while the host pulls its image
+        Episode.objects.filter(pk=episode_id, attempt=episode.attempt).update(pulling_image=image)
+
     try:
-        sandbox = env_service.create_sandbox(task, episode_id, episode.run_id, pool)
+        sandbox = env_service.create_sandbox(task, episode_id, episode.run_id, pool, on_pull=pulling)
     except SandboxError as error:
+        Episode.objects.filter(pk=episode_id).exclude(pulling_image="").update(pulling_image="")
         _sandbox_failed(episode, error, episode.container_id)
         return
+    if pull := sandbox.pull:
+        if pull.pulled or pull.waited:
+            Episode.objects.filter(pk=episode_id).update(pulling_image="")
+            costs.charge(episode_id, **costs.pull_charges(pull.pulled, pull.seconds, pull.bytes))
     if not transitions.assign_sandbox(episode_id, episode.attempt, sandbox.container_id):
-        env_service.release(sandbox.container_id, pool)  # cancelled while the sandbox started
+        release_here(episode_id, sandbox.container_id, pool)  # cancelled while the sandbox started
         return
     try:
         env_service.prepare_sandbox(sandbox.container_id, task)
@@ -193,7 +227,7 @@ def episode_start(episode_id: int, pool: str, attempt: int | None = None) -> Non
         _sandbox_failed(episode, error, sandbox.container_id)
         return
     if not transitions.sandbox_ready(episode_id, episode.attempt, sandbox.container_id):
-        env_service.release(sandbox.container_id, pool)  # cancelled, or another start took the episode over
+        release_here(episode_id, sandbox.container_id, pool)  # cancelled, or another start took the episode over
         return
     publish_turn(dataclasses.replace(episode, container_id=sandbox.container_id), 0)
 
@@ -210,6 +244,7 @@ def episode_step(
 ) -> None:
     """Run the action in the model's reply, record the step, and publish what follows. ``turn``: what the model
     saw and produced as tokens (``TURN_FIELDS``), written with the claim."""
+    began = time.monotonic()
     episode = _current(episode_id, attempt)
     if episode is None:
         return
@@ -255,6 +290,11 @@ def episode_step(
         prompt_tokens=F("prompt_tokens") + prompt_tokens,
         completion_tokens=F("completion_tokens") + completion_tokens,
         updated_at=completed_at,
+        # The step's cost rides on the UPDATE it makes anyway (orchestrator/costs.py).
+        cost_prompt_tokens=F("cost_prompt_tokens") + prompt_tokens,
+        cost_completion_tokens=F("cost_completion_tokens") + completion_tokens,
+        model_s=F("model_s") + model_latency_s,
+        env_worker_s=F("env_worker_s") + (time.monotonic() - began),
     )
     if not counted:
         release(episode)  # the episode moved on while the command ran (cancelled, or retried)
@@ -313,9 +353,10 @@ def _after_step(episode: Live, row: Step, submitted_now: bool | None = None) -> 
     out_of_tokens = bool(run.max_episode_tokens) and tokens >= run.max_episode_tokens
     if _over_time(episode):
         reason = f"wall-clock budget of {run.episode_time_limit_s} s exhausted"
+        charge_sandbox(episode.id, episode.container_id)
         if transitions.fail(episode.id, reason, Episode.Status.TIMED_OUT, attempt=episode.attempt):
             finished(episode.id)
-        env_service.release(episode.container_id, run.env_pool)
+        release_here(episode.id, episode.container_id, run.env_pool)
     elif submitted_now or row.index + 1 >= run.max_steps or out_of_tokens:
         # Out of steps or tokens without submitting: the tree is graded as it stands.
         evaluate(episode)
@@ -325,6 +366,7 @@ def _after_step(episode: Live, row: Step, submitted_now: bool | None = None) -> 
 
 def evaluate(episode: Live) -> None:
     """Grade the agent's final tree, record the reward, release the sandbox."""
+    began = time.monotonic()
     pool = episode.run.env_pool
     if not transitions.begin_evaluation(episode.id, episode.attempt):
         return  # cancelled or retried since the last step
@@ -335,11 +377,15 @@ def evaluate(episode: Live) -> None:
     try:
         evaluation = env_service.evaluate(episode.container_id, episode.task)
     except SandboxError as error:
+        costs.charge(episode.id, env_worker_s=time.monotonic() - began)
         _sandbox_failed(episode, error, episode.container_id, what="evaluation failed: ")
         return
+    # Charged before the episode ends, so that a run's cost is whole when the run completes.
+    costs.charge(episode.id, env_worker_s=time.monotonic() - began,
+                 sandbox_s=env_service.stop_clock(episode.container_id))  # fmt: skip
     if transitions.succeed(episode.id, episode.attempt, evaluation.reward, evaluation.error):
         finished(episode.id)
-    env_service.release(episode.container_id, pool)
+    release_here(episode.id, episode.container_id, pool)
 
 
 # --- model queue ---------------------------------------------------------------------------------------------
@@ -396,6 +442,7 @@ def episode_turn(episode_id: int, step: int, model: str, attempt: int | None = N
         completion_tokens=generation.completion_tokens,
         model_latency_s=generation.latency_s,
         pool=run.env_pool,
+        host=episode.env_host,
         attempt=episode.attempt,
         turn={
             "model_input": prompt.new_messages,

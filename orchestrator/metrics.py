@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+from django.conf import settings
 from django.db.models import Count, F, Sum
 from django.utils import timezone
 from prometheus_client import CollectorRegistry, generate_latest
@@ -18,9 +19,11 @@ from rest_framework.renderers import BaseRenderer
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from envs import image_cache
+from orchestrator import costs
 from orchestrator.autoscale import last_decision
 from orchestrator.fleet import queue_depths, step_latencies
-from orchestrator.models import Episode, Step
+from orchestrator.models import Episode, Run, Step
 
 WINDOW = timedelta(minutes=5)
 RATE_WINDOW = timedelta(seconds=60)
@@ -63,7 +66,28 @@ class FleetCollector:
                                 value=recent["steps"] / seconds)  # fmt: skip
         yield GaugeMetricFamily("megaflow_tokens_per_second", "Prompt + completion tokens per second (last 60 s).",
                                 value=(recent["tokens"] or 0) / seconds)  # fmt: skip
+        yield from cost_metrics()
         yield from autoscaler_metrics()
+
+
+def cost_metrics():
+    """What runs cost (orchestrator/costs.py): the fleet's total per unit, and each running run's, labelled by run
+    (only running runs, so the label set stays as small as the work in flight)."""
+    total = GaugeMetricFamily("megaflow_cost_total", "Cost of every episode so far, per unit.", labels=["unit"])
+    for unit, amount in costs.totals(Episode.objects.all()).items():
+        total.add_metric([unit], amount)
+    yield total
+    per_run = GaugeMetricFamily("megaflow_run_cost", "Cost of each running run so far, per unit.",
+                                labels=["run", "unit"])  # fmt: skip
+    for run_id in Run.objects.filter(status=Run.Status.RUNNING).values_list("pk", flat=True):
+        for unit, amount in costs.run_cost(run_id).items():
+            per_run.add_metric([str(run_id), unit], amount)
+    yield per_run
+    cached = GaugeMetricFamily("megaflow_env_host_image_cache_bytes", "Bytes of task images each env host caches.",
+                              labels=["host"])  # fmt: skip
+    for host in settings.MEGAFLOW_ENV_HOSTS or [settings.MEGAFLOW_ENV_HOST]:
+        cached.add_metric([host], sum(image_cache.usage(host).values()))
+    yield cached
 
 
 def autoscaler_metrics():

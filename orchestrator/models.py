@@ -196,6 +196,21 @@ class Episode(models.Model):
         help_text="Worker process incarnation (node#id) that made the episode's last transition or runs its hop.",
     )
     container_id = models.CharField(max_length=80, blank=True)
+    env_host = models.CharField(
+        max_length=100, blank=True, help_text="Env host (Docker daemon) chosen for, then holding, its sandbox."
+    )
+    pulling_image = models.CharField(
+        max_length=300, blank=True, help_text="The image its start waits on while the env host pulls it; else blank."
+    )
+    # Cost, over every attempt (a retried attempt's cost was paid too); orchestrator/costs.py adds to it.
+    sandbox_s = models.FloatField(default=0.0, help_text="Seconds its sandboxes were held.")
+    env_worker_s = models.FloatField(default=0.0, help_text="Seconds env workers spent on its hops.")
+    model_s = models.FloatField(default=0.0, help_text="Seconds of generation (GPU time on a GPU backend).")
+    cost_prompt_tokens = models.PositiveBigIntegerField(default=0, help_text="Prompt tokens, every attempt.")
+    cost_completion_tokens = models.PositiveBigIntegerField(default=0, help_text="Completion tokens, every attempt.")
+    image_pulls = models.PositiveIntegerField(default=0, help_text="Image pulls its starts made.")
+    image_pull_bytes = models.PositiveBigIntegerField(default=0, help_text="Bytes those pulls downloaded.")
+    image_pull_s = models.FloatField(default=0.0, help_text="Seconds its starts waited for images.")
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
     started_at = models.DateTimeField(null=True, blank=True)

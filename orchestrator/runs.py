@@ -23,6 +23,7 @@ from orchestrator.episode_loop import send
 from orchestrator.hot_state import redis_client
 from orchestrator.model_versions import serving_version
 from orchestrator.models import Episode, Run, Step
+from orchestrator.placement import Placer
 
 logger = logging.getLogger("megaflow.runs")
 
@@ -79,13 +80,14 @@ def admit() -> list[int]:
     """Start queued episodes while their run and the whole fleet have room (``Run.max_concurrent_episodes``,
     ``MEGAFLOW_MAX_LIVE_EPISODES``, the autoscaler's admission limit) and the model version the run asks for
     serves. One admitter at a time (a Redis lock), oldest runs first."""
-    admitted: list[tuple[int, int, str]] = []
+    admitted: list[tuple[int, int, str, str]] = []
     # An admitter killed inside the lock holds it no longer than the dead-worker window (admitting takes ms).
     with redis_client().lock("megaflow:admission", timeout=settings.MEGAFLOW_WORKER_DEAD_S, blocking_timeout=30):
         ceiling = settings.MEGAFLOW_MAX_LIVE_EPISODES
         if (throttle := admission_limit()) is not None:  # the autoscaler's, while the latency SLO is breached
             ceiling = min(ceiling, throttle)
         room = ceiling - Episode.objects.filter(status__in=LIVE).count()
+        placers: dict[str, Placer] = {}  # per pool: the env host each episode goes to (orchestrator/placement.py)
         for run in Run.objects.filter(status=Run.Status.RUNNING).order_by("created_at"):
             if room <= 0:
                 break
@@ -93,15 +95,18 @@ def admit() -> list[int]:
                 continue  # its episodes start once the version it asks for serves
             run_room = run.max_concurrent_episodes - run.episodes.filter(status__in=LIVE).count()
             queued = run.episodes.filter(status=Episode.Status.QUEUED).order_by("pk")
-            ready = [(episode.pk, episode.attempt) for episode in queued.only("pk", "attempt", "updated_at")
+            ready = [(episode.pk, episode.attempt, episode.task.image)
+                     for episode in queued.select_related("task").only("pk", "attempt", "updated_at", "task__image")
                      if _backed_off(episode)]  # fmt: skip
-            for episode_id, attempt in ready[: max(0, min(room, run_room))]:
-                if transitions.admit(episode_id, attempt):
-                    admitted.append((episode_id, attempt, run.env_pool))
+            placer = placers.setdefault(run.env_pool, Placer(run.env_pool))
+            for episode_id, attempt, image in ready[: max(0, min(room, run_room))]:
+                host = placer.place(image)
+                if transitions.admit(episode_id, attempt, env_host=host):
+                    admitted.append((episode_id, attempt, run.env_pool, host))
                     room -= 1
-    for episode_id, attempt, pool in admitted:
-        send("envs.episode_start", episode_id=episode_id, pool=pool, attempt=attempt)
-    return [episode_id for episode_id, _, _ in admitted]
+    for episode_id, attempt, pool, host in admitted:
+        send("envs.episode_start", episode_id=episode_id, pool=pool, attempt=attempt, host=host)
+    return [episode_id for episode_id, *_ in admitted]
 
 
 def _backed_off(episode: Episode) -> bool:
@@ -154,15 +159,15 @@ def redrive_lost(fleet: liveness.Fleet, events: list[liveness.Event], now=None) 
     candidates = (
         Episode.objects.filter(status__in=LIVE, updated_at__lt=quiet)
         .filter(lost)
-        .values_list("pk", "status", "attempt", "holder", "updated_at", "run__env_pool", "run__model_name")
+        .values_list("pk", "status", "attempt", "holder", "updated_at", "run__env_pool", "run__model_name", "env_host")
     )
     redriven = []
-    for pk, status, attempt, holder, updated_at, pool, model in candidates:
+    for pk, status, attempt, holder, updated_at, pool, model, host in candidates:
         if fleet.holds(pk):
             continue  # a living worker runs its hop, however long it takes
         last = Step.objects.filter(episode_id=pk).order_by("-index").values_list("index", "model_output",
                                                                                  "completed_at").first()  # fmt: skip
-        name, message = _next_hop(status, last, pool, model, pk, attempt)
+        name, message = _next_hop(status, last, pool, model, pk, attempt, host)
         why = _why_lost(holder, updated_at, fleet, events, _queue_of(name, message), orphaned, now)
         if why is None or not transitions.redrive(pk, attempt, updated_at):
             continue
@@ -186,13 +191,17 @@ def _moment(unix_time: float):
     return datetime.fromtimestamp(unix_time, tz=UTC)
 
 
-def _next_hop(status: str, last, pool: str, model: str, episode_id: int, attempt: int) -> tuple[str, dict]:
-    """The hop the database implies for a live episode (``last``: its last step's index, reply, completion)."""
+def _next_hop(
+    status: str, last, pool: str, model: str, episode_id: int, attempt: int, host: str = ""
+) -> tuple[str, dict]:
+    """The hop the database implies for a live episode (``last``: its last step's index, reply, completion).
+    A start may be taken over by any host of the pool (its placed host may be the one that is down); a step goes
+    to the host holding the episode's sandbox."""
     if status == Episode.Status.STARTING:
         return "envs.episode_start", {"episode_id": episode_id, "pool": pool, "attempt": attempt}
     if last is not None and (last[2] is None or status == Episode.Status.EVALUATING):
         return "envs.episode_step", {"episode_id": episode_id, "step": last[0], "reply": last[1], "pool": pool,
-                                     "attempt": attempt}  # fmt: skip
+                                     "attempt": attempt, "host": host}  # fmt: skip
     next_step = 0 if last is None else last[0] + 1
     return "modelserving.episode_turn", {"episode_id": episode_id, "step": next_step, "model": model,
                                          "attempt": attempt}  # fmt: skip
@@ -216,9 +225,11 @@ def cancel_run(run_id: int, reason: str = "cancelled") -> int:
         transitions.cancel_run(run_id)
         cancelled = transitions.cancel_episodes(run_id, reason)
     pool = Run.objects.values_list("env_pool", flat=True).get(pk=run_id)
+    hosts = dict(Episode.objects.filter(pk__in=[pk for pk, _ in cancelled]).values_list("pk", "env_host"))
     for episode_id, container_id in cancelled:
         if container_id:
-            send("envs.stop_sandbox", pool=pool, container_id=container_id, episode_id=episode_id)
+            send("envs.stop_sandbox", pool=pool, container_id=container_id, episode_id=episode_id,
+                 host=hosts.get(episode_id, ""))  # fmt: skip
     return len(cancelled)
 
 

@@ -17,6 +17,7 @@ from django.core.files.base import ContentFile
 from django.core.files.storage import default_storage
 from django.db import transaction
 
+from envs import image_reference
 from envs.test_results import LOG_PARSERS
 from orchestrator.models import Dataset, Task, archive_storage_name
 
@@ -82,6 +83,16 @@ def _timeout(obj: dict) -> int:
     return value
 
 
+def _image(obj: dict) -> str:
+    image = _string(obj, "image")
+    if image:
+        try:
+            image_reference.parse(image)
+        except image_reference.BadReference as error:
+            raise TaskFormatError("image", str(error)) from None
+    return image
+
+
 def _archive(obj: dict, base_dir: Path | None) -> bytes | None:
     relative = _string(obj, "repo_archive")
     if not relative:
@@ -126,7 +137,7 @@ def parse_task(obj: object, base_dir: Path | None = None) -> TaskSpec:
         fields = {
             "instance_id": instance_id,
             "problem_statement": _string(obj, "problem_statement", required=True),
-            "image": _string(obj, "image"),
+            "image": _image(obj),
             "workdir": workdir,
             "setup_commands": _string_list(obj, "setup_commands"),
             "patch": _string(obj, "patch"),

@@ -48,8 +48,8 @@ def deliver_reply(result, inbox: str) -> None:
 
 
 @megaflow_task("envs.episode_start")
-def episode_start(episode_id: int, pool: str, attempt: int | None = None) -> None:
-    episode_loop.episode_start(episode_id, pool, attempt)
+def episode_start(episode_id: int, pool: str, attempt: int | None = None, host: str = "") -> None:
+    episode_loop.episode_start(episode_id, pool, attempt)  # host= routes it (megaflow_site/topology.py)
 
 
 @megaflow_task("envs.episode_step")
@@ -63,6 +63,7 @@ def episode_step(
     model_latency_s: float = 0.0,
     attempt: int | None = None,
     turn: dict | None = None,
+    host: str = "",
 ) -> None:
     episode_loop.episode_step(episode_id, step, reply, prompt_tokens, completion_tokens, model_latency_s, attempt, turn)
 

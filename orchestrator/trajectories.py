@@ -2,8 +2,8 @@
 
 Each line carries the task id, the sample, the chat messages exactly as the agent built them for the model
 (system, instance, then every reply and observation), the actions and observations step by step, the reward,
-the token counts and, for an episode that did not finish well, why. Episodes are streamed in batches so a run
-of thousands never sits in memory.
+the token counts, the episode's cost (orchestrator/costs.py) and, for an episode that did not finish well, why.
+Episodes are streamed in batches so a run of thousands never sits in memory.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import json
 from collections.abc import Iterator
 
 from agents.agent import TaskView, Turn, run_agent
+from orchestrator import costs
 from orchestrator.models import Episode, Run
 
 BATCH = 200
@@ -36,6 +37,7 @@ def episode_record(episode: Episode, agent) -> dict:
         "prompt_tokens": episode.prompt_tokens,
         "completion_tokens": episode.completion_tokens,
         "failure_reason": episode.failure_reason,
+        "cost": costs.episode_cost(episode),
     }
 
 

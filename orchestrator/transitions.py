@@ -158,15 +158,16 @@ def _run(run_id: int, to: str, *, within: Iterable[str] | None = None, extra=Non
 # --- episodes --------------------------------------------------------------------------------------------------
 
 
-def admit(episode_id: int, attempt: int) -> bool:
-    """queued → starting: the admitter let the episode in."""
-    return _episode(episode_id, E.STARTING, within={E.QUEUED}, of_attempt=attempt)
+def admit(episode_id: int, attempt: int, env_host: str = "") -> bool:
+    """queued → starting: the admitter let the episode in, placed on ``env_host`` (orchestrator/placement.py)."""
+    return _episode(episode_id, E.STARTING, within={E.QUEUED}, of_attempt=attempt, env_host=env_host)
 
 
-def claim_start(episode_id: int, attempt: int) -> bool:
-    """starting → starting: this worker prepares the episode's sandbox (a redelivered start claims it again)."""
+def claim_start(episode_id: int, attempt: int, env_host: str = "") -> bool:
+    """starting → starting: this worker, on ``env_host``, prepares the episode's sandbox (a redelivered start
+    claims it again)."""
     return _episode(episode_id, E.STARTING, within={E.STARTING}, of_attempt=attempt, worker=liveness.node(),
-                    failure_reason="", started_at=timezone.now())  # fmt: skip
+                    env_host=env_host, failure_reason="", started_at=timezone.now())  # fmt: skip
 
 
 def assign_sandbox(episode_id: int, attempt: int, container_id: str) -> bool:

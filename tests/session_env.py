@@ -66,3 +66,7 @@ os.environ.setdefault(
     ),
 )
 os.environ.setdefault("MEGAFLOW_ENV_POOLS", "default,heavy")
+# The image cache holds 2.5 MB of task images: two of the 1 MB registry-only images tests/test_images.py pushes.
+# Only images pulled from a registry are cached (and evicted), so no other test's images are affected.
+os.environ.setdefault("MEGAFLOW_IMAGE_CACHE_GB", "0.0025")
+os.environ.setdefault("MEGAFLOW_TEST_REGISTRY_PORT", str(15000 + slot))

@@ -149,6 +149,7 @@ def pump(sent) -> list[str]:
     while sent:
         name, message = sent.pop(0)
         delivered.append(name)
+        message.pop("host", None)  # a routing kwarg, like pool
         if name != "envs.episode_start":
             message.pop("pool", None)
         if name == "envs.episode_start":
@@ -181,7 +182,7 @@ def test_a_step_held_by_a_dead_worker_is_taken_over_at_once_and_its_straggler_dr
     assert (name, message["step"], message["reply"]) == ("envs.episode_step", 0, REPLY)
     assert Episode.objects.values_list("holder", flat=True).get(pk=episode.pk) == liveness.incarnation()
     sent.clear()
-    episode_loop.episode_step(**{key: value for key, value in message.items() if key != "pool"})
+    episode_loop.episode_step(**{key: value for key, value in message.items() if key not in ("pool", "host")})
     assert commands == ["echo hello"] and [name for name, _ in sent] == ["modelserving.episode_turn"]
     pump(sent)  # the next turn claims step 1 (and the episode goes on to the end)
 

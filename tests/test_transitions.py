@@ -205,8 +205,8 @@ def test_cancel_while_the_sandbox_starts(run, sent, monkeypatch):
     episode = episode_in(run, E.STARTING)
     created = []
 
-    def create_then_cancel(*args):
-        sandbox = real_create(*args)
+    def create_then_cancel(*args, **kwargs):
+        sandbox = real_create(*args, **kwargs)
         created.append(sandbox.container_id)
         runs.cancel_run(run.pk, "cancelled by the test")  # lands while the sandbox starts
         return sandbox
@@ -325,7 +325,7 @@ def test_a_holder_taken_over_cannot_record_its_step(run, sent, monkeypatch):
             later = timezone.now() + timedelta(seconds=settings.MEGAFLOW_WORKER_DEAD_S + 1)
             redriven.extend(runs.redrive_lost(liveness.Fleet(), [], now=later))  # nobody heartbeats here
             [(_, message)] = [item for item in sent if item[0] == "envs.episode_step"]
-            episode_loop.episode_step(**{key: value for key, value in message.items() if key != "pool"})
+            episode_loop.episode_step(**{key: value for key, value in message.items() if key not in ("pool", "host")})
         return result
 
     monkeypatch.setattr(env_service, "run_command", run_while_judged_dead)
@@ -343,8 +343,8 @@ def test_the_watchdog_re_drives_a_start_that_is_still_alive(run, sent, monkeypat
     created = []
     real_create = env_service.create_sandbox
 
-    def create_while_redriven(*args):
-        sandbox = real_create(*args)
+    def create_while_redriven(*args, **kwargs):
+        sandbox = real_create(*args, **kwargs)
         created.append(sandbox.container_id)
         if len(created) == 1:  # the first start is slow; the watchdog's start runs to the end meanwhile
             episode_loop.episode_start(episode.pk, "default", attempt=1)

@@ -12,11 +12,12 @@ from django.conf import settings
 from django.db import transaction
 from django.db.models import Avg, Count, Q, Sum
 from django.utils import timezone
+from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from agents.agent import AgentConfigError, run_agent
 from megaflow_site.topology import Service, known_keys
-from orchestrator import bundles
+from orchestrator import bundles, costs
 from orchestrator.model_versions import known_version
 from orchestrator.models import Dataset, DatasetValidation, Episode, Run, Step, Task
 from orchestrator.task_format import TaskFormatError, check_lines, parse_task, spec_digest, store_dataset
@@ -132,6 +133,19 @@ class DatasetNameField(serializers.SlugRelatedField):
         return super().to_internal_value(data)
 
 
+class CostSerializer(serializers.Serializer):
+    """What an episode, or a run (the sum of its episodes), cost over every attempt (orchestrator/costs.py)."""
+
+    sandbox_s = serializers.FloatField(help_text="Seconds sandboxes were held.")
+    env_worker_s = serializers.FloatField(help_text="Seconds env workers spent on its hops.")
+    model_s = serializers.FloatField(help_text="Seconds of generation (GPU time where the backend is on a GPU).")
+    prompt_tokens = serializers.IntegerField(help_text="Prompt tokens, every attempt.")
+    completion_tokens = serializers.IntegerField(help_text="Completion tokens, every attempt.")
+    image_pulls = serializers.IntegerField(help_text="Image pulls its sandbox starts made.")
+    image_pull_bytes = serializers.IntegerField(help_text="Bytes those pulls downloaded.")
+    image_pull_s = serializers.FloatField(help_text="Seconds starts waited for images.")
+
+
 class RunSerializer(serializers.ModelSerializer):
     """A run: every chosen task × ``samples_per_task``. Choose tasks by ``dataset`` (all of it, or the
     ``instance_ids`` listed) or give them inline in ``tasks`` (task-format objects)."""
@@ -149,16 +163,17 @@ class RunSerializer(serializers.ModelSerializer):
     env_pool = serializers.CharField(max_length=100, required=False, default="default")
     owner = serializers.StringRelatedField(allow_null=True, help_text="username; null for the CLI's datasets and runs")
     progress = serializers.SerializerMethodField()
+    cost = serializers.SerializerMethodField()
 
     class Meta:
         model = Run
         fields = [
             "id", "name", "owner", "status", "dataset", "instance_ids", "tasks", "samples_per_task", "agent_name",
             "agent_config", "model_name", "env_pool", "max_concurrent_episodes", "max_steps", "episode_time_limit_s",
-            "max_attempts", "max_episode_tokens", "model_version", "progress", "created_at", "started_at",
+            "max_attempts", "max_episode_tokens", "model_version", "progress", "cost", "created_at", "started_at",
             "finished_at",
         ]  # fmt: skip
-        read_only_fields = ["id", "owner", "status", "progress", "created_at", "started_at", "finished_at"]
+        read_only_fields = ["id", "owner", "status", "progress", "cost", "created_at", "started_at", "finished_at"]
         extra_kwargs = {
             "max_concurrent_episodes": {"max_value": 100_000},
             "max_steps": {"max_value": 10_000},
@@ -169,6 +184,10 @@ class RunSerializer(serializers.ModelSerializer):
 
     def get_progress(self, run) -> dict:
         return run_progress(run)
+
+    @extend_schema_field(CostSerializer)
+    def get_cost(self, run) -> dict:
+        return costs.run_cost(run.pk)
 
     def validate_model_name(self, value):
         if value not in known_keys(Service.MODEL):
@@ -279,15 +298,20 @@ def run_progress(run: Run) -> dict:
 
 class EpisodeSerializer(serializers.ModelSerializer):
     instance_id = serializers.CharField(source="task.instance_id", read_only=True)
+    cost = serializers.SerializerMethodField()
 
     class Meta:
         model = Episode
         fields = [
             "id", "run", "task", "instance_id", "sample_index", "attempt", "status", "reward", "failure_reason",
-            "step_count", "prompt_tokens", "completion_tokens", "worker", "container_id", "created_at", "started_at",
-            "finished_at",
+            "step_count", "prompt_tokens", "completion_tokens", "worker", "container_id", "env_host",
+            "pulling_image", "cost", "created_at", "started_at", "finished_at",
         ]  # fmt: skip
         read_only_fields = fields
+
+    @extend_schema_field(CostSerializer)
+    def get_cost(self, episode) -> dict:
+        return costs.episode_cost(episode)
 
 
 class StepSerializer(serializers.ModelSerializer):

@@ -8,7 +8,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('orchestrator', '0006_episode_holder'),
+        ('orchestrator', '0007_episode_images_and_cost'),
         migrations.swappable_dependency(settings.AUTH_USER_MODEL),
     ]
 

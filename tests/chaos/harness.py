@@ -153,8 +153,8 @@ class DockerDaemon:
     """A dockerd of the chaos run's own: its own socket, data root, exec root and containerd namespace, no
     network (as bootstrap.sh starts the shared one). Restarting it disturbs no one else's containers."""
 
-    def __init__(self, root: Path):
-        self.root = root
+    def __init__(self, root: Path, namespace: str = "megaflow-chaos"):
+        self.root, self.namespace = root, namespace  # two daemons on one machine need containerd namespaces apart
         self.host = f"unix://{root / 'docker.sock'}"
         self.process: subprocess.Popen | None = None
 
@@ -166,7 +166,7 @@ class DockerDaemon:
         self.process = subprocess.Popen(
             ["dockerd", "--host", self.host, "--data-root", str(self.root / "data"),
              "--exec-root", str(self.root / "exec"), "--pidfile", str(self.root / "dockerd.pid"),
-             "--containerd-namespace", "megaflow-chaos", "--containerd-plugins-namespace", "megaflow-chaos-plugins",
+             "--containerd-namespace", self.namespace, "--containerd-plugins-namespace", f"{self.namespace}-plugins",
              "--bridge=none", "--iptables=false", "--ip6tables=false"],
             stdout=(self.root / "dockerd.log").open("ab"), stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip

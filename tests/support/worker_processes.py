@@ -17,7 +17,7 @@ from kombu.exceptions import OperationalError
 from megaflow_site.celery import app
 from megaflow_site.topology import WorkerSpec
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[2]  # tests/support/ → the repository
 WORKER_START_TIMEOUT_S = 60
 
 
@@ -56,7 +56,7 @@ class CeleryWorkers:
         log = self.log_dir / f"{node}.log"
         argv = spec.argv(node_name=node)
         argv[0] = str(Path(sys.executable).with_name("celery"))
-        env = {**self.env, **self.queue_env.get(spec.queue, {})}
+        env = {**self.env, **spec.environment, **self.queue_env.get(spec.queue, {})}
         process = subprocess.Popen(
             # Appended: a worker started in place of one that died keeps its predecessor's last words.
             argv,

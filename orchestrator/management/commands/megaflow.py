@@ -27,7 +27,7 @@ from envs.backend import get_backend
 from envs.suite_builder import SUITES_DIR, SuiteError, build_suite
 from megaflow_site import preflight
 from megaflow_site.topology import AGENT_QUEUE, Service, UnknownQueue, default_key, queue_name
-from orchestrator import probe, rollouts, runs, trajectories
+from orchestrator import costs, probe, rollouts, runs, trajectories
 from orchestrator.api.serializers import run_progress
 from orchestrator.fleet import queue_depths
 from orchestrator.models import Dataset, Episode, Run
@@ -284,6 +284,7 @@ class Command(BaseCommand):
             f"  mean reward {reward}, success rate {success}, "
             f"{progress['steps']} steps ({rate} steps/s), {tokens} tokens"
         )
+        self.stdout.write(f"  cost: {costs.format_cost(costs.run_cost(run.pk))}")
         failures = run.episodes.exclude(failure_reason="").values_list("task__instance_id", "failure_reason")[:5]
         for instance_id, reason in failures:
             self.stdout.write(f"  {instance_id}: {reason[:200]}")
