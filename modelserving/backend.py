@@ -9,7 +9,7 @@ with a class decorated ``@register_backend("<name>")``.
 from __future__ import annotations
 
 import abc
-import functools
+import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -166,12 +166,24 @@ def model_config(model: str) -> dict:
     return {"backend": "openai", "base_url": settings.MEGAFLOW_MODEL_URL, "served_model": model}
 
 
-@functools.cache
+_backends: dict[str, ModelBackend] = {}
+_backends_lock = threading.Lock()
+
+
 def get_backend(model: str) -> ModelBackend:
-    """The process-wide backend serving ``model``."""
-    config = model_config(model)
-    name = config.pop("backend")
-    backend = _registry.load(name)
-    if backend is None:
-        raise ModelError(f"model {model!r} names backend {name!r}; choose one of {', '.join(available_backends())}")
-    return backend(model, **config)
+    """The process-wide backend serving ``model``, made once: a model worker's threads all ask at its first
+    messages, and making it concurrently would load the weights once per thread (and race the first import of
+    torch, which then fails in all but one)."""
+    backend = _backends.get(model)
+    if backend is not None:
+        return backend
+    with _backends_lock:
+        if model not in _backends:
+            config = model_config(model)
+            name = config.pop("backend")
+            kind = _registry.load(name)
+            if kind is None:
+                choices = ", ".join(available_backends())
+                raise ModelError(f"model {model!r} names backend {name!r}; choose one of {choices}")
+            _backends[model] = kind(model, **config)
+        return _backends[model]

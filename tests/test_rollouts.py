@@ -337,8 +337,9 @@ def test_a_toy_grpo_loop_through_the_client_from_another_process(
 def test_a_version_switch_during_a_run_shows_in_the_turns(celery_workers, tiny_model, live_server, swe_mini):
     from orchestrator import model_versions
 
+    path = checkpoint(tiny_model, settings.DATA_DIR / "tiny-model-ckpt3", seed=3)
     run = Run.objects.create(dataset=swe_mini, model_name="tiny-hf", env_pool="default", samples_per_task=2,
-                             max_steps=8, agent_config=GROWING_AGENT_CONFIG, max_attempts=1)  # fmt: skip
+                             max_steps=24, agent_config=GROWING_AGENT_CONFIG, max_attempts=1)  # fmt: skip
     run.tasks.set(swe_mini.tasks.filter(instance_id__in=["calendarx-1", "kvconf-2"]))
     from celery import current_app
 
@@ -346,7 +347,6 @@ def test_a_version_switch_during_a_run_shows_in_the_turns(celery_workers, tiny_m
     deadline = time.monotonic() + 120
     while not Step.objects.filter(episode__run=run, index__gte=1).exists() and time.monotonic() < deadline:
         time.sleep(0.05)
-    path = checkpoint(tiny_model, settings.DATA_DIR / "tiny-model-ckpt3", seed=3)
     record, created = model_versions.publish("tiny-hf", "mid-run", str(path))
     assert created and record.status == "serving"
     while run.status not in Run.TERMINAL and time.monotonic() < deadline:
