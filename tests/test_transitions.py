@@ -173,8 +173,8 @@ def test_cancel_while_the_sandbox_starts(run, sent, monkeypatch):
     episode = episode_in(run, E.STARTING)
     created = []
 
-    def create_then_cancel(*args):
-        sandbox = real_create(*args)
+    def create_then_cancel(*args, **kwargs):
+        sandbox = real_create(*args, **kwargs)
         created.append(sandbox.container_id)
         runs.cancel_run(run.pk, "cancelled by the test")  # lands while the sandbox starts
         return sandbox
@@ -282,8 +282,8 @@ def test_the_watchdog_re_drives_a_start_that_is_still_alive(run, sent, monkeypat
     created = []
     real_create = env_service.create_sandbox
 
-    def create_while_redriven(*args):
-        sandbox = real_create(*args)
+    def create_while_redriven(*args, **kwargs):
+        sandbox = real_create(*args, **kwargs)
         created.append(sandbox.container_id)
         if len(created) == 1:  # the first start is slow; the watchdog's start runs to the end meanwhile
             episode_loop.episode_start(episode.pk, "default", attempt=1)
