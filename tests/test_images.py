@@ -9,6 +9,7 @@ cache bound (tests/session_env.py) holds two of them.
 
 from __future__ import annotations
 
+import io
 import os
 import threading
 import time
@@ -19,6 +20,7 @@ import pytest
 from celery import current_app
 from django.conf import settings
 from django.contrib.auth.models import User
+from django.core.management import call_command
 
 from envs import image_cache
 from envs.backend import get_backend
@@ -213,6 +215,11 @@ def test_a_run_over_more_images_than_the_cache_holds(celery_workers, swe_mini, t
     assert body["cost"]["image_pulls"] == len(pulls) and body["cost"]["sandbox_s"] > 0
     episode_body = client.get(f"/api/v1/episodes/{episodes[0].pk}/").json()
     assert set(episode_body["cost"]) == set(body["cost"]) and "pulling_image" in episode_body
+    page = client.get(f"/admin/orchestrator/run/{run.pk}/change/").content.decode()
+    assert f"image pulls {len(pulls)} (" in page
+    out = io.StringIO()
+    call_command("megaflow", "status", str(run.pk), stdout=out)
+    assert f"cost: sandbox {body['cost']['sandbox_s']:.1f} s" in out.getvalue()
 
 
 @pytest.mark.django_db(transaction=True)
