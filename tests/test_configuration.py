@@ -8,6 +8,7 @@ import pytest
 from django.conf import settings
 
 from megaflow_site.celery import app
+from megaflow_site.topology import Service, WorkerSpec
 from tests.conftest import REPO, run_manage
 
 
@@ -18,7 +19,10 @@ def test_celery_task_defaults_give_at_least_once_delivery_with_json_only():
     assert conf.worker_prefetch_multiplier == 1
     assert conf.task_serializer == "json" and conf.result_serializer == "json"
     assert list(conf.accept_content) == ["json"]
-    assert conf.worker_send_task_events is True and conf.task_send_sent_event is True
+    # Task events are the agent queue's only (its workers start with --task-events); the hot queues send none.
+    assert conf.worker_send_task_events is False and conf.task_send_sent_event is False
+    assert "--task-events" in WorkerSpec(Service.AGENT).argv()
+    assert "--task-events" not in WorkerSpec(Service.ENV).argv()
     assert conf.task_ignore_result is True
     assert conf.task_create_missing_queues is False
 

@@ -118,5 +118,5 @@ def test_an_env_worker_releases_a_sandbox_on_request(celery_workers, swe_mini):
     stop_sandbox.apply_async(kwargs={"pool": "default", "container_id": sandbox.container_id,
                                      "episode_id": episode.pk}, link=deliver_reply.s(inbox=inbox))  # fmt: skip
     reply = replies.wait_for_reply(inbox, 60)
-    assert reply == {"episode_id": episode.pk, "container_id": sandbox.container_id}
+    assert (reply["episode_id"], reply["container_id"]) == (episode.pk, sandbox.container_id)
     assert containers_labelled(episode.pk) == []
