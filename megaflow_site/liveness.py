@@ -210,24 +210,32 @@ class Event:
     at: float
     why: str
     queues: frozenset[str] | None = None
+    # Seconds after ``at`` before the event re-drives anything: what was merely queued has been taken by then. A
+    # re-drive duplicates a message that was not lost, and a duplicated start redoes its sandbox: re-driving a
+    # backlog after every death feeds on itself.
+    settle_s: float = 0.0
 
     def covers(self, queue: str) -> bool:
         return self.queues is None or queue in self.queues
 
+    def settled(self, now: float) -> bool:
+        return now >= self.at + self.settle_s
+
     def to_json(self) -> str:
         queues = None if self.queues is None else sorted(self.queues)
-        return json.dumps({"at": self.at, "why": self.why, "queues": queues})
+        return json.dumps({"at": self.at, "why": self.why, "queues": queues, "settle_s": self.settle_s})
 
     @classmethod
     def from_json(cls, text: str) -> Event:
         data = json.loads(text)
-        return cls(data["at"], data["why"], None if data["queues"] is None else frozenset(data["queues"]))
+        queues = None if data["queues"] is None else frozenset(data["queues"])
+        return cls(data["at"], data["why"], queues, data.get("settle_s", 0.0))
 
 
 def recovery_window_s() -> float:
     """How long an event keeps re-driving what it may have lost: a hop that was running when the broker went away
     may fail to publish well after it came back (timeouts, retries)."""
-    return max(120.0, 4 * settings.MEGAFLOW_WORKER_DEAD_S)
+    return max(180.0, 6 * settings.MEGAFLOW_WORKER_DEAD_S)
 
 
 def observe(fleet: Fleet, redis_client: redis.Redis | None = None, now: float | None = None) -> list[Event]:
@@ -241,7 +249,7 @@ def observe(fleet: Fleet, redis_client: redis.Redis | None = None, now: float | 
             # It died at most a heartbeat after its last one.
             at = float(info.get("beat_at", now)) + heartbeat_s()
             queues = frozenset(info["queues"]) if info.get("queues") else None
-            found.append(Event(at, f"worker {name} went silent", queues))
+            found.append(Event(at, f"worker {name} went silent", queues, settle_s=settings.MEGAFLOW_WORKER_DEAD_S))
     found += broker_events(redis_client, now)
     if found:  # scored by when they were seen: the window runs from there
         redis_client.zadd(EVENTS_KEY, {event.to_json(): now for event in found})
@@ -261,5 +269,5 @@ def broker_events(redis_client: redis.Redis, now: float) -> list[Event]:
         return [Event(now, "the broker has no epoch: it lost its data (or is new)")]
     if redis_client.hget(BROKER_KEY, "run_id") != run_id:
         redis_client.hset(BROKER_KEY, "run_id", run_id)
-        return [Event(started, "the broker restarted")]
+        return [Event(started, "the broker restarted", settle_s=settings.MEGAFLOW_WORKER_DEAD_S)]
     return []
