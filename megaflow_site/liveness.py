@@ -7,9 +7,8 @@ somebody else. Transitions record the incarnation that made them (``Episode.hold
 A worker **heartbeats** from a thread of its own every ``MEGAFLOW_WORKER_HEARTBEAT_S``: a key that expires after
 ``MEGAFLOW_WORKER_DEAD_S`` and carries the episodes whose hops the worker runs at that moment (``holding``,
 entered by ``@megaflow_task`` around every task that names an ``episode_id``), and an entry in the registry of
-workers with its queues and the time of the beat. A registered worker whose key expired is dead, and so is one
-whose node name a newly started worker took (a supervisor restarted it). Long work is kept alive by the
-heartbeat, not by a lease as long as the longest task.
+workers with its queues and the time of the beat. A registered worker whose key expired is dead. Long work is
+kept alive by the heartbeat, not by a lease as long as the longest task.
 
 The watchdog (orchestrator/runs.py) reads the ``Fleet``, turns what happened into recovery ``Event`` s — a
 worker went silent (the messages it had taken from its queues may be lost), the broker restarted (publishes in
@@ -135,29 +134,11 @@ def _name_this_worker(sender=None, **_) -> None:
         _node, _token = str(sender), secrets.token_hex(4)
 
 
-def supersede(redis_client: redis.Redis | None = None) -> list[str]:
-    """A worker started under a node name that another incarnation registered is its replacement (a supervisor
-    restarted it): the predecessor is dead now, not once its key expires, and the watchdog acts on it at its next
-    look. Returns the incarnations superseded."""
-    redis_client = redis_client or client()
-    me = incarnation()
-    previous = [name for name, info in redis_client.hgetall(REGISTRY_KEY).items()
-                if name != me and json.loads(info).get("node") == _node]  # fmt: skip
-    if previous:
-        redis_client.delete(*[ALIVE_KEY + name for name in previous])
-        logger.warning("%s replaces %s under the same node name", me, ", ".join(previous))
-    return previous
-
-
 @signals.worker_ready.connect
 def _start_heartbeat(sender=None, **_) -> None:
     global _heartbeat
     consumer = getattr(sender, "task_consumer", None)
     queues = [queue.name for queue in getattr(consumer, "queues", [])]
-    try:
-        supersede()
-    except redis.RedisError as error:
-        logger.warning("%s could not look for its predecessor: %s", incarnation(), error)
     _heartbeat = Heartbeat(queues)
     _heartbeat.start()
     logger.info("worker incarnation %s heartbeats every %s s (queues %s)", incarnation(), heartbeat_s(), queues)

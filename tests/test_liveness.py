@@ -65,17 +65,6 @@ def test_a_worker_is_alive_while_it_beats_and_its_silence_is_one_death(broker):
     assert liveness.observe(liveness.read_fleet(broker), broker, now=later) == []
 
 
-def test_a_worker_started_under_the_same_node_name_supersedes_its_predecessor(broker, monkeypatch):
-    liveness.beat(["env.default"], broker)
-    predecessor = liveness.incarnation()
-    monkeypatch.setattr(liveness, "_token", "restarted")
-    assert liveness.supersede(broker) == [predecessor]
-    liveness.beat(["env.default"], broker)
-    fleet = liveness.read_fleet(broker)
-    assert set(fleet.alive) == {liveness.incarnation()} and set(fleet.dead) == {predecessor}
-    assert liveness.supersede(broker) == [predecessor], "only its liveness is taken; the watchdog records the death"
-
-
 def test_a_clean_exit_is_not_a_death(broker):
     liveness.beat(["agent"], broker)
     liveness.observe(liveness.read_fleet(broker), broker)
