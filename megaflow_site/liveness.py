@@ -7,9 +7,8 @@ somebody else. Transitions record the incarnation that made them (``Episode.hold
 A worker **heartbeats** from a thread of its own every ``MEGAFLOW_WORKER_HEARTBEAT_S``: a key that expires after
 ``MEGAFLOW_WORKER_DEAD_S`` and carries the episodes whose hops the worker runs at that moment (``holding``,
 entered by ``@megaflow_task`` around every task that names an ``episode_id``), and an entry in the registry of
-workers with its queues and the time of the beat. A registered worker whose key expired is dead, and so is one
-whose node name a newly started worker took (a supervisor restarted it). Long work is kept alive by the
-heartbeat, not by a lease as long as the longest task.
+workers with its queues and the time of the beat. A registered worker whose key expired is dead. Long work is
+kept alive by the heartbeat, not by a lease as long as the longest task.
 
 The watchdog (orchestrator/runs.py) reads the ``Fleet``, turns what happened into recovery ``Event`` s — a
 worker went silent (the messages it had taken from its queues may be lost), the broker restarted (publishes in
@@ -135,29 +134,11 @@ def _name_this_worker(sender=None, **_) -> None:
         _node, _token = str(sender), secrets.token_hex(4)
 
 
-def supersede(redis_client: redis.Redis | None = None) -> list[str]:
-    """A worker started under a node name that another incarnation registered is its replacement (a supervisor
-    restarted it): the predecessor is dead now, not once its key expires, and the watchdog acts on it at its next
-    look. Returns the incarnations superseded."""
-    redis_client = redis_client or client()
-    me = incarnation()
-    previous = [name for name, info in redis_client.hgetall(REGISTRY_KEY).items()
-                if name != me and json.loads(info).get("node") == _node]  # fmt: skip
-    if previous:
-        redis_client.delete(*[ALIVE_KEY + name for name in previous])
-        logger.warning("%s replaces %s under the same node name", me, ", ".join(previous))
-    return previous
-
-
 @signals.worker_ready.connect
 def _start_heartbeat(sender=None, **_) -> None:
     global _heartbeat
     consumer = getattr(sender, "task_consumer", None)
     queues = [queue.name for queue in getattr(consumer, "queues", [])]
-    try:
-        supersede()
-    except redis.RedisError as error:
-        logger.warning("%s could not look for its predecessor: %s", incarnation(), error)
     _heartbeat = Heartbeat(queues)
     _heartbeat.start()
     logger.info("worker incarnation %s heartbeats every %s s (queues %s)", incarnation(), heartbeat_s(), queues)
@@ -210,24 +191,32 @@ class Event:
     at: float
     why: str
     queues: frozenset[str] | None = None
+    # Seconds after ``at`` before the event re-drives anything: what was merely queued has been taken by then. A
+    # re-drive duplicates a message that was not lost, and a duplicated start redoes its sandbox: re-driving a
+    # backlog after every death feeds on itself.
+    settle_s: float = 0.0
 
     def covers(self, queue: str) -> bool:
         return self.queues is None or queue in self.queues
 
+    def settled(self, now: float) -> bool:
+        return now >= self.at + self.settle_s
+
     def to_json(self) -> str:
         queues = None if self.queues is None else sorted(self.queues)
-        return json.dumps({"at": self.at, "why": self.why, "queues": queues})
+        return json.dumps({"at": self.at, "why": self.why, "queues": queues, "settle_s": self.settle_s})
 
     @classmethod
     def from_json(cls, text: str) -> Event:
         data = json.loads(text)
-        return cls(data["at"], data["why"], None if data["queues"] is None else frozenset(data["queues"]))
+        queues = None if data["queues"] is None else frozenset(data["queues"])
+        return cls(data["at"], data["why"], queues, data.get("settle_s", 0.0))
 
 
 def recovery_window_s() -> float:
     """How long an event keeps re-driving what it may have lost: a hop that was running when the broker went away
     may fail to publish well after it came back (timeouts, retries)."""
-    return max(120.0, 4 * settings.MEGAFLOW_WORKER_DEAD_S)
+    return max(180.0, 6 * settings.MEGAFLOW_WORKER_DEAD_S)
 
 
 def observe(fleet: Fleet, redis_client: redis.Redis | None = None, now: float | None = None) -> list[Event]:
@@ -241,7 +230,7 @@ def observe(fleet: Fleet, redis_client: redis.Redis | None = None, now: float | 
             # It died at most a heartbeat after its last one.
             at = float(info.get("beat_at", now)) + heartbeat_s()
             queues = frozenset(info["queues"]) if info.get("queues") else None
-            found.append(Event(at, f"worker {name} went silent", queues))
+            found.append(Event(at, f"worker {name} went silent", queues, settle_s=settings.MEGAFLOW_WORKER_DEAD_S))
     found += broker_events(redis_client, now)
     if found:  # scored by when they were seen: the window runs from there
         redis_client.zadd(EVENTS_KEY, {event.to_json(): now for event in found})
@@ -261,5 +250,5 @@ def broker_events(redis_client: redis.Redis, now: float) -> list[Event]:
         return [Event(now, "the broker has no epoch: it lost its data (or is new)")]
     if redis_client.hget(BROKER_KEY, "run_id") != run_id:
         redis_client.hset(BROKER_KEY, "run_id", run_id)
-        return [Event(started, "the broker restarted")]
+        return [Event(started, "the broker restarted", settle_s=settings.MEGAFLOW_WORKER_DEAD_S)]
     return []

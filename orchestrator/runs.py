@@ -146,10 +146,11 @@ def redrive_lost(fleet: liveness.Fleet, events: list[liveness.Event], now=None) 
     """The watchdog's decision and act, given what it knows of the fleet and what happened (DB only: tests pass
     both). A live episode is lost when no living worker holds it (by its heartbeat), it has not moved for two
     heartbeats, and either its holder is not alive and it has been quiet for the dead-worker window, or it has
-    not moved since an event that may have lost its next hop's message, or it stalled past ``stalled_after_s``.
-    Every hop is idempotent and fenced, so re-publishing the one the database implies is always safe; an
-    unfinished step's claim is expired so that the re-driven step takes it over now."""
+    not moved since an event that may have lost its next hop's message (once the event settled), or it stalled
+    past ``stalled_after_s``. Every hop is idempotent and fenced, so re-publishing the one the database implies is
+    always safe; an unfinished step's claim is expired so that the re-driven step takes it over now."""
     now = now or timezone.now()
+    events = [event for event in events if event.settled(now.timestamp())]
     quiet = now - timedelta(seconds=2 * settings.MEGAFLOW_WORKER_HEARTBEAT_S)
     orphaned = now - timedelta(seconds=settings.MEGAFLOW_WORKER_DEAD_S)
     lost = Q(updated_at__lt=now - timedelta(seconds=stalled_after_s()))

@@ -59,20 +59,10 @@ def test_a_worker_is_alive_while_it_beats_and_its_silence_is_one_death(broker):
     [death] = [event for event in liveness.observe(fleet, broker) if "silent" in event.why]
     assert death.why == f"worker {me} went silent" and death.queues == {"env.default"}
     assert death.covers("env.default") and not death.covers("model.sim")
+    assert death.settle_s == settings.MEGAFLOW_WORKER_DEAD_S and not death.settled(death.at + 1)
     assert liveness.observe(fleet, broker).count(death) == 1, "recorded once, and kept for the recovery window"
     later = time.time() + liveness.recovery_window_s() + 1
     assert liveness.observe(liveness.read_fleet(broker), broker, now=later) == []
-
-
-def test_a_worker_started_under_the_same_node_name_supersedes_its_predecessor(broker, monkeypatch):
-    liveness.beat(["env.default"], broker)
-    predecessor = liveness.incarnation()
-    monkeypatch.setattr(liveness, "_token", "restarted")
-    assert liveness.supersede(broker) == [predecessor]
-    liveness.beat(["env.default"], broker)
-    fleet = liveness.read_fleet(broker)
-    assert set(fleet.alive) == {liveness.incarnation()} and set(fleet.dead) == {predecessor}
-    assert liveness.supersede(broker) == [predecessor], "only its liveness is taken; the watchdog records the death"
 
 
 def test_a_clean_exit_is_not_a_death(broker):
@@ -228,6 +218,8 @@ def test_a_death_re_drives_what_the_dead_worker_may_have_taken_from_its_queues(r
     death = liveness.Event(after(0).timestamp(), f"worker {DEAD} went silent", frozenset({"env.default"}))
     now = after(2 * settings.MEGAFLOW_WORKER_HEARTBEAT_S + 1)
 
+    unsettled = liveness.Event(death.at, death.why, death.queues, settle_s=settings.MEGAFLOW_WORKER_DEAD_S)
+    assert runs.redrive_lost(idle, [unsettled], now=now) == [], "what was only queued gets its chance first"
     assert runs.redrive_lost(idle, [death], now=now) == [waiting_for_env.pk]
     assert sent == [("envs.episode_start", {"episode_id": waiting_for_env.pk, "pool": "default", "attempt": 1})]
     assert runs.redrive_lost(idle, [death], now=now) == [], "it moved (was re-driven) after the death"
