@@ -49,7 +49,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=12)
     parser.add_argument("--samples", type=int, default=4, help="episodes per image")
     parser.add_argument("--slots", type=int, default=2, help="sandboxes per env host at once")
-    parser.add_argument("--payload-mb", type=float, default=24.0, help="what each task image adds to the base")
+    parser.add_argument("--payload-mb", type=float, default=48.0, help="what each task image adds to the base")
     parser.add_argument("--redis-port", type=int, default=6393)
     parser.add_argument("--registry-port", type=int, default=5093)
     parser.add_argument("--policies", default="blind,locality")
@@ -59,6 +59,7 @@ def main() -> None:
     data_dir = REPO / "var" / "bench-images"
     os.environ.update(environment(args, data_dir))
     shutil.rmtree(data_dir / "redis", ignore_errors=True)
+    shutil.rmtree(data_dir / "registry" / "data", ignore_errors=True)  # last run's images: new ones are pushed
     broker = Broker(args.redis_port, data_dir / "redis")
     broker.start()
     registry = Registry(args.registry_port, data_dir / "registry").start()
