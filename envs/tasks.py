@@ -24,7 +24,7 @@ def stop_sandbox(pool: str, container_id: str, episode_id: int | None = None, ho
     held_s = service.release(container_id, pool)
     if episode_id is not None:
         costs.charge(episode_id, sandbox_s=held_s)
-    return {"episode_id": episode_id, "container_id": container_id, "held_s": round(held_s, 3)}
+    return {"episode_id": episode_id, "container_id": container_id}
 
 
 @megaflow_task("envs.validate_dataset")

@@ -132,9 +132,8 @@ def run_policy(policy: str, images: list[str], args) -> dict:
     dataset, _ = Dataset.objects.get_or_create(name="bench-images")
     tasks = []
     for index, image in enumerate(images):
-        fields = {
-            f.name: getattr(template, f.name) for f in Task._meta.concrete_fields if f.name not in {"id", "dataset"}
-        }
+        fields = {f.name: getattr(template, f.name) for f in Task._meta.concrete_fields}
+        del fields["id"], fields["dataset"], fields["instance_id"]
         fields.update(image=image)
         task, _ = Task.objects.update_or_create(dataset=dataset, instance_id=f"image-{index:02d}", defaults=fields)
         tasks.append(task)
