@@ -5,6 +5,10 @@ the next prompt, parses a model reply into an action, and turns a command's resu
 The episode loop calls it inline in whichever worker holds the data (the env worker parses a reply right before
 executing it), so a step costs two hops, model and environment (DESIGN.md, principle 2).
 
+A framework agent (``FrameworkAgent``: mini-swe-agent, and adapters for OpenHands, SWE-agent or Qwen Code) is
+the other kind: the framework owns its loop, so MegaFlow hands it two seams, an episode-bound model URL and a
+command runner (``FrameworkEpisode``), and runs it as one long task (orchestrator/framework_loop.py).
+
 Agents live in ``agents/<name>_agent.py`` and register with ``@register_agent("<name>")``; a run names its agent
 (``Run.agent_name``) and configures it (``Run.agent_config``).
 """
@@ -12,6 +16,7 @@ Agents live in ``agents/<name>_agent.py`` and register with ``@register_agent("<
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,17 +96,69 @@ class Agent(abc.ABC):
         return action.feedback
 
 
+@dataclass(frozen=True)
+class FrameworkEpisode:
+    """What a framework agent gets for one episode: the two seams through which a framework that owns its loop
+    (mini-swe-agent, OpenHands, SWE-agent, Qwen Code) reaches MegaFlow, and the budgets it should keep.
+
+    ``base_url``  an OpenAI-compatible base URL bound to this episode: point the framework's model at it (any
+                  model client that takes a base URL works; ``api_key`` is the same secret, for clients that insist
+                  on a key). Every call through it is a recorded turn of the episode, counted against its budgets.
+    ``execute``   run a shell command in the episode's sandbox, through the Environment Service:
+                  ``execute(command, timeout_s)`` → ``CommandResult``. It raises ``EpisodeStopped`` once the
+                  episode has ended (cancelled, failed, or retried elsewhere).
+    """
+
+    task: TaskView
+    model: str
+    base_url: str
+    api_key: str
+    max_steps: int
+    time_limit_s: int
+    execute: Callable[[str, int | None], CommandResult]
+
+
+@dataclass(frozen=True)
+class FrameworkOutcome:
+    """How a framework's loop ended: ``exit_status`` in the framework's words (``Submitted``, ``LimitsExceeded``),
+    and ``error`` when it stopped on something that is not the agent's doing to grade (an exception)."""
+
+    exit_status: str
+    error: str = ""
+
+
+class EpisodeStopped(Exception):
+    """The episode a framework works on has ended; its loop should stop."""
+
+
+class FrameworkAgent(abc.ABC):
+    """An agent that runs a framework's own loop for a whole episode (orchestrator/framework_loop.py), instead
+    of being called by MegaFlow's loop once per hop. Its constructor validates the run's ``agent_config``."""
+
+    name: str = ""
+    output_limit: int | None = None
+
+    @abc.abstractmethod
+    def run_episode(self, episode: FrameworkEpisode) -> FrameworkOutcome:
+        """Run the framework until it submits, exhausts a budget or fails; it blocks for the whole episode."""
+
+
+def drives_itself(agent: Agent | FrameworkAgent) -> bool:
+    """Whether ``agent`` runs its own loop (a framework) rather than MegaFlow's hop by hop."""
+    return isinstance(agent, FrameworkAgent)
+
+
 _registry = BackendRegistry("agents", Path(__file__).parent, suffix="_agent")
 register_agent = _registry.register
 available_agents = _registry.names
 
 
-def run_agent(name: str, agent_config: dict | None) -> Agent:
+def run_agent(name: str, agent_config: dict | None) -> Agent | FrameworkAgent:
     """The agent of a run; ``agent_config["sampling"]`` is the model's sampling parameters, not the agent's."""
     return get_agent(name, {key: value for key, value in (agent_config or {}).items() if key != "sampling"})
 
 
-def get_agent(name: str, config: dict | None = None) -> Agent:
+def get_agent(name: str, config: dict | None = None) -> Agent | FrameworkAgent:
     """An agent ``name`` configured by ``config`` (a run's agent_config); AgentConfigError for a bad one."""
     agent = _registry.load(name)
     if agent is None:

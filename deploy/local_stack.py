@@ -151,7 +151,7 @@ def services() -> list[Service]:
     stack.append(Service(
         "web",
         [_bin("gunicorn"), "megaflow_site.wsgi", "--bind", f"127.0.0.1:{settings.MEGAFLOW_WEB_PORT}",
-         "--workers", "2", "--access-logfile", "-"],
+         "--workers", "2", "--threads", "32", "--access-logfile", "-"],  # a thread per gateway call in flight
         lambda: _http_ok(f"{web}/healthz"),
         url=web,
     ))  # fmt: skip

@@ -2,7 +2,8 @@
 
 A service's backends live in ``<package>/<name>_backend.py`` (agents: ``<name>_agent.py``) and register their
 class with the registry's decorator; configuration selects one by name, and its module is imported only then
-(torch, say, is loaded only by the workers that use the ``hf`` backend).
+(torch, say, is loaded only by the workers that use the ``hf`` backend). A name's hyphens are its module's
+underscores: the ``mini-swe-agent`` agent is ``agents/mini_swe_agent_agent.py``.
 """
 
 from __future__ import annotations
@@ -29,11 +30,12 @@ class BackendRegistry:
         return decorate
 
     def names(self) -> list[str]:
-        return sorted(path.stem.removesuffix(self.suffix) for path in self.directory.glob(f"*{self.suffix}.py"))
+        stems = (path.stem.removesuffix(self.suffix) for path in self.directory.glob(f"*{self.suffix}.py"))
+        return sorted(stem.replace("_", "-") for stem in stems)
 
     def load(self, name: str) -> type | None:
         """The backend class named ``name``, or None when no such backend exists."""
         if name not in self.names():
             return None
-        importlib.import_module(f"{self.package}.{name}{self.suffix}")
+        importlib.import_module(f"{self.package}.{name.replace('-', '_')}{self.suffix}")
         return self.classes[name]

@@ -296,6 +296,10 @@ if not 0 < MEGAFLOW_WORKER_HEARTBEAT_S <= MEGAFLOW_WORKER_DEAD_S / 3:
     )
 # The gateway waits this long for a model worker's answer before replying 504.
 MEGAFLOW_GATEWAY_TIMEOUT_S = env_int("MEGAFLOW_GATEWAY_TIMEOUT_S", 300)
+# Framework agents (orchestrator/framework_loop.py): the gateway their episode-bound model URLs point at, as the
+# framework workers reach it, and how many framework episodes one framework worker runs at once (a thread each).
+MEGAFLOW_GATEWAY_URL = os.environ.get("MEGAFLOW_GATEWAY_URL", f"http://127.0.0.1:{MEGAFLOW_WEB_PORT}")
+MEGAFLOW_FRAMEWORK_CONCURRENCY = env_int("MEGAFLOW_FRAMEWORK_CONCURRENCY", 32)
 # The rollouts stream (orchestrator/rollouts.py) holds back episodes that ended less than this long ago, so
 # that one ending a moment earlier but committed a moment later is never skipped by a cursor; and a publish of
 # a model version waits this long for a model worker to load it.

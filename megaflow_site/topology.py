@@ -31,6 +31,10 @@ from django.conf import settings
 from kombu import Queue
 
 AGENT_QUEUE = "agent"
+# The Agent Service's second queue: tasks that block for a whole episode (a framework's own loop,
+# orchestrator/framework_loop.py), kept off the threads the control plane needs.
+FRAMEWORK_QUEUE = "agent.framework"
+FRAMEWORK_TASK_PREFIX = "agents.framework_"
 
 
 class Service(enum.StrEnum):
@@ -68,7 +72,7 @@ def default_key(service: Service) -> str | None:
 def queue_name(service: Service, key: str | None = None) -> str:
     """The queue for ``service``; ``key`` is the model name or env pool (default: the first configured)."""
     if service is Service.AGENT:
-        return AGENT_QUEUE
+        return FRAMEWORK_QUEUE if key == "framework" else AGENT_QUEUE
     key = key or default_key(service)
     if key not in known_keys(service):
         setting = "MEGAFLOW_MODELS" if service is Service.MODEL else "MEGAFLOW_ENV_POOLS"
@@ -86,7 +90,7 @@ def service_of_task(task_name: str) -> Service | None:
 
 
 def declared_queues() -> list[Queue]:
-    names = [AGENT_QUEUE]
+    names = [AGENT_QUEUE, FRAMEWORK_QUEUE]
     for service in (Service.MODEL, Service.ENV):
         names += [queue_name(service, key) for key in known_keys(service)]
     hosts = settings.MEGAFLOW_ENV_HOSTS
@@ -99,6 +103,8 @@ def route_task(name, args, kwargs, options, task=None, **_):
     service = service_of_task(name)
     if service is None:
         return None
+    if name.startswith(FRAMEWORK_TASK_PREFIX):
+        return {"queue": FRAMEWORK_QUEUE}
     key = (kwargs or {}).get(ROUTING_KWARG.get(service, ""))
     host = (kwargs or {}).get(HOST_KWARG) if service is Service.ENV else None
     if host and host in settings.MEGAFLOW_ENV_HOSTS:
@@ -164,7 +170,7 @@ def flower_argv(celery: str, port: int) -> list[str]:
 
 def all_worker_specs() -> list[WorkerSpec]:
     """One worker per declared queue: the local stack and the test suite both start exactly these."""
-    specs = [WorkerSpec(Service.AGENT)]
+    specs = [WorkerSpec(Service.AGENT), WorkerSpec(Service.AGENT, "framework", settings.MEGAFLOW_FRAMEWORK_CONCURRENCY)]
     specs += [WorkerSpec(Service.MODEL, key) for key in known_keys(Service.MODEL)]
     for pool in known_keys(Service.ENV):
         hosts = settings.MEGAFLOW_ENV_HOSTS or [None]

@@ -6,6 +6,7 @@ from django.http import JsonResponse
 from django.urls import include, path
 from django.views.defaults import page_not_found
 
+from modelserving.episode_gateway import EpisodeChatCompletionsView, EpisodeModelsView
 from modelserving.gateway import ChatCompletionsView, ModelsView
 from orchestrator.metrics import MetricsView
 
@@ -37,4 +38,7 @@ urlpatterns = [
     # The OpenAI-compatible gateway to the Model Service (modelserving/gateway.py).
     path("v1/chat/completions", ChatCompletionsView.as_view(), name="openai-chat-completions"),
     path("v1/models", ModelsView.as_view(), name="openai-models"),
+    # The same, bound to one episode of a framework agent (modelserving/episode_gateway.py).
+    path("v1/episodes/<str:secret>/chat/completions", EpisodeChatCompletionsView.as_view(), name="episode-chat"),
+    path("v1/episodes/<str:secret>/models", EpisodeModelsView.as_view(), name="episode-models"),
 ]

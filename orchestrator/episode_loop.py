@@ -41,7 +41,7 @@ from django.db import IntegrityError
 from django.db.models import F
 from django.utils import timezone
 
-from agents.agent import Agent, CommandResult, TaskView, Turn, run_agent, submitted
+from agents.agent import Agent, CommandResult, FrameworkAgent, TaskView, Turn, drives_itself, run_agent, submitted
 from envs import service as env_service
 from envs.backend import SandboxError
 from modelserving import service as model_service
@@ -78,7 +78,7 @@ def cached_task(task_id: int) -> Task:
 
 
 @functools.lru_cache(maxsize=1024)
-def agent_of_run(run_id: int) -> Agent:
+def agent_of_run(run_id: int) -> Agent | FrameworkAgent:
     run = cached_run(run_id)
     return run_agent(run.agent_name, run.agent_config)
 
@@ -156,6 +156,15 @@ def finished(episode_id: int) -> None:
     send("orchestrator.episode_done", episode_id=episode_id)
 
 
+def first_hop(episode: Live) -> None:
+    """What follows a sandbox that came up: the first model turn, or, for an agent that runs its own loop (a
+    framework), that loop (orchestrator/framework_loop.py)."""
+    if drives_itself(agent_of_run(episode.run_id)):
+        send("agents.framework_episode", episode_id=episode.id, attempt=episode.attempt)
+    else:
+        publish_turn(episode, 0)
+
+
 def publish_turn(episode: Live, step: int) -> None:
     send("modelserving.episode_turn", episode_id=episode.id, step=step, model=episode.run.model_name,
          attempt=episode.attempt)  # fmt: skip
@@ -194,7 +203,7 @@ def _start(episode_id: int, pool: str, attempt: int | None) -> None:
         # A redelivered start whose sandbox came up before the worker died: carry on with the first turn (a
         # turn that was already taken is dropped by its claim).
         if env_service.is_alive(episode.container_id):
-            publish_turn(episode, 0)
+            first_hop(episode)
         else:
             _sandbox_failed(episode, SandboxError("the sandbox container stopped"), episode.container_id)
         return
@@ -229,7 +238,7 @@ def _start(episode_id: int, pool: str, attempt: int | None) -> None:
     if not transitions.sandbox_ready(episode_id, episode.attempt, sandbox.container_id):
         release_here(episode_id, sandbox.container_id, pool)  # cancelled, or another start took the episode over
         return
-    publish_turn(dataclasses.replace(episode, container_id=sandbox.container_id), 0)
+    first_hop(dataclasses.replace(episode, container_id=sandbox.container_id))
 
 
 def episode_step(

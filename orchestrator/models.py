@@ -196,6 +196,11 @@ class Episode(models.Model):
         help_text="Worker process incarnation (node#id) that made the episode's last transition or runs its hop.",
     )
     container_id = models.CharField(max_length=80, blank=True)
+    session_key = models.CharField(
+        max_length=64,
+        blank=True,
+        help_text="SHA-256 of the secret that binds a framework agent's model calls to this attempt (blank: none).",
+    )
     env_host = models.CharField(
         max_length=100, blank=True, help_text="Env host (Docker daemon) chosen for, then holding, its sandbox."
     )
@@ -228,6 +233,8 @@ class Episode(models.Model):
             models.Index(fields=["status", "updated_at"], name="episode_status_updated"),
             # The reaper asks which live episodes hold the containers it found.
             models.Index(fields=["container_id"], name="episode_container"),
+            # The gateway finds an episode-bound session's episode by its key on every call.
+            models.Index(fields=["session_key"], name="episode_session_key"),
         ]
 
     def __str__(self) -> str:
@@ -273,6 +280,9 @@ class Step(models.Model):
     sampling = models.JSONField(null=True, blank=True, help_text="The sampling parameters of this turn.")
     model_name = models.CharField(max_length=200, blank=True, default="", db_default="")
     model_version = models.CharField(max_length=200, blank=True, default="", db_default="")
+    tool_calls = models.JSONField(
+        null=True, blank=True, help_text="The reply's tool calls, in OpenAI's shape (null: the reply called none)."
+    )
 
     class Meta:
         ordering = ["episode", "index"]

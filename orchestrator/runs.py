@@ -14,12 +14,13 @@ from django.db import transaction
 from django.db.models import Q
 from django.utils import timezone
 
+from agents.agent import drives_itself
 from megaflow_site import liveness
 from megaflow_site.topology import Service, service_of_task
 from orchestrator import transitions
 from orchestrator.api.serializers import RunSerializer
 from orchestrator.autoscale import admission_limit
-from orchestrator.episode_loop import send
+from orchestrator.episode_loop import agent_of_run, send
 from orchestrator.hot_state import redis_client
 from orchestrator.model_versions import serving_version
 from orchestrator.models import Episode, Run, Step
@@ -160,15 +161,19 @@ def redrive_lost(fleet: liveness.Fleet, events: list[liveness.Event], now=None) 
     candidates = (
         Episode.objects.filter(status__in=LIVE, updated_at__lt=quiet)
         .filter(lost)
-        .values_list("pk", "status", "attempt", "holder", "updated_at", "run__env_pool", "run__model_name", "env_host")
+        .values_list("pk", "status", "attempt", "holder", "updated_at", "run__env_pool", "run__model_name", "env_host",
+                     "run_id")  # fmt: skip
     )
     redriven = []
-    for pk, status, attempt, holder, updated_at, pool, model, host in candidates:
+    for pk, status, attempt, holder, updated_at, pool, model, host, run_id in candidates:
         if fleet.holds(pk):
             continue  # a living worker runs its hop, however long it takes
         last = Step.objects.filter(episode_id=pk).order_by("-index").values_list("index", "model_output",
                                                                                  "completed_at").first()  # fmt: skip
-        name, message = _next_hop(status, last, pool, model, pk, attempt, host)
+        if status != Episode.Status.STARTING and drives_itself(agent_of_run(run_id)):
+            name, message = _next_framework_hop(status, pool, pk, attempt, host)
+        else:
+            name, message = _next_hop(status, last, pool, model, pk, attempt, host)
         why = _why_lost(holder, updated_at, fleet, events, _queue_of(name, message), orphaned, now)
         if why is None or not transitions.redrive(pk, attempt, updated_at):
             continue
@@ -206,6 +211,14 @@ def _next_hop(
     next_step = 0 if last is None else last[0] + 1
     return "modelserving.episode_turn", {"episode_id": episode_id, "step": next_step, "model": model,
                                          "attempt": attempt}  # fmt: skip
+
+
+def _next_framework_hop(status: str, pool: str, episode_id: int, attempt: int, host: str) -> tuple[str, dict]:
+    """The same for an episode a framework drives (orchestrator/framework_loop.py): its evaluation, or its loop,
+    whose redelivery finds the session of a dead worker and retries the episode."""
+    if status == Episode.Status.EVALUATING:
+        return "envs.framework_evaluate", {"episode_id": episode_id, "attempt": attempt, "pool": pool, "host": host}
+    return "agents.framework_episode", {"episode_id": episode_id, "attempt": attempt}
 
 
 def _why_lost(holder, updated_at, fleet, events, queue, orphaned, now) -> str | None:

@@ -8,7 +8,7 @@ declared here, beside the loop they drive, while the service packages stay free 
 
 from megaflow_site.megaflow_task import megaflow_task
 from orchestrator import autoscale as autoscaler
-from orchestrator import episode_loop, replies, runs
+from orchestrator import episode_loop, framework_loop, replies, runs
 
 # --- control plane (queue agent) ---------------------------------------------------------------------------------
 
@@ -71,3 +71,28 @@ def episode_step(
 @megaflow_task("modelserving.episode_turn")
 def episode_turn(episode_id: int, step: int, model: str, attempt: int | None = None) -> None:
     episode_loop.episode_turn(episode_id, step, model, attempt)
+
+
+# --- framework episodes (queues agent.framework, env.<pool>, model.<model>; orchestrator/framework_loop.py) -----
+
+
+@megaflow_task("agents.framework_episode")
+def framework_episode(episode_id: int, attempt: int | None = None) -> None:
+    framework_loop.framework_episode(episode_id, attempt)
+
+
+@megaflow_task("envs.session_exec")
+def session_exec(
+    episode_id: int, attempt: int, command: str, timeout_s: int, reply_to: str, pool: str, host: str = ""
+) -> None:
+    framework_loop.session_exec(episode_id, attempt, command, timeout_s, reply_to)
+
+
+@megaflow_task("envs.framework_evaluate")
+def framework_evaluate(episode_id: int, attempt: int, pool: str, host: str = "") -> None:
+    framework_loop.framework_evaluate(episode_id, attempt)
+
+
+@megaflow_task("modelserving.session_turn")
+def session_turn(model: str, episode_id: int, attempt: int, request: dict, reply_to: str) -> None:
+    framework_loop.session_turn(model, episode_id, attempt, request, reply_to)

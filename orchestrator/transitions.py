@@ -197,6 +197,16 @@ def hold(episode_id: int, attempt: int) -> bool:
     )
 
 
+def open_session(episode_id: int, attempt: int, session_key: str) -> bool:
+    """A running episode of this attempt that has no episode-bound session yet gets one (orchestrator/sessions.py):
+    the first delivery of its framework task opens it; a redelivery finds it open (its first holder died)."""
+    return bool(
+        Episode.objects.filter(pk=episode_id, status=E.RUNNING, attempt=attempt, session_key="").update(
+            session_key=session_key, holder=liveness.incarnation(), updated_at=timezone.now()
+        )
+    )
+
+
 def redrive(episode_id: int, attempt: int, seen: datetime) -> bool:
     """A live episode stays as it is, now held by this (watchdog) process, which re-publishes its next hop —
     only while it has not moved since the watchdog read it at ``seen`` (a hop that moved it meanwhile wins)."""
@@ -266,8 +276,8 @@ def fail_or_retry(
 
 def _fresh_attempt() -> dict:
     """The fields of an episode that starts over: a new attempt, no sandbox, an empty trajectory."""
-    return dict(attempt=F("attempt") + 1, container_id="", step_count=0, prompt_tokens=0, completion_tokens=0,
-                reward=None, started_at=None, finished_at=None)  # fmt: skip
+    return dict(attempt=F("attempt") + 1, container_id="", session_key="", step_count=0, prompt_tokens=0,
+                completion_tokens=0, reward=None, started_at=None, finished_at=None)  # fmt: skip
 
 
 def cancel_episodes(run_id: int, reason: str) -> list[tuple[int, str]]:
