@@ -7,7 +7,7 @@ from django.urls import include, path
 from django.views.defaults import page_not_found
 
 from modelserving.episode_gateway import EpisodeChatCompletionsView, EpisodeModelsView
-from modelserving.gateway import ChatCompletionsView, ModelsView
+from modelserving.gateway import ChatCompletionsView, CompletionsView, ModelsView
 from orchestrator.metrics import MetricsView
 
 
@@ -37,6 +37,7 @@ urlpatterns = [
     path("metrics", MetricsView.as_view(), name="metrics"),
     # The OpenAI-compatible gateway to the Model Service (modelserving/gateway.py).
     path("v1/chat/completions", ChatCompletionsView.as_view(), name="openai-chat-completions"),
+    path("v1/completions", CompletionsView.as_view(), name="openai-completions"),
     path("v1/models", ModelsView.as_view(), name="openai-models"),
     # The same, bound to one episode of a framework agent (modelserving/episode_gateway.py).
     path("v1/episodes/<str:secret>/chat/completions", EpisodeChatCompletionsView.as_view(), name="episode-chat"),

@@ -47,6 +47,11 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     logprobs: bool = False
+    # How many alternatives to report at each position with its logprob (OpenAI's 0..20); needs ``logprobs``.
+    top_logprobs: int = 0
+    # vLLM's extension: the prompt's and the completion's token ids in the answer (backends with ids give them
+    # anyway; the openai backend asks its server for them).
+    return_token_ids: bool = False
 
     def as_dict(self) -> dict:
         return {**asdict(self), "stop": list(self.stop)}
@@ -60,25 +65,43 @@ class SamplingParams:
 
 @dataclass
 class GenerationRequest:
-    """One chat completion to make. ``context`` carries what non-neural backends need (replay: the task).
+    """One completion to make. ``context`` carries what non-neural backends need (replay: the task).
     ``prompt_token_ids``, when set, is the prompt exactly as the model must see it (token in, token out): a
-    backend that takes ids generates from them instead of rendering ``messages``."""
+    backend that takes ids generates from them instead of rendering ``messages``.
+
+    ``tools`` (OpenAI's function tools) are rendered into the prompt by the chat template, and ``tool_choice``
+    ("auto", "none", "required" or ``{"type": "function", "function": {"name": ...}}``) says which tool calls
+    the reply may carry. A request without ``messages`` is a raw completion (``/v1/completions``): of
+    ``prompt_token_ids`` when set, else of the text ``prompt``, with no chat template."""
 
     request_id: str
     messages: list[dict]
     sampling: SamplingParams = field(default_factory=SamplingParams)
     context: dict = field(default_factory=dict)
     prompt_token_ids: list[int] | None = None
+    tools: list[dict] | None = None
+    tool_choice: str | dict | None = None
+    parallel_tool_calls: bool = True
+    prompt: str | None = None
 
     @classmethod
     def from_dict(cls, data: dict) -> GenerationRequest:
         return cls(
             request_id=str(data["request_id"]),
-            messages=list(data["messages"]),
+            messages=list(data.get("messages") or []),
             sampling=SamplingParams.from_dict(data.get("sampling")),
             context=dict(data.get("context") or {}),
             prompt_token_ids=data.get("prompt_token_ids"),
+            tools=data.get("tools"),
+            tool_choice=data.get("tool_choice"),
+            parallel_tool_calls=data.get("parallel_tool_calls", True),
+            prompt=data.get("prompt"),
         )
+
+    @property
+    def is_raw_completion(self) -> bool:
+        """A ``/v1/completions`` request: the prompt is taken as it is, no chat template."""
+        return not self.messages
 
     def as_dict(self) -> dict:
         return {**asdict(self), "sampling": self.sampling.as_dict()}
@@ -86,7 +109,13 @@ class GenerationRequest:
 
 @dataclass
 class Generation:
-    """The outcome of one request. ``error`` is set (and ``finish_reason`` is "error") when it failed."""
+    """The outcome of one request. ``error`` is set (and ``finish_reason`` is "error") when it failed.
+
+    ``text`` is the reply's content; tool calls the model made are in ``tool_calls`` (OpenAI's shape: ``id``,
+    ``type: "function"``, ``function: {name, arguments}`` with ``arguments`` a JSON string), taken out of the
+    text, and ``finish_reason`` is then "tool_calls". Per completion token, when the backend has them:
+    ``token_ids``, ``logprobs``, ``tokens`` (each token's text, by the backend's tokenizer) and
+    ``top_logprobs`` (the most likely alternatives, ``[{"token", "token_id", "logprob"}]``)."""
 
     request_id: str
     text: str = ""
@@ -98,6 +127,10 @@ class Generation:
     latency_s: float = 0.0
     error: str = ""
     model_version: str = ""
+    tool_calls: list[dict] | None = None
+    tokens: list[str] | None = None
+    top_logprobs: list[list[dict]] | None = None
+    prompt_token_ids: list[int] | None = None
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -126,8 +159,11 @@ class ModelBackend(abc.ABC):
         self.model = model
         self.version = DEFAULT_VERSION
 
-    def chat_token_ids(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
-        """``messages`` rendered by the model's chat template, as ids (backends that ``tokenizes``)."""
+    def chat_token_ids(
+        self, messages: list[dict], add_generation_prompt: bool = True, tools: list[dict] | None = None
+    ) -> list[int]:
+        """``messages`` (and ``tools``, OpenAI's function tools) rendered by the model's chat template, as ids
+        (backends that ``tokenizes``)."""
         raise ModelError(f"backend {self.name!r} has no tokenizer")
 
     def text_token_ids(self, text: str) -> list[int]:

@@ -23,6 +23,7 @@ from modelserving.backend import (
     ModelError,
     register_backend,
 )
+from modelserving.tool_calls import template_messages
 
 
 @register_backend("hf")
@@ -63,12 +64,20 @@ class HFBackend(ModelBackend):
     def prompt_ids(self, request: GenerationRequest) -> list[int]:
         if request.prompt_token_ids is not None:
             return list(request.prompt_token_ids)
-        return self.chat_token_ids(request.messages)
+        if request.is_raw_completion:
+            return list(self.tokenizer.encode(request.prompt or ""))  # special tokens added, as vLLM does
+        return self.chat_token_ids(request.messages, tools=request.tools)
 
-    def chat_token_ids(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+    def chat_token_ids(
+        self, messages: list[dict], add_generation_prompt: bool = True, tools: list[dict] | None = None
+    ) -> list[int]:
         return list(
             self.tokenizer.apply_chat_template(
-                messages, add_generation_prompt=add_generation_prompt, tokenize=True, return_dict=False
+                template_messages(messages),
+                tools=tools or None,
+                add_generation_prompt=add_generation_prompt,
+                tokenize=True,
+                return_dict=False,
             )
         )
 

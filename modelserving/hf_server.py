@@ -23,7 +23,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from modelserving.backend import Generation, GenerationRequest, SamplingParams
 from modelserving.hf_backend import HFBackend
-from modelserving.openai_format import completion_body, error_body
+from modelserving.openai_format import chat_completion_body, error_body
 
 
 class Batcher(threading.Thread):
@@ -147,7 +147,9 @@ def make_handler(batcher: Batcher, served_model: str):
                     HTTPStatus.BAD_REQUEST if code == "context_length_exceeded" else HTTPStatus.INTERNAL_SERVER_ERROR
                 )
                 return self.reply(status, error_body(generation.error, code))
-            return self.reply(HTTPStatus.OK, completion_body(generation, served_model))
+            return self.reply(
+                HTTPStatus.OK, chat_completion_body(f"chatcmpl-{request.request_id}", served_model, [generation], True)
+            )
 
     return Handler
 

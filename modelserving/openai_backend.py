@@ -61,7 +61,7 @@ def parse_completion(request_id: str, body: dict, latency_s: float) -> Generatio
     choice = body["choices"][0]
     usage = body.get("usage") or {}
     content = (choice.get("logprobs") or {}).get("content") or None
-    token_ids = body.get("token_ids")
+    token_ids = choice.get("token_ids")
     logprobs = None
     if content:
         logprobs = [item["logprob"] for item in content]

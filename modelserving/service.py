@@ -37,11 +37,14 @@ def tokenizes(model: str) -> bool:
         return False
 
 
-def turn_prompt(model: str, messages: list[dict], previous: PreviousTurn | None) -> TurnPrompt:
-    """The prompt of an episode's turn (modelserving/token_prompts.py); without ids when the backend has no
-    tokenizer or cannot render them (the generation then reports whatever is wrong)."""
+def turn_prompt(
+    model: str, messages: list[dict], previous: PreviousTurn | None, tools: list[dict] | None = None
+) -> TurnPrompt:
+    """The prompt of an episode's turn (modelserving/token_prompts.py), with ``tools`` rendered by the chat
+    template; without ids when the backend has no tokenizer or cannot render them (the generation then reports
+    whatever is wrong)."""
     try:
-        return next_prompt(get_backend(model), messages, previous)
+        return next_prompt(get_backend(model), messages, previous, tools)
     except ModelError as error:
         logger.warning("model %s: no token ids for this turn: %s", model, error.reason)
         new, grew = message_delta(messages, previous)

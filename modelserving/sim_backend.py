@@ -45,7 +45,9 @@ class SimBackend(ModelBackend):
             content = content[: self.prompt_ids_per_message]
         return [BOS, *self.text_token_ids(message.get("role", "")), NEWLINE, *content, EOS, NEWLINE]
 
-    def chat_token_ids(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+    def chat_token_ids(
+        self, messages: list[dict], add_generation_prompt: bool = True, tools: list[dict] | None = None
+    ) -> list[int]:
         ids = [token for message in messages for token in self._message_ids(message)]
         return ids + [BOS, *self.text_token_ids("assistant"), NEWLINE] if add_generation_prompt else ids
 

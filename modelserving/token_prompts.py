@@ -13,6 +13,7 @@ shares. Backends without a tokenizer get no ids at all; none are invented.
 from __future__ import annotations
 
 import functools
+import json
 from dataclasses import dataclass
 
 from modelserving.backend import ModelBackend, ModelError
@@ -22,11 +23,20 @@ PROBE = "MEGAFLOW"
 
 @dataclass(frozen=True)
 class PreviousTurn:
-    """What the model saw and said last turn: its messages, its reply's text and prompt + completion as ids."""
+    """What the model saw and said last turn: its messages, its reply's text (its content, when it called
+    tools), the tool calls it made (OpenAI's shape) and prompt + completion as ids."""
 
     messages: list[dict]
     reply: str
     ids: list[int] | None
+    tool_calls: list[dict] | None = None
+
+    @property
+    def reply_message(self) -> dict:
+        """The reply as the agent hands it back in its next request."""
+        if self.tool_calls:
+            return {"role": "assistant", "content": self.reply or None, "tool_calls": self.tool_calls}
+        return {"role": "assistant", "content": self.reply}
 
 
 @dataclass(frozen=True)
@@ -47,15 +57,15 @@ class TurnPrompt:
 
 class ChatDelta:
     """How a backend's chat template closes an assistant turn and renders the messages after it, learnt once
-    from a probe conversation."""
+    from a probe conversation (with the episode's tools, wherever the template puts them)."""
 
-    def __init__(self, backend: ModelBackend):
-        self.backend = backend
+    def __init__(self, backend: ModelBackend, tools: list[dict] | None = None):
+        self.backend, self.tools = backend, tools
         user = [{"role": "user", "content": PROBE}]
-        head = backend.chat_token_ids(user, add_generation_prompt=True)
+        head = backend.chat_token_ids(user, add_generation_prompt=True, tools=tools)
         content = backend.text_token_ids(PROBE)
         self.base_messages = [*user, {"role": "assistant", "content": PROBE}]
-        self.base = backend.chat_token_ids(self.base_messages, add_generation_prompt=False)
+        self.base = backend.chat_token_ids(self.base_messages, add_generation_prompt=False, tools=tools)
         end = len(head) + len(content)
         if self.base[: len(head)] != head or self.base[len(head) : end] != content:
             raise ModelError("the chat template does not render an assistant turn as generation prompt + content")
@@ -63,7 +73,9 @@ class ChatDelta:
 
     def ids(self, new_messages: list[dict], completion_ids: list[int]) -> list[int]:
         """The ids that follow ``completion_ids`` when ``new_messages`` come next."""
-        full = self.backend.chat_token_ids(self.base_messages + new_messages, add_generation_prompt=True)
+        full = self.backend.chat_token_ids(
+            self.base_messages + new_messages, add_generation_prompt=True, tools=self.tools
+        )
         if full[: len(self.base)] != self.base:
             raise ModelError("the chat template renders earlier turns differently once more messages follow")
         closing = self.closing
@@ -72,9 +84,13 @@ class ChatDelta:
         return closing + full[len(self.base) :]
 
 
+def chat_delta(backend: ModelBackend, tools: list[dict] | None = None) -> ChatDelta:
+    return _chat_delta(backend, json.dumps(tools, sort_keys=True))
+
+
 @functools.lru_cache(maxsize=64)
-def chat_delta(backend: ModelBackend) -> ChatDelta:
-    return ChatDelta(backend)
+def _chat_delta(backend: ModelBackend, tools_json: str) -> ChatDelta:
+    return ChatDelta(backend, json.loads(tools_json))
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -90,25 +106,28 @@ def message_delta(messages: list[dict], previous: PreviousTurn | None) -> tuple[
     conversation only grew; all of ``messages`` and False when the agent rewrote it."""
     if previous is None:
         return messages, None
-    seen = [*previous.messages, {"role": "assistant", "content": previous.reply}]
+    seen = [*previous.messages, previous.reply_message]
     if messages[: len(seen)] == seen:
         return messages[len(seen) :], True
     return messages, False
 
 
-def next_prompt(backend: ModelBackend, messages: list[dict], previous: PreviousTurn | None) -> TurnPrompt:
-    """The prompt of a turn whose agent built ``messages``, after ``previous`` (None on the first turn)."""
+def next_prompt(
+    backend: ModelBackend, messages: list[dict], previous: PreviousTurn | None, tools: list[dict] | None = None
+) -> TurnPrompt:
+    """The prompt of a turn whose agent built ``messages`` (and declared ``tools``, rendered by the chat
+    template), after ``previous`` (None on the first turn)."""
     new, grew = message_delta(messages, previous)
     if not backend.tokenizes:
         return TurnPrompt(None, None, grew, new)
     if previous is None:
-        return TurnPrompt(backend.chat_token_ids(messages), 0, None, new)
+        return TurnPrompt(backend.chat_token_ids(messages, tools=tools), 0, None, new)
     if grew and previous.ids is not None:
         try:
-            delta = chat_delta(backend).ids(new, previous.ids)
+            delta = chat_delta(backend, tools).ids(new, previous.ids)
         except ModelError:
             delta = None
         if delta is not None:
             return TurnPrompt(previous.ids + delta, len(previous.ids), True, new)
-    ids = backend.chat_token_ids(messages)
+    ids = backend.chat_token_ids(messages, tools=tools)
     return TurnPrompt(ids, 0 if previous.ids is None else common_prefix(previous.ids, ids), False, messages)
