@@ -52,6 +52,9 @@ class EpisodeBound:
 
 @extend_schema(exclude=True)
 class EpisodeChatCompletionsView(EpisodeBound, ChatCompletionsView):
+    def post(self, request, secret: str):
+        return super().post(request)
+
     def admit(self, request, form) -> None:
         session = session_of(self.kwargs["secret"])
         if refusal := session.refusal():

@@ -3,9 +3,14 @@
 It is the demo's policy when no model is configured, and says so in every reply it makes. The first reply
 applies the task's ``patch`` with ``git apply`` and prints MEGAFLOW_SUBMIT; any later reply only submits. The
 request's ``context`` names the task (``task_id``) or carries the ``patch`` itself.
+
+Offered tools (a tool-calling agent framework), it answers in tool-call form instead: the same commands as a call
+of the first tool that takes a string ``command`` (mini-swe-agent's ``bash``, OpenHands' ``execute_bash``), so a
+tool-calling framework solves a task end to end with no GPU.
 """
 
 import functools
+import json
 import time
 
 from modelserving.backend import Generation, GenerationRequest, ModelBackend, ModelError, register_backend
@@ -33,6 +38,24 @@ def replay_action(patch: str) -> str:
     )
 
 
+def command_tool(tools: list[dict] | None) -> str | None:
+    """The name of the first offered function that takes a string ``command``: a shell tool."""
+    for tool in tools or ():
+        function = tool.get("function") or {}
+        command = ((function.get("parameters") or {}).get("properties") or {}).get("command") or {}
+        if command.get("type") == "string":
+            return function.get("name")
+    return None
+
+
+def as_tool_call(reply: str, tool: str, call_id: str) -> Generation:
+    """``reply``'s bash block as a call of ``tool``, the label as the reply's content."""
+    command = reply.split("```bash\n", 1)[1].rsplit("\n```", 1)[0]
+    arguments = json.dumps({"command": command})
+    call = {"id": call_id, "type": "function", "function": {"name": tool, "arguments": arguments}}
+    return Generation(call_id, text=LABEL, finish_reason="tool_calls", tool_calls=[call])
+
+
 @register_backend("replay")
 class ReplayBackend(ModelBackend):
     def _reply(self, request: GenerationRequest) -> str:
@@ -45,6 +68,13 @@ class ReplayBackend(ModelBackend):
             patch = _patch_of(int(request.context["task_id"]))
         return replay_action(patch)
 
+    def _tool_reply(self, request: GenerationRequest, text: str) -> Generation | None:
+        tool = command_tool(request.tools)
+        if tool is None or request.tool_choice == "none":
+            return None
+        turn = sum(message.get("role") == "assistant" for message in request.messages)
+        return as_tool_call(text, tool, f"call_replay_{turn}")
+
     def generate(self, requests: list[GenerationRequest]) -> list[Generation]:
         generations = []
         for request in requests:
@@ -54,12 +84,9 @@ class ReplayBackend(ModelBackend):
             except ModelError as error:
                 generations.append(Generation(request.request_id, finish_reason="error", error=error.reason))
                 continue
-            generations.append(
-                Generation(
-                    request_id=request.request_id,
-                    text=text,
-                    completion_tokens=len(text.split()),
-                    latency_s=time.monotonic() - started,
-                )
-            )
+            generation = self._tool_reply(request, text) or Generation(request.request_id, text=text)
+            generation.request_id = request.request_id
+            generation.completion_tokens = len(text.split())
+            generation.latency_s = time.monotonic() - started
+            generations.append(generation)
         return generations

@@ -107,9 +107,31 @@ def message_delta(messages: list[dict], previous: PreviousTurn | None) -> tuple[
     if previous is None:
         return messages, None
     seen = [*previous.messages, previous.reply_message]
-    if messages[: len(seen)] == seen:
+    if [comparable(message) for message in messages[: len(seen)]] == [comparable(message) for message in seen]:
         return messages[len(seen) :], True
     return messages, False
+
+
+def comparable(message: dict) -> tuple:
+    """A message as far as the prompt goes: role, text, tool calls (arguments as parsed JSON: a client may
+    re-serialise them) and the call it answers. Keys a client adds (``function_call: null``, provider fields)
+    and null-versus-empty content do not count."""
+    calls = tuple(
+        (
+            call.get("id"),
+            (call.get("function") or {}).get("name"),
+            _canonical((call.get("function") or {}).get("arguments")),
+        )
+        for call in message.get("tool_calls") or ()
+    )
+    return message.get("role"), message.get("content") or "", calls, message.get("tool_call_id")
+
+
+def _canonical(arguments):
+    try:
+        return json.dumps(json.loads(arguments), sort_keys=True)
+    except (TypeError, ValueError):
+        return arguments
 
 
 def next_prompt(

@@ -25,10 +25,10 @@ import time
 
 from django.conf import settings
 
-from megaflow_site import liveness
 from agents.agent import CommandResult, EpisodeStopped, FrameworkEpisode, TaskView
 from envs import service as env_service
 from envs.backend import SandboxError
+from megaflow_site import liveness
 from modelserving import service as model_service
 from modelserving.backend import Generation, GenerationRequest
 from orchestrator import replies, sessions, transitions

@@ -161,8 +161,9 @@ def redrive_lost(fleet: liveness.Fleet, events: list[liveness.Event], now=None) 
     candidates = (
         Episode.objects.filter(status__in=LIVE, updated_at__lt=quiet)
         .filter(lost)
-        .values_list("pk", "status", "attempt", "holder", "updated_at", "run__env_pool", "run__model_name", "env_host",
-                     "run_id")  # fmt: skip
+        .values_list(
+            "pk", "status", "attempt", "holder", "updated_at", "run__env_pool", "run__model_name", "env_host", "run_id"
+        )  # fmt: skip
     )
     redriven = []
     for pk, status, attempt, holder, updated_at, pool, model, host, run_id in candidates:

@@ -13,6 +13,7 @@ finds anything.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import secrets
 from dataclasses import dataclass
@@ -87,14 +88,6 @@ def find_session(secret: str) -> Session | None:
 # --- the turns of a session ------------------------------------------------------------------------------------
 
 
-def assistant_message(text: str, tool_calls: list[dict] | None) -> dict:
-    """The assistant message a framework sends back after a reply: what the comparison of turns expects."""
-    message = {"role": "assistant", "content": text or None}
-    if tool_calls:
-        message["tool_calls"] = tool_calls
-    return message
-
-
 def previous_turn(episode_id: int) -> PreviousTurn | None:
     """The session's last turn as the model saw and answered it: its whole conversation (rebuilt from each
     step's added messages), its reply as an assistant message, and its prompt + completion ids (None where a
@@ -108,19 +101,24 @@ def previous_turn(episode_id: int) -> PreviousTurn | None:
         "completion_ids",
     ):  # fmt: skip
         if consistent and last is not None:
-            messages = [*messages, assistant_message(*last), *added]
+            messages = [*messages, last.reply_message, *added]
         else:
             messages = list(added)  # the first turn, or one rendered whole
         ids = None if ids is None or appended is None or completion is None else ids[: prefix_len or 0] + appended
         ids = None if ids is None else ids + completion
-        last = (reply, calls)
+        last = PreviousTurn(messages, reply, None, tool_calls=calls)
     if last is None:
         return None
-    return PreviousTurn(messages, last[0], ids, reply_message=assistant_message(*last))
+    return dataclasses.replace(last, ids=ids)
 
 
 def record_turn(
-    episode_id: int, attempt: int, prompt: TurnPrompt, generation: Generation, sampling: dict, model: str,
+    episode_id: int,
+    attempt: int,
+    prompt: TurnPrompt,
+    generation: Generation,
+    sampling: dict,
+    model: str,
     tools: list | None,
 ) -> int | None:
     """The call as the next step of the episode, and its tokens counted against the episode's budget; None when
@@ -153,9 +151,7 @@ def record_turn(
             continue
     else:
         return None
-    counted = Episode.objects.filter(
-        pk=episode_id, status=Episode.Status.RUNNING, attempt=attempt
-    ).update(
+    counted = Episode.objects.filter(pk=episode_id, status=Episode.Status.RUNNING, attempt=attempt).update(
         step_count=F("step_count") + 1,
         prompt_tokens=F("prompt_tokens") + generation.prompt_tokens,
         completion_tokens=F("completion_tokens") + generation.completion_tokens,
