@@ -15,12 +15,13 @@ import uuid
 from celery import current_app
 
 from megaflow_site.megaflow_task import megaflow_task
-from megaflow_site.topology import ROUTING_KWARG, Service, queue_name
+from megaflow_site.topology import FRAMEWORK_QUEUE, ROUTING_KWARG, Service, queue_name
 from orchestrator import replies
 
 TRACE_INBOX = "megaflow:reply:probe:{}"
 
 PROBE_TASK_NAME = {Service.AGENT: "agents.probe", Service.MODEL: "modelserving.probe", Service.ENV: "envs.probe"}
+FRAMEWORK_PROBE = "agents.framework_probe"  # the agent service's second queue (megaflow_site/topology.py)
 
 
 def parse_queue(queue: str) -> tuple[Service, str | None]:
@@ -34,9 +35,10 @@ def parse_queue(queue: str) -> tuple[Service, str | None]:
 def _publish_hop(probe_id: str, route: list[str], index: int, trace: list[dict]) -> None:
     service, key = parse_queue(route[index])
     kwargs = {"probe_id": probe_id, "route": route, "index": index, "trace": trace}
-    if key:
+    if key and service in ROUTING_KWARG:
         kwargs[ROUTING_KWARG[service]] = key
-    current_app.send_task(PROBE_TASK_NAME[service], kwargs=kwargs)
+    name = FRAMEWORK_PROBE if route[index] == FRAMEWORK_QUEUE else PROBE_TASK_NAME[service]
+    current_app.send_task(name, kwargs=kwargs)
 
 
 def start_probe(route: list[str]) -> str:
@@ -70,10 +72,10 @@ def relay(request, service: Service, probe_id: str, route: list[str], index: int
     replies.deliver(TRACE_INBOX.format(probe_id), trace)
 
 
-def define_probe_task(service: Service):
+def define_probe_task(service: Service, name: str | None = None):
     """The thin ``<package>.probe`` Celery task for ``service``; each service package defines one."""
 
-    @megaflow_task(PROBE_TASK_NAME[service], bind=True)
+    @megaflow_task(name or PROBE_TASK_NAME[service], bind=True)
     def probe(self, probe_id: str, route: list[str], index: int, trace: list[dict], **routing) -> None:
         relay(self.request, service, probe_id, route, index, trace)
 

@@ -14,7 +14,16 @@ DECLARED = [spec.queue for spec in all_worker_specs()]
 
 def test_declared_queues_cover_every_model_and_pool():
     # tests/session_env.py declares two models and two pools.
-    assert DECLARED == ["agent", "model.replay", "model.sim", "model.tiny", "model.tiny-hf", "env.default", "env.heavy"]
+    assert DECLARED == [
+        "agent",
+        "agent.framework",
+        "model.replay",
+        "model.sim",
+        "model.tiny",
+        "model.tiny-hf",
+        "env.default",
+        "env.heavy",
+    ]
     assert [queue.name for queue in app.conf.task_queues] == DECLARED
 
 
@@ -23,6 +32,7 @@ def test_declared_queues_cover_every_model_and_pool():
     [
         ("agents.probe", {}, "agent"),
         ("orchestrator.anything", {}, "agent"),
+        ("agents.framework_episode", {}, "agent.framework"),
         ("modelserving.probe", {}, "model.replay"),
         ("modelserving.probe", {"model": "sim"}, "model.sim"),
         ("envs.probe", {}, "env.default"),
