@@ -14,7 +14,8 @@ from megaflow_site.topology import Service, WorkerSpec
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 SETTINGS = (DEPLOY.parent / "megaflow_site" / "settings.py").read_text()
 MODEL = "qwen3-8b"  # the model the deploy files default to
-LONG_RUNNING = {"postgres", "redis", "web", "flower", "beat", "worker-agent", "worker-env", "worker-model"}
+LONG_RUNNING = {"postgres", "redis", "web", "flower", "beat", "worker-agent", "worker-agent-framework", "worker-env",
+                "worker-model"}  # fmt: skip
 
 
 def interpolate(text: str) -> str:
@@ -43,8 +44,8 @@ def deployed_model(settings):
     settings.MEGAFLOW_ENV_POOLS = ["default"]
 
 
-def worker_argv(service: Service, key: str | None) -> list[str]:
-    spec = WorkerSpec(service, key)
+def worker_argv(service: Service, key: str | None, concurrency: int | None = None) -> list[str]:
+    spec = WorkerSpec(service, key, concurrency)
     return spec.argv(node_name=spec.node_name)
 
 
@@ -53,6 +54,7 @@ def test_compose_has_every_service_restarting_and_workers_started_as_the_topolog
     for name in LONG_RUNNING:
         assert compose[name]["restart"] == "always", name
     assert compose["worker-agent"]["command"] == worker_argv(Service.AGENT, None)
+    assert compose["worker-agent-framework"]["command"] == worker_argv(Service.AGENT, "framework", 32)
     assert compose["worker-env"]["command"] == worker_argv(Service.ENV, "default")
     assert compose["worker-model"]["command"] == worker_argv(Service.MODEL, MODEL)
     assert compose["beat"]["command"][:4] == ["celery", "-A", "megaflow_site", "beat"]
