@@ -24,6 +24,9 @@ import logging
 import time
 
 from django.conf import settings
+from django.db import IntegrityError
+from django.db.models import F
+from django.utils import timezone
 
 from agents.agent import CommandResult, EpisodeStopped, FrameworkEpisode, TaskView
 from envs import service as env_service
@@ -31,6 +34,7 @@ from envs.backend import SandboxError
 from megaflow_site import liveness
 from modelserving import service as model_service
 from modelserving.backend import Generation, GenerationRequest
+from modelserving.token_prompts import PreviousTurn, TurnPrompt
 from orchestrator import replies, sessions, transitions
 from orchestrator.db import release_connection
 from orchestrator.episode_loop import (
@@ -45,12 +49,111 @@ from orchestrator.episode_loop import (
     release,
     send,
 )
-from orchestrator.models import Episode
+from orchestrator.models import Episode, Step
 
 logger = logging.getLogger("megaflow.frameworks")
 
 # A command's reply may take its time limit, then the Environment Service's own time to answer.
 EXEC_REPLY_MARGIN_S = 60
+
+
+# --- the turns of a session ------------------------------------------------------------------------------------
+
+
+def previous_turn(episode_id: int) -> PreviousTurn | None:
+    """The session's last turn as the model saw and answered it: its whole conversation (rebuilt from each
+    step's added messages), its reply as an assistant message, and its prompt + completion ids (None where a
+    turn had none). None before the first turn."""
+    rows = Step.objects.filter(episode_id=episode_id).order_by("index")
+    messages: list[dict] = []
+    ids: list[int] | None = []
+    last = None
+    for added, consistent, reply, calls, prefix_len, appended, completion in rows.values_list(
+        "model_input", "prefix_consistent", "model_output", "tool_calls", "prompt_prefix_len", "prompt_ids",
+        "completion_ids",
+    ):  # fmt: skip
+        if consistent and last is not None:
+            messages = [*messages, last.reply_message, *added]
+        else:
+            messages = list(added)  # the first turn, or one rendered whole
+        ids = None if ids is None or appended is None or completion is None else ids[: prefix_len or 0] + appended
+        ids = None if ids is None else ids + completion
+        last = PreviousTurn(messages, reply, None, tool_calls=calls)
+    if last is None:
+        return None
+    return dataclasses.replace(last, ids=ids)
+
+
+def record_turn(
+    episode_id: int,
+    attempt: int,
+    prompt: TurnPrompt,
+    generation: Generation,
+    sampling: dict,
+    model: str,
+    tools: list | None,
+) -> int | None:
+    """The call as the next step of the episode, and its tokens counted against the episode's budget; None when
+    the episode stopped running meanwhile (nothing is recorded then)."""
+    now = timezone.now()
+    fields = dict(
+        model_input=prompt.new_messages,
+        model_output=generation.text,
+        tool_calls=generation.tool_calls or None,
+        prompt_prefix_len=prompt.prefix_len,
+        prompt_ids=prompt.appended_ids,
+        completion_ids=generation.token_ids,
+        logprobs=generation.logprobs,
+        prefix_consistent=prompt.consistent,
+        finish_reason=generation.finish_reason,
+        sampling={**sampling, **({"tools": tools} if tools else {})},
+        model_name=model,
+        model_version=generation.model_version,
+        model_latency_s=generation.latency_s,
+        prompt_tokens=generation.prompt_tokens,
+        completion_tokens=generation.completion_tokens,
+        completed_at=now,  # a turn is whole once recorded; the commands it asks for add to it
+    )
+    for _ in range(3):  # two calls of one session at once race for the next index; the unique index decides
+        index = Step.objects.filter(episode_id=episode_id).count()
+        try:
+            Step.objects.create(episode_id=episode_id, index=index, **fields)
+            break
+        except IntegrityError:
+            continue
+    else:
+        return None
+    counted = Episode.objects.filter(pk=episode_id, status=Episode.Status.RUNNING, attempt=attempt).update(
+        step_count=F("step_count") + 1,
+        prompt_tokens=F("prompt_tokens") + generation.prompt_tokens,
+        completion_tokens=F("completion_tokens") + generation.completion_tokens,
+        cost_prompt_tokens=F("cost_prompt_tokens") + generation.prompt_tokens,
+        cost_completion_tokens=F("cost_completion_tokens") + generation.completion_tokens,
+        model_s=F("model_s") + generation.latency_s,
+        updated_at=now,
+    )
+    if not counted:
+        Step.objects.filter(episode_id=episode_id, index=index).delete()
+        return None
+    return index
+
+
+def record_command(episode_id: int, attempt: int, command: str, output: str, exit_code: int | None, seconds: float):
+    """A command the framework ran, added to the episode's last turn (a reply with several tool calls runs
+    several); False when the episode no longer runs this attempt."""
+    step = Step.objects.filter(episode_id=episode_id).order_by("-index").only("pk", "action", "observation").first()
+    if step is None or not Episode.objects.filter(pk=episode_id, attempt=attempt, status=Episode.Status.RUNNING).update(
+        updated_at=timezone.now(), env_worker_s=F("env_worker_s") + seconds
+    ):
+        return False
+    Step.objects.filter(pk=step.pk).update(
+        action="\n".join(filter(None, [step.action, command])),
+        observation="\n".join(filter(None, [step.observation, output])),
+        exit_code=exit_code,
+        env_latency_s=F("env_latency_s") + seconds if step.action else seconds,
+        completed_at=timezone.now(),
+    )
+    return True
 
 
 # --- queue agent.framework ---------------------------------------------------------------------------------------
@@ -154,7 +257,7 @@ def session_exec(episode_id: int, attempt: int, command: str, timeout_s: int, re
         replies.deliver(reply_to, {"stopped": f"the sandbox failed: {error.reason}"})
         _sandbox_failed(episode, error, episode.container_id)
         return
-    if not sessions.record_command(episode_id, attempt, command, result.output, result.exit_code,
+    if not record_command(episode_id, attempt, command, result.output, result.exit_code,
                                    time.monotonic() - began):  # fmt: skip
         replies.deliver(reply_to, {"stopped": f"episode {episode_id} stopped while the command ran"})
         return
@@ -179,7 +282,7 @@ def session_turn(model: str, episode_id: int, attempt: int, request: dict, reply
         replies.deliver(reply_to, [Generation(request["request_id"], finish_reason="error", error=stopped).as_dict()])
         return
     asked = GenerationRequest.from_dict(request)
-    prompt = model_service.turn_prompt(model, asked.messages, sessions.previous_turn(episode_id), tools=asked.tools)
+    prompt = model_service.turn_prompt(model, asked.messages, previous_turn(episode_id), tools=asked.tools)
     # A trainer needs the sampling logprobs wherever the backend gives ids, whether or not the framework asked.
     sampling = dataclasses.replace(asked.sampling, logprobs=asked.sampling.logprobs or prompt.ids is not None)
     generation_request = dataclasses.replace(
@@ -188,7 +291,7 @@ def session_turn(model: str, episode_id: int, attempt: int, request: dict, reply
     release_connection()  # nothing needs the database while the model works
     [generation] = model_service.generate(model, [generation_request])
     if not generation.error:
-        recorded = sessions.record_turn(episode_id, attempt, prompt, generation, sampling.as_dict(), model, asked.tools)
+        recorded = record_turn(episode_id, attempt, prompt, generation, sampling.as_dict(), model, asked.tools)
         if recorded is None:
             generation = Generation(generation.request_id, finish_reason="error",
                                     error=f"episode {episode_id} stopped while the model worked")  # fmt: skip
