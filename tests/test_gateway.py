@@ -12,8 +12,14 @@ import urllib.request
 import openai
 import pytest
 from django.contrib.auth.models import User
+from rest_framework import exceptions
 from rest_framework.authtoken.models import Token
+from rest_framework.test import APIRequestFactory, force_authenticate
 from transformers import AutoTokenizer
+
+from modelserving.backend import Generation
+from modelserving.gateway import ChatCompletionsView
+from orchestrator import replies
 
 pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
 
@@ -299,3 +305,35 @@ def test_bad_completion_input_is_a_400_naming_the_param(client, request_fields, 
     with pytest.raises(openai.BadRequestError) as caught:
         client.post("/completions", body={"model": "sim", "prompt": "hi", **request_fields}, cast_to=dict)
     assert caught.value.body["param"] == param
+
+
+class EndedEpisodeView(ChatCompletionsView):
+    """The seam episode-bound sessions use: ``admit`` refuses, ``publish`` answers from elsewhere."""
+
+    published: list[list[dict]] = []
+
+    def admit(self, request, form):
+        if form.validated_data["messages"][-1]["content"] == "once more":
+            raise exceptions.PermissionDenied("the episode has ended")
+
+    def publish(self, model, requests, inbox):
+        self.published.append(requests)
+        answers = [Generation(request["request_id"], text=f"answer {index}") for index, request in enumerate(requests)]
+        replies.deliver(inbox, [answer.as_dict() for answer in answers])
+
+
+def post_to(view, body: dict):
+    request = APIRequestFactory().post("/v1/episodes/x/chat/completions", body, format="json")
+    force_authenticate(request, user=User(username="agent"))
+    response = view.as_view()(request)
+    return response.status_code, json.loads(response.content)
+
+
+def test_a_subclass_admits_and_publishes_through_the_hooks(broker):
+    status, body = post_to(EndedEpisodeView, {"model": "sim", "messages": [{"role": "user", "content": "go"}], "n": 2})
+    assert status == 200 and [choice["message"]["content"] for choice in body["choices"]] == ["answer 0", "answer 1"]
+    [requests] = EndedEpisodeView.published
+    assert [request["request_id"] for request in requests] == [f"{body['id']}-0", f"{body['id']}-1"]
+    status, body = post_to(EndedEpisodeView, {"model": "sim", "messages": [{"role": "user", "content": "once more"}]})
+    assert status == 403 and body["error"]["type"] == "permission_error"
+    assert body["error"]["message"] == "the episode has ended" and body["error"]["code"] == "permission_denied"
