@@ -80,9 +80,9 @@ class StrictSerializer(serializers.Serializer):
         return super().to_internal_value(data)
 
 
-def text_content(content, allow_null: bool = False) -> str | None:
+def text_content(content) -> str:
     """A message's content as one string: a string, or OpenAI's list of text parts."""
-    if isinstance(content, str) or (content is None and allow_null):
+    if isinstance(content, str):
         return content
     if isinstance(content, list) and all(
         isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)

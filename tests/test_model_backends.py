@@ -304,3 +304,49 @@ def test_a_turn_after_a_tool_call_extends_the_previous_ids(tiny_model):
         == "\n<s>tool\n<tool_response>\nsetup.py\n</tool_response></s>\n<s>assistant\n"
     )
     assert second.ids == hf.chat_token_ids(grown, tools=[BASH]), "the same ids as rendering it whole"
+
+
+def test_vllm_serve_is_told_the_models_tool_call_convention(monkeypatch):
+    from modelserving import vllm_backend
+
+    launched = {}
+
+    class Recorder:
+        def __init__(self, command, *args, **kwargs):
+            launched["command"] = command
+
+        def start(self):
+            pass
+
+    monkeypatch.setattr(vllm_backend, "ServerSupervisor", Recorder)
+    vllm_backend.VLLMBackend("qwen", model_path="/models/qwen", port=8123, tool_call_parser="hermes")
+    assert launched["command"][-3:] == ["--enable-auto-tool-choice", "--tool-call-parser", "hermes"]
+
+
+def test_a_vllm_answer_is_read_with_its_tool_calls_ids_and_logprobs():
+    """What vLLM (>= 0.10.2, ``return_token_ids``) answers, read into a generation: it cannot run here."""
+    from modelserving.openai_backend import parse_completion
+
+    call = {"id": "chatcmpl-tool-1", "type": "function", "function": {"name": "bash", "arguments": '{"command": "ls"}'}}
+    top = [{"token": "<tool_call>", "logprob": -0.1, "bytes": [60]}, {"token": "I", "logprob": -2.5, "bytes": [73]}]
+    body = {
+        "choices": [{
+            "index": 0, "finish_reason": "tool_calls", "token_ids": [151657, 151658],
+            "message": {"role": "assistant", "content": None, "tool_calls": [call]},
+            "logprobs": {"content": [{"token": "<tool_call>", "logprob": -0.1, "bytes": [60], "top_logprobs": top},
+                                     {"token": "</tool_call>", "logprob": -0.2, "bytes": [60], "top_logprobs": top}]},
+        }],
+        "usage": {"prompt_tokens": 30, "completion_tokens": 2},
+        "prompt_token_ids": list(range(30)),
+    }  # fmt: skip
+    generation = parse_completion("r", body, 0.1)
+    assert generation.tool_calls == [call] and generation.text == "" and generation.finish_reason == "tool_calls"
+    assert generation.token_ids == [151657, 151658] and generation.prompt_token_ids == list(range(30))
+    assert generation.tokens == ["<tool_call>", "</tool_call>"] and generation.logprobs == [-0.1, -0.2]
+    assert [other["token"] for other in generation.top_logprobs[0]] == ["<tool_call>", "I"]
+    # Older servers' return_tokens_as_token_ids: ids in the tokens, no texts.
+    body["choices"][0].pop("token_ids")
+    for item in body["choices"][0]["logprobs"]["content"]:
+        item["token"] = f"token_id:{151657 if item['logprob'] == -0.1 else 151658}"
+    generation = parse_completion("r", body, 0.1)
+    assert generation.token_ids == [151657, 151658] and generation.tokens is None
