@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from dataclasses import replace
 
 from django.conf import settings
 from django.http import HttpResponse, JsonResponse, StreamingHttpResponse
@@ -79,9 +80,9 @@ class StrictSerializer(serializers.Serializer):
         return super().to_internal_value(data)
 
 
-def text_content(content, allow_null: bool = False) -> str | None:
+def text_content(content) -> str:
     """A message's content as one string: a string, or OpenAI's list of text parts."""
-    if isinstance(content, str) or (content is None and allow_null):
+    if isinstance(content, str):
         return content
     if isinstance(content, list) and all(
         isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)
@@ -197,7 +198,7 @@ class GenerationSerializer(StrictSerializer):
     temperature = serializers.FloatField(min_value=0, max_value=2, default=0.0)
     top_p = serializers.FloatField(min_value=0, max_value=1, default=1.0)
     stop = serializers.JSONField(required=False)
-    seed = serializers.IntegerField(min_value=-SEED_RANGE, max_value=SEED_RANGE - 1, required=False)
+    seed = serializers.IntegerField(min_value=0, max_value=SEED_RANGE - 1, required=False)
     n = serializers.IntegerField(min_value=1, max_value=MAX_N, default=1)
     stream = serializers.BooleanField(default=False)
     stream_options = StreamOptionsSerializer(required=False)
@@ -354,16 +355,15 @@ class CompletionSerializer(GenerationSerializer):
 def fan_out(request: GenerationRequest, n: int) -> list[dict]:
     """``n`` copies of ``request`` for one batch: ids ``<id>-<i>``, and seeds ``seed + i`` when seeded, so the
     samples differ and are each reproducible."""
-    copies = []
-    for index in range(n):
-        sampling = request.sampling
-        if sampling.seed is not None:
-            sampling = SamplingParams(**{**sampling.__dict__, "seed": (sampling.seed + index) % SEED_RANGE})
-        copy = GenerationRequest(
-            **{**request.__dict__, "request_id": f"{request.request_id}-{index}", "sampling": sampling}
-        )
-        copies.append(copy.as_dict())
-    return copies
+    seed = request.sampling.seed
+    return [
+        replace(
+            request,
+            request_id=f"{request.request_id}-{index}",
+            sampling=replace(request.sampling, seed=None if seed is None else (seed + index) % SEED_RANGE),
+        ).as_dict()
+        for index in range(n)
+    ]
 
 
 def chat_generation_requests(form: ChatCompletionSerializer, request_id: str) -> list[dict]:

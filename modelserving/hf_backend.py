@@ -11,6 +11,7 @@ CPU-only workers never load them.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from itertools import groupby
@@ -21,9 +22,10 @@ from modelserving.backend import (
     GenerationRequest,
     ModelBackend,
     ModelError,
+    SamplingParams,
     register_backend,
 )
-from modelserving.tool_calls import template_messages
+from modelserving.tool_calls import template_messages, with_tool_calls
 
 
 @register_backend("hf")
@@ -119,8 +121,8 @@ class HFBackend(ModelBackend):
                 )
             else:
                 runnable.append((request, ids))
-        by_params = sorted(runnable, key=lambda item: repr(item[0].sampling))
-        for _, group in groupby(by_params, key=lambda item: repr(item[0].sampling)):
+        by_params = sorted(runnable, key=lambda item: batch_key(item[0].sampling))
+        for _, group in groupby(by_params, key=lambda item: batch_key(item[0].sampling)):
             group = list(group)
             for start in range(0, len(group), self.max_batch):
                 for generation in self._generate_batch(group[start : start + self.max_batch]):
@@ -129,7 +131,7 @@ class HFBackend(ModelBackend):
 
     def _generate_batch(self, batch: list[tuple[GenerationRequest, list[int]]]) -> list[Generation]:
         torch, tokenizer = self.torch, self.tokenizer
-        sampling = batch[0][0].sampling
+        sampling = max((request.sampling for request, _ in batch), key=lambda params: params.top_logprobs)
         started = time.monotonic()
         width = max(len(ids) for _, ids in batch)
         input_ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
@@ -137,8 +139,8 @@ class HFBackend(ModelBackend):
         for row, (_, ids) in enumerate(batch):
             input_ids[row, width - len(ids) :] = torch.tensor(ids)
             attention[row, width - len(ids) :] = 1
-        if sampling.seed is not None:
-            torch.manual_seed(sampling.seed)
+        if batch[0][0].sampling.seed is not None:
+            torch.manual_seed(batch[0][0].sampling.seed)
         with self._lock, torch.no_grad():
             version = self.version
             output = self.engine.generate(
@@ -153,9 +155,13 @@ class HFBackend(ModelBackend):
                 return_dict_in_generate=True,
                 output_scores=sampling.logprobs,
             )
-            scores = None
+            scores = top = None
             if sampling.logprobs:
-                scores = self.engine.compute_transition_scores(output.sequences, output.scores, normalize_logits=True)
+                # The distribution each token was sampled from (the processed scores), per position.
+                steps = torch.stack(output.scores, dim=1).log_softmax(dim=-1)
+                scores = steps.gather(-1, output.sequences[:, width:, None]).squeeze(-1)
+                if sampling.top_logprobs:
+                    top = steps.topk(sampling.top_logprobs, dim=-1)
         latency = time.monotonic() - started
         generations = []
         for row, (request, ids) in enumerate(batch):
@@ -167,17 +173,45 @@ class HFBackend(ModelBackend):
             for stop in request.sampling.stop:
                 if stop in text:
                     text, finish = text[: text.index(stop)], "stop"
-            generations.append(
-                Generation(
-                    request_id=request.request_id,
-                    text=text,
-                    finish_reason=finish,
-                    prompt_tokens=len(ids),
-                    completion_tokens=len(new),
-                    token_ids=new,
-                    latency_s=latency,
-                    logprobs=scores[row, : len(new)].tolist() if scores is not None else None,
-                    model_version=version,
-                )
+            generation = Generation(
+                request_id=request.request_id,
+                text=text,
+                finish_reason=finish,
+                prompt_tokens=len(ids),
+                completion_tokens=len(new),
+                token_ids=new,
+                latency_s=latency,
+                model_version=version,
+                prompt_token_ids=ids if request.sampling.return_token_ids else None,
             )
+            if request.sampling.logprobs:
+                generation.logprobs = scores[row, : len(new)].tolist()
+                generation.tokens = [tokenizer.decode([token]) for token in new]
+            if request.sampling.top_logprobs:
+                indices = top.indices[row, : len(new), : request.sampling.top_logprobs].tolist()
+                values = top.values[row, : len(new), : request.sampling.top_logprobs].tolist()
+                generation.top_logprobs = [self._alternatives(*step) for step in zip(indices, values, strict=True)]
+            generations.append(with_tool_calls(generation, request))
         return generations
+
+    def _alternatives(self, token_ids: list[int], logprobs: list[float]) -> list[dict]:
+        """One position's most likely tokens; those the sampler had ruled out (top_p) have no finite logprob
+        and are left out."""
+        return [
+            {"token": self.tokenizer.decode([token]), "token_id": token, "logprob": logprob}
+            for token, logprob in zip(token_ids, logprobs, strict=True)
+            if math.isfinite(logprob)
+        ]
+
+
+def batch_key(sampling: SamplingParams) -> tuple:
+    """Requests that can share one ``generate`` call: the same sampling, up to the seed (a seeded batch draws
+    from one generator, seeded by its first request's seed, so the ``n`` samples of one request, seeded
+    ``seed + i``, run together) and to how many top logprobs each wants (the batch computes the most)."""
+    return (
+        sampling.temperature,
+        sampling.top_p,
+        sampling.max_tokens,
+        sampling.logprobs,
+        sampling.seed is not None,
+    )

@@ -1,10 +1,12 @@
 """A small OpenAI-compatible inference server over the ``hf`` backend, with dynamic batching.
 
-It serves ``/v1/chat/completions``, ``/v1/models``, ``/health`` and ``/metrics`` (vLLM's metric names for the
-numbers the ``vllm`` supervisor reads, plus the size of every batch it ran), so it stands in for
-``vllm serve`` wherever there is no GPU: the tests run the ``openai`` backend, the gateway and the vllm
+It serves ``/v1/chat/completions``, ``/v1/completions``, ``/v1/models``, ``/health`` and ``/metrics`` (vLLM's
+metric names for the numbers the ``vllm`` supervisor reads, plus the size of every batch it ran), so it stands
+in for ``vllm serve`` wherever there is no GPU: the tests run the ``openai`` backend, the gateway and the vllm
 supervisor against it with a real tiny model on CPU. Requests arriving within ``--batch-window-ms`` of each
-other run as one batch of up to ``--max-batch``.
+other run as one batch of up to ``--max-batch``. Like ``vllm serve --tool-call-parser hermes``, it renders
+``tools`` with the chat template and returns the Hermes tool calls in a reply as ``tool_calls``; ``n``,
+``logprobs``/``top_logprobs`` and vLLM's ``return_token_ids`` are answered as vLLM answers them (no streaming).
 
     python -m modelserving.hf_server --model-path var/tiny-model --served-model-name tiny --port 8001
 """
@@ -18,12 +20,51 @@ import threading
 import time
 import uuid
 from concurrent.futures import Future
+from dataclasses import replace
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from modelserving.backend import Generation, GenerationRequest, SamplingParams
 from modelserving.hf_backend import HFBackend
-from modelserving.openai_format import chat_completion_body, error_body
+from modelserving.openai_format import chat_completion_body, error_body, text_completion_body
+
+ROUTES = ("/v1/chat/completions", "/v1/completions")
+
+
+def generation_requests(path: str, body: dict) -> list[GenerationRequest]:
+    """The ``n`` requests of a chat or text completion body (``KeyError``/``TypeError``/``ValueError`` when it
+    is not one)."""
+    stop = body.get("stop") or ()
+    chat = path == "/v1/chat/completions"
+    logprobs = body.get("logprobs")
+    top_logprobs = int(body.get("top_logprobs") or 0) if chat else int(logprobs or 0)
+    sampling = SamplingParams(
+        temperature=float(body.get("temperature") or 0.0),
+        top_p=float(body.get("top_p") or 1.0),
+        max_tokens=int(body.get("max_tokens") or body.get("max_completion_tokens") or (64 if chat else 16)),
+        stop=(stop,) if isinstance(stop, str) else tuple(stop),
+        logprobs=bool(logprobs) if chat else logprobs is not None,
+        top_logprobs=top_logprobs,
+        return_token_ids=bool(body.get("return_token_ids")),
+    )
+    prompt = None if chat else body["prompt"]
+    request = {
+        "messages": body["messages"] if chat else [],
+        "tools": body.get("tools"),
+        "tool_choice": body.get("tool_choice"),
+        "parallel_tool_calls": body.get("parallel_tool_calls", True),
+        "prompt": prompt if isinstance(prompt, str) else None,
+        "prompt_token_ids": prompt if isinstance(prompt, list) else None,
+    }
+    seed = body.get("seed")
+    return [
+        GenerationRequest(
+            uuid.uuid4().hex,
+            sampling=replace(sampling, seed=None if seed is None else seed + index),
+            **request,
+        )
+        for index in range(int(body.get("n") or 1))
+    ]
 
 
 class Batcher(threading.Thread):
@@ -118,38 +159,35 @@ def make_handler(batcher: Batcher, served_model: str):
                 self.reply(HTTPStatus.NOT_FOUND, error_body(f"no route {self.path}", "not_found"))
 
         def do_POST(self) -> None:  # noqa: N802
-            if self.path != "/v1/chat/completions":
+            if self.path not in ROUTES:
                 return self.reply(HTTPStatus.NOT_FOUND, error_body(f"no route {self.path}", "not_found"))
             try:
                 body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)))
-                messages = body["messages"]
-            except (ValueError, KeyError, TypeError):
-                return self.reply(HTTPStatus.BAD_REQUEST, error_body("body must be JSON with messages", "invalid_body"))
+                requests = generation_requests(self.path, body)
+            except (ValueError, KeyError, TypeError) as exc:
+                message = f"body must be a JSON chat or text completion: {type(exc).__name__}: {exc}"
+                return self.reply(HTTPStatus.BAD_REQUEST, error_body(message, "invalid_body"))
             if body.get("model") != served_model:
                 message = f"The model `{body.get('model')}` does not exist."
                 return self.reply(HTTPStatus.NOT_FOUND, error_body(message, "model_not_found", "model"))
-            stop = body.get("stop") or ()
-            sampling = SamplingParams(
-                temperature=float(body.get("temperature") or 0.0),
-                top_p=float(body.get("top_p") or 1.0),
-                max_tokens=int(body.get("max_tokens") or body.get("max_completion_tokens") or 64),
-                stop=(stop,) if isinstance(stop, str) else tuple(stop),
-                seed=body.get("seed"),
-                logprobs=bool(body.get("logprobs")),
-            )
-            request = GenerationRequest(uuid.uuid4().hex, messages, sampling)
-            generation = batcher.submit(request).result()
-            if generation.error:
-                code = (
-                    "context_length_exceeded" if "maximum context length" in generation.error else "generation_failed"
-                )
+            generations = [future.result() for future in [batcher.submit(request) for request in requests]]
+            if failed := next((generation for generation in generations if generation.error), None):
+                code = "context_length_exceeded" if "maximum context length" in failed.error else "generation_failed"
                 status = (
                     HTTPStatus.BAD_REQUEST if code == "context_length_exceeded" else HTTPStatus.INTERNAL_SERVER_ERROR
                 )
-                return self.reply(status, error_body(generation.error, code))
-            return self.reply(
-                HTTPStatus.OK, chat_completion_body(f"chatcmpl-{request.request_id}", served_model, [generation], True)
-            )
+                return self.reply(status, error_body(failed.error, code))
+            token_ids = bool(body.get("return_token_ids"))
+            if self.path == "/v1/chat/completions":
+                answer = chat_completion_body(
+                    f"chatcmpl-{requests[0].request_id}", served_model, generations, token_ids
+                )
+            else:
+                top = body.get("logprobs")
+                answer = text_completion_body(
+                    f"cmpl-{requests[0].request_id}", served_model, generations, top, token_ids
+                )
+            return self.reply(HTTPStatus.OK, answer)
 
     return Handler
 

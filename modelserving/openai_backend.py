@@ -5,6 +5,10 @@ client: a 32-thread worker keeps 32+ requests in flight over a few keep-alive co
 batches them. Connection errors, timeouts and 5xx answers are retried with jittered exponential backoff
 (tenacity), a bounded number of times; 4xx answers are not retried.
 
+Tools and ``tool_choice`` go to the server, whose tool parser (``vllm serve --enable-auto-tool-choice
+--tool-call-parser hermes``, hf_server's own) returns ``tool_calls``; a raw prompt (text or token ids) goes to
+``/completions``. Token ids are asked for with vLLM's ``return_token_ids`` when the request wants ids or logprobs.
+
 Options: ``base_url`` (".../v1"), ``served_model`` (the name the server knows, default the MegaFlow name),
 ``api_key``, ``timeout_s`` (300), ``connect_timeout_s`` (5), ``max_attempts`` (4), ``backoff_s`` (0.5),
 ``max_connections`` (256).
@@ -56,27 +60,67 @@ def _error_message(response: httpx.Response) -> str:
 
 
 def parse_completion(request_id: str, body: dict, latency_s: float) -> Generation:
-    """A Generation from a chat.completion body; token ids come from vLLM's ``token_id:N`` logprob tokens or
-    a top-level ``token_ids`` list, logprobs from ``choices[0].logprobs.content``."""
+    """A Generation from a ``chat.completion`` or ``text_completion`` body. Token ids come from vLLM's
+    ``return_token_ids`` (``choices[0].token_ids``, ``prompt_token_ids``) or its ``token_id:N`` logprob tokens;
+    logprobs, token texts and top logprobs from either logprobs shape; tool calls as the server made them."""
     choice = body["choices"][0]
     usage = body.get("usage") or {}
-    content = (choice.get("logprobs") or {}).get("content") or None
-    token_ids = choice.get("token_ids")
-    logprobs = None
-    if content:
-        logprobs = [item["logprob"] for item in content]
-        if token_ids is None and all(str(item.get("token", "")).startswith("token_id:") for item in content):
-            token_ids = [int(item["token"].split(":", 1)[1]) for item in content]
-    return Generation(
+    generation = Generation(
         request_id=request_id,
-        text=choice["message"].get("content") or "",
         finish_reason=choice.get("finish_reason") or "stop",
         prompt_tokens=int(usage.get("prompt_tokens") or 0),
         completion_tokens=int(usage.get("completion_tokens") or 0),
-        token_ids=token_ids,
-        logprobs=logprobs,
+        token_ids=choice.get("token_ids"),
+        prompt_token_ids=body.get("prompt_token_ids") or choice.get("prompt_token_ids"),
         latency_s=latency_s,
     )
+    if "message" in choice:
+        generation.text = choice["message"].get("content") or ""
+        generation.tool_calls = [_tool_call(call) for call in choice["message"].get("tool_calls") or ()] or None
+        tokens, logprobs, tops = _chat_logprobs(choice.get("logprobs"))
+    else:
+        generation.text = choice.get("text") or ""
+        tokens, logprobs, tops = _legacy_logprobs(choice.get("logprobs"))
+    if logprobs is not None:
+        generation.logprobs, generation.top_logprobs = logprobs, tops
+        if all(token.startswith("token_id:") for token in tokens):  # vLLM's return_tokens_as_token_ids
+            generation.token_ids = generation.token_ids or [int(token.split(":", 1)[1]) for token in tokens]
+        else:
+            generation.tokens = tokens
+    return generation
+
+
+def _tool_call(call: dict) -> dict:
+    function = call["function"]
+    return {
+        "id": call["id"],
+        "type": "function",
+        "function": {"name": function["name"], "arguments": function["arguments"]},
+    }
+
+
+def _chat_logprobs(logprobs: dict | None) -> tuple[list[str], list[float] | None, list[list[dict]] | None]:
+    content = (logprobs or {}).get("content")
+    if not content:
+        return [], None, None
+    tops = [
+        [_alternative(other["token"], other["logprob"]) for other in item.get("top_logprobs") or ()] for item in content
+    ]
+    return [item["token"] for item in content], [item["logprob"] for item in content], tops if any(tops) else None
+
+
+def _legacy_logprobs(logprobs: dict | None) -> tuple[list[str], list[float] | None, list[list[dict]] | None]:
+    if not logprobs or logprobs.get("token_logprobs") is None:
+        return [], None, None
+    tops = logprobs.get("top_logprobs")
+    if tops is not None:
+        tops = [[_alternative(token, logprob) for token, logprob in (position or {}).items()] for position in tops]
+    return logprobs["tokens"], logprobs["token_logprobs"], tops
+
+
+def _alternative(token: str, logprob: float) -> dict:
+    token_id = int(token.split(":", 1)[1]) if token.startswith("token_id:") else None
+    return {"token": token, "token_id": token_id, "logprob": logprob}
 
 
 @register_backend("openai")
@@ -113,24 +157,43 @@ class OpenAIBackend(ModelBackend):
         return [future.result() for future in futures]
 
     def _body(self, request: GenerationRequest) -> dict:
+        """The request for ``/chat/completions``, or ``/completions`` for a raw prompt: what the request asks
+        for and nothing more, since a server may refuse what it does not know (vLLM's extensions included)."""
         sampling = request.sampling
         body = {
             "model": self.served_model,
-            "messages": request.messages,
             "temperature": sampling.temperature,
             "top_p": sampling.top_p,
             "max_tokens": sampling.max_tokens,
         }
+        if request.is_raw_completion:
+            body["prompt"] = request.prompt_token_ids if request.prompt_token_ids is not None else request.prompt
+            if sampling.logprobs:
+                body["logprobs"] = sampling.top_logprobs
+        else:
+            body["messages"] = request.messages
+            if request.tools:
+                body.update(tools=request.tools, parallel_tool_calls=request.parallel_tool_calls)
+                if request.tool_choice is not None:
+                    body["tool_choice"] = request.tool_choice
+            if sampling.logprobs:
+                body["logprobs"] = True
+            if sampling.top_logprobs:
+                body["top_logprobs"] = sampling.top_logprobs
         if sampling.stop:
             body["stop"] = list(sampling.stop)
         if sampling.seed is not None:
             body["seed"] = sampling.seed
-        if sampling.logprobs:
-            body.update(logprobs=True, return_tokens_as_token_ids=True)  # the latter is vLLM's extension
+        if sampling.logprobs or sampling.return_token_ids:
+            body["return_token_ids"] = True  # vLLM's extension (>= 0.10.2): the ids trainers need
         return body
 
-    async def _post(self, body: dict) -> httpx.Response:
-        response = await self.client.post("/chat/completions", json=body)
+    @staticmethod
+    def _path(request: GenerationRequest) -> str:
+        return "/completions" if request.is_raw_completion else "/chat/completions"
+
+    async def _post(self, path: str, body: dict) -> httpx.Response:
+        response = await self.client.post(path, json=body)
         if response.status_code >= 500:
             raise ServerError(response.status_code, _error_message(response))
         return response
@@ -145,7 +208,7 @@ class OpenAIBackend(ModelBackend):
         )
         failed = Generation(request.request_id, finish_reason="error")
         try:
-            response = await retrying(self._post, self._body(request))
+            response = await retrying(self._post, self._path(request), self._body(request))
         except httpx.TransportError as exc:
             failed.error = (
                 f"model server {self.base_url} unreachable after {self.max_attempts} attempts: "

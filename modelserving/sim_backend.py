@@ -7,12 +7,17 @@ measuring what trainer-grade rollouts cost, ``prompt_ids_per_message`` (0: no id
 message is that many ids, so each turn grows the prompt by about that much) and every completion is
 ``completion_ids`` ids with logprobs. The ids are a simulation's, for sizing the hot path, never a model's.
 Any version "loads" (there are no weights).
+
+Given ``tools`` (and a ``tool_choice`` other than "none"), the action is a call of the named tool, else the first
+declared one, written the Hermes way and parsed by the same code as a real model's reply (modelserving/tool_calls.py):
+the command goes in its ``command`` parameter, or its first string parameter.
 """
 
 import time
 import zlib
 
 from modelserving.backend import Generation, GenerationRequest, ModelBackend, register_backend
+from modelserving.tool_calls import hermes_text, with_tool_calls
 
 BOS, EOS, NEWLINE = 1, 2, 3
 
@@ -62,21 +67,35 @@ class SimBackend(ModelBackend):
             turn = sum(1 for message in request.messages if message.get("role") == "assistant")
             command = "echo MEGAFLOW_SUBMIT" if turn + 1 >= self.steps else f"echo step {turn}"
             text = f"Step {turn}.\n```bash\n{command}\n```"
-            prompt_words = sum(len(str(message.get("content", "")).split()) for message in request.messages)
+            if request.tools and request.tool_choice != "none":
+                text = tool_call_text(request, command)
+            prompt_words = sum(len(str(message.get("content") or "").split()) for message in request.messages)
             token_ids = logprobs = None
             if request.prompt_token_ids is not None:
                 token_ids = [10 + (turn + index) % 30_000 for index in range(self.completion_ids - 1)] + [EOS]
                 logprobs = [-0.5] * len(token_ids)
-            generations.append(
-                Generation(
-                    request_id=request.request_id,
-                    text=text,
-                    prompt_tokens=prompt_words if token_ids is None else len(request.prompt_token_ids),
-                    completion_tokens=len(text.split()) if token_ids is None else len(token_ids),
-                    token_ids=token_ids,
-                    logprobs=logprobs,
-                    latency_s=time.monotonic() - started,
-                    model_version=self.version,
-                )
+            generation = Generation(
+                request_id=request.request_id,
+                text=text,
+                prompt_tokens=prompt_words if token_ids is None else len(request.prompt_token_ids),
+                completion_tokens=len(text.split()) if token_ids is None else len(token_ids),
+                token_ids=token_ids,
+                logprobs=logprobs,
+                latency_s=time.monotonic() - started,
+                model_version=self.version,
             )
+            generations.append(with_tool_calls(generation, request))
         return generations
+
+
+def tool_call_text(request: GenerationRequest, command: str) -> str:
+    """A call of the tool ``request`` names (or its first) that runs ``command``, as a Hermes model writes it."""
+    if isinstance(request.tool_choice, dict):
+        name = request.tool_choice["function"]["name"]
+        tool = next(tool for tool in request.tools if tool["function"]["name"] == name)
+    else:
+        tool = request.tools[0]
+    properties = (tool["function"].get("parameters") or {}).get("properties") or {}
+    strings = [key for key, schema in properties.items() if isinstance(schema, dict) and schema.get("type") == "string"]
+    parameter = "command" if "command" in properties else next(iter(strings), None)
+    return hermes_text(tool["function"]["name"], {parameter: command} if parameter else {})

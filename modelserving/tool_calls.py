@@ -14,6 +14,8 @@ import json
 import re
 import uuid
 
+from modelserving.backend import Generation, GenerationRequest
+
 # An unclosed block at the end counts too: a reply cut at max_tokens inside a call is then not JSON, and the
 # whole reply stays text.
 TOOL_CALL = re.compile(r"<tool_call>(.*?)</tool_call>|<tool_call>(.*)\Z", re.DOTALL)
@@ -79,6 +81,17 @@ def extract_tool_calls(
     content, calls = parse_hermes(text)
     chosen = choose_calls(calls, tool_choice, parallel_tool_calls)
     return (content, chosen) if chosen else (text, [])
+
+
+def with_tool_calls(generation: Generation, request: GenerationRequest) -> Generation:
+    """``generation`` with the tool calls its text makes under ``request``'s tools and tool choice taken out of
+    the text (finish reason "tool_calls"), as a text backend returns it."""
+    content, calls = extract_tool_calls(
+        generation.text, request.tools, request.tool_choice, request.parallel_tool_calls
+    )
+    if calls:
+        generation.text, generation.tool_calls, generation.finish_reason = content, calls, "tool_calls"
+    return generation
 
 
 def hermes_text(name: str, arguments: dict) -> str:

@@ -10,8 +10,9 @@ version is refused). vllm itself is installed only
 on GPU workers (requirements-gpu.txt); the backend only needs the ``vllm`` command.
 
 Options: ``model_path``, ``port`` (8100), ``gpus`` (e.g. "0,1"), ``extra_args`` (list, e.g.
-["--tensor-parallel-size", "2"]), ``command`` (replaces the whole command line), ``startup_timeout_s``, and
-the ``openai`` backend's options.
+["--tensor-parallel-size", "2"]), ``tool_call_parser`` (the model's convention, e.g. "hermes" for Qwen: the server
+then answers ``tools`` with ``tool_calls``; without it, vLLM refuses ``tool_choice: "auto"``), ``command``
+(replaces the whole command line), ``startup_timeout_s``, and the ``openai`` backend's options.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ class VLLMBackend(ModelBackend):
         port: int = 8100,
         gpus: str | None = None,
         extra_args: list[str] | None = None,
+        tool_call_parser: str | None = None,
         command: list[str] | None = None,
         startup_timeout_s: float = 900,
         restart_backoff_s: float = 2,
@@ -50,6 +52,7 @@ class VLLMBackend(ModelBackend):
             self.version = str(version)
         self.model_path = model_path
         base_url = f"http://127.0.0.1:{port}"
+        tool_args = ["--enable-auto-tool-choice", "--tool-call-parser", tool_call_parser] if tool_call_parser else []
         command = command or [
             "vllm",
             "serve",
@@ -60,6 +63,7 @@ class VLLMBackend(ModelBackend):
             str(port),
             "--served-model-name",
             model,
+            *tool_args,
             *(extra_args or []),
         ]
         env = {"CUDA_VISIBLE_DEVICES": gpus} if gpus is not None else {}

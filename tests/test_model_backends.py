@@ -11,6 +11,8 @@ from envs import task_sandbox
 from modelserving.backend import GenerationRequest, SamplingParams, UnknownModel, get_backend, model_config
 from modelserving.supervisor import read_metrics
 from modelserving.tasks import publish_generation
+from modelserving.token_prompts import PreviousTurn, next_prompt
+from modelserving.tool_calls import extract_tool_calls, hermes_text, parse_hermes
 from orchestrator import episode_loop
 from orchestrator.models import Episode, Run, Task
 from tests.support.fault_proxy import FaultProxy
@@ -215,3 +217,136 @@ def test_a_context_length_failure_is_recorded_on_the_episode(tiny_model_server, 
     episode.refresh_from_db()
     assert (episode.status, episode.attempt) == (Episode.Status.FAILED, 1), "not retried"
     assert episode.failure_reason.startswith("model tiny: context length exceeded: This model's maximum context length")
+
+
+# --- tool calls ---------------------------------------------------------------------------------------------
+
+BASH = {"type": "function", "function": {"name": "bash", "parameters": {"properties": {"command": {"type": "string"}}}}}
+SUBMIT = {"type": "function", "function": {"name": "submit"}}
+
+
+def test_hermes_tool_calls_are_read_out_of_a_reply():
+    text = 'Let me look.\n<tool_call>\n{"name": "bash", "arguments": {"command": "ls"}}\n</tool_call>\n' \
+           '<tool_call>{"name": "submit", "arguments": "{}"}</tool_call>'  # fmt: skip
+    content, calls = parse_hermes(text)
+    assert content == "Let me look."
+    assert [(call["type"], call["function"]) for call in calls] == [
+        ("function", {"name": "bash", "arguments": '{"command": "ls"}'}),
+        ("function", {"name": "submit", "arguments": "{}"}),
+    ]
+    assert len({call["id"] for call in calls}) == 2 and all(call["id"].startswith("call_") for call in calls)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "no call here",
+        '<tool_call>{"name": "bash", "arguments": {"command": "l',  # cut at max_tokens
+        "<tool_call>not json</tool_call>",
+        '<tool_call>{"arguments": {}}</tool_call>',  # no name
+        '<tool_call>{"name": "bash", "arguments": [1]}</tool_call>',
+        '<tool_call>{"name": "bash", "arguments": {}}</tool_call><tool_call>oops</tool_call>',
+    ],
+)
+def test_a_reply_without_well_formed_calls_is_all_text(text):
+    assert parse_hermes(text) == (text, [])
+
+
+def test_tool_choice_decides_which_calls_a_reply_makes():
+    both = hermes_text("bash", {"command": "ls"}) + hermes_text("submit", {})
+    names = lambda calls: [call["function"]["name"] for call in calls]  # noqa: E731
+    assert names(extract_tool_calls(both, [BASH, SUBMIT], "auto")[1]) == ["bash", "submit"]
+    assert names(extract_tool_calls(both, [BASH, SUBMIT], "required", parallel_tool_calls=False)[1]) == ["bash"]
+    assert names(extract_tool_calls(both, [BASH, SUBMIT], {"type": "function", "function": {"name": "submit"}})[1]) == [
+        "submit"
+    ]
+    assert extract_tool_calls(both, [BASH, SUBMIT], "none") == (both, [])
+    assert extract_tool_calls(both, None, None) == (both, []), "no tools declared: nothing is parsed"
+    only_bash = hermes_text("bash", {"command": "ls"})
+    named = {"type": "function", "function": {"name": "submit"}}
+    assert extract_tool_calls(only_bash, [BASH, SUBMIT], named) == (only_bash, []), "never an invented call"
+
+
+def test_sim_answers_tools_with_a_call_and_text_without():
+    sim = get_backend("sim")
+    request = ask("go", request_id="t")
+    request.tools = [SUBMIT, BASH]
+    request.tool_choice = {"type": "function", "function": {"name": "bash"}}
+    [called] = sim.generate([request])
+    assert called.finish_reason == "tool_calls" and called.text == ""
+    assert [call["function"] for call in called.tool_calls] == [
+        {"name": "bash", "arguments": '{"command": "echo step 0"}'}
+    ]
+    request.tool_choice = "none"
+    [text] = sim.generate([request])
+    assert text.tool_calls is None and "```bash\necho step 0\n```" in text.text
+
+
+@pytest.mark.integration
+def test_a_turn_after_a_tool_call_extends_the_previous_ids(tiny_model):
+    """Token in, token out across a tool call: the tools rendered once, the call the model wrote kept as it
+    sampled it, the tool's answer appended as the template's delta."""
+    from modelserving.hf_backend import HFBackend
+
+    hf = HFBackend("tiny", model_path=str(tiny_model), context_length=1024)
+    messages = [{"role": "user", "content": "List the files."}]
+    first = next_prompt(hf, messages, None, tools=[BASH])
+    assert '"name": "bash"' in hf.tokenizer.decode(first.ids)
+    reply = hermes_text("bash", {"command": "ls"})
+    completion = [*hf.text_token_ids(reply), hf.tokenizer.eos_token_id]
+    [call] = parse_hermes(reply)[1]
+    previous = PreviousTurn(messages, "", first.ids + completion, tool_calls=[call])
+    grown = [*messages, previous.reply_message, {"role": "tool", "tool_call_id": call["id"], "content": "setup.py"}]
+    second = next_prompt(hf, grown, previous, tools=[BASH])
+    assert second.consistent is True and second.ids[: len(previous.ids)] == previous.ids
+    assert (
+        hf.tokenizer.decode(second.appended_ids)
+        == "\n<s>tool\n<tool_response>\nsetup.py\n</tool_response></s>\n<s>assistant\n"
+    )
+    assert second.ids == hf.chat_token_ids(grown, tools=[BASH]), "the same ids as rendering it whole"
+
+
+def test_vllm_serve_is_told_the_models_tool_call_convention(monkeypatch):
+    from modelserving import vllm_backend
+
+    launched = {}
+
+    class Recorder:
+        def __init__(self, command, *args, **kwargs):
+            launched["command"] = command
+
+        def start(self):
+            pass
+
+    monkeypatch.setattr(vllm_backend, "ServerSupervisor", Recorder)
+    vllm_backend.VLLMBackend("qwen", model_path="/models/qwen", port=8123, tool_call_parser="hermes")
+    assert launched["command"][-3:] == ["--enable-auto-tool-choice", "--tool-call-parser", "hermes"]
+
+
+def test_a_vllm_answer_is_read_with_its_tool_calls_ids_and_logprobs():
+    """What vLLM (>= 0.10.2, ``return_token_ids``) answers, read into a generation: it cannot run here."""
+    from modelserving.openai_backend import parse_completion
+
+    call = {"id": "chatcmpl-tool-1", "type": "function", "function": {"name": "bash", "arguments": '{"command": "ls"}'}}
+    top = [{"token": "<tool_call>", "logprob": -0.1, "bytes": [60]}, {"token": "I", "logprob": -2.5, "bytes": [73]}]
+    body = {
+        "choices": [{
+            "index": 0, "finish_reason": "tool_calls", "token_ids": [151657, 151658],
+            "message": {"role": "assistant", "content": None, "tool_calls": [call]},
+            "logprobs": {"content": [{"token": "<tool_call>", "logprob": -0.1, "bytes": [60], "top_logprobs": top},
+                                     {"token": "</tool_call>", "logprob": -0.2, "bytes": [60], "top_logprobs": top}]},
+        }],
+        "usage": {"prompt_tokens": 30, "completion_tokens": 2},
+        "prompt_token_ids": list(range(30)),
+    }  # fmt: skip
+    generation = parse_completion("r", body, 0.1)
+    assert generation.tool_calls == [call] and generation.text == "" and generation.finish_reason == "tool_calls"
+    assert generation.token_ids == [151657, 151658] and generation.prompt_token_ids == list(range(30))
+    assert generation.tokens == ["<tool_call>", "</tool_call>"] and generation.logprobs == [-0.1, -0.2]
+    assert [other["token"] for other in generation.top_logprobs[0]] == ["<tool_call>", "I"]
+    # Older servers' return_tokens_as_token_ids: ids in the tokens, no texts.
+    body["choices"][0].pop("token_ids")
+    for item in body["choices"][0]["logprobs"]["content"]:
+        item["token"] = f"token_id:{151657 if item['logprob'] == -0.1 else 151658}"
+    generation = parse_completion("r", body, 0.1)
+    assert generation.token_ids == [151657, 151658] and generation.tokens is None

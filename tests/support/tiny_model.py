@@ -22,15 +22,28 @@ TINY_AGENT_CONFIG = {
     "max_history_turns": 1,
     "sampling": {"max_tokens": 8},
 }
+# The Hermes convention (Qwen, Hermes): declared tools in a system turn, a call as a <tool_call> JSON block, a
+# tool's answer in <tool_response>. A conversation without tools renders as "<s>role\ncontent</s>\n" turns.
 CHAT_TEMPLATE = (
-    "{% for message in messages %}<s>{{ message['role'] }}\n{{ message['content'] }}</s>\n{% endfor %}"
+    "{% if tools %}<s>system\n<tools>\n{% for tool in tools %}{{ tool | tojson }}\n{% endfor %}"
+    "</tools></s>\n{% endif %}"
+    "{% for message in messages %}<s>{{ message['role'] }}\n"
+    "{% if message['role'] == 'tool' %}<tool_response>\n{{ message['content'] }}\n</tool_response>"
+    "{% else %}{{ message['content'] or '' }}{% endif %}"
+    "{% for call in message['tool_calls'] or [] %}<tool_call>\n"
+    "{{ {'name': call['function']['name'], 'arguments': call['function']['arguments']} | tojson }}\n</tool_call>"
+    "{% endfor %}</s>\n{% endfor %}"
     "{% if add_generation_prompt %}<s>assistant\n{% endif %}"
 )
 
 
 def build_tiny_model(path: Path, context_length: int = 256, vocab_size: int = 512, seed: int = 0) -> Path:
-    """Write a tokenizer and a randomly initialised model to ``path`` (skipped when already there)."""
+    """Write a tokenizer and a randomly initialised model to ``path`` (skipped when already there; a model
+    built before the chat template changed gets the current one)."""
     if (path / "config.json").exists() and (path / "tokenizer.json").exists():
+        template = path / "chat_template.jinja"
+        if not template.exists() or template.read_text() != CHAT_TEMPLATE:
+            template.write_text(CHAT_TEMPLATE)
         return path
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
