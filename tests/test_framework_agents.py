@@ -104,6 +104,41 @@ def test_an_episode_bound_url_refuses_what_it_does_not_grant(framework_worker, s
     assert episode.steps.get(index=1).prefix_consistent is False  # the framework sent the first prompt again
 
 
+def test_session_turns_grow_token_in_token_out_across_tool_calls(framework_worker, tiny_model, swe_mini):
+    """A tokenizing backend behind an episode-bound URL: each call's prompt ids extend the previous call's
+    prompt + completion (a tool call and its answer included), with logprobs recorded for the trainer whether
+    or not the framework asked for them, and only what it asked for in the answer."""
+    run = make_run(swe_mini, ["kvconf-4"], model_name="tiny-hf", max_steps=5)
+    episode = Episode.objects.create(run=run, task=run.tasks.get(), sample_index=0, status=Episode.Status.RUNNING)
+    secret = sessions.open_session(episode.pk, episode.attempt)
+    client = openai.OpenAI(base_url=episode_url(framework_worker, secret), api_key="ignored", max_retries=0)
+    tools = [{"type": "function", "function": {"name": "bash", "description": "Run a command",
+              "parameters": {"type": "object", "properties": {"command": {"type": "string"}}}}}]  # fmt: skip
+    messages = [{"role": "system", "content": "You fix bugs."}, {"role": "user", "content": "Fix kvconf."}]
+    first = client.chat.completions.create(model="tiny-hf", messages=messages, tools=tools, max_tokens=6)
+    assert first.choices[0].logprobs is None  # not asked for
+    # The framework hands back the reply as it got it, then its tool call's answer, as agents do.
+    call = {"id": "call_0", "type": "function", "function": {"name": "bash", "arguments": '{"command": "ls"}'}}
+    reply = {"role": "assistant", "content": first.choices[0].message.content, "tool_calls": [call]}
+    step = episode.steps.get(index=0)
+    step.tool_calls = [call]  # as if the model had called it: the next prompt must extend this turn exactly
+    step.save()
+    messages += [reply, {"role": "tool", "tool_call_id": "call_0", "content": "kvconf.py"}]
+    second = client.chat.completions.create(model="tiny-hf", messages=messages, tools=tools, max_tokens=6,
+                                            logprobs=True)  # fmt: skip
+    assert len(second.choices[0].logprobs.content) == second.usage.completion_tokens
+
+    turn0, turn1 = episode.steps.order_by("index")
+    assert turn0.prompt_ids and turn0.completion_ids and len(turn0.logprobs) == len(turn0.completion_ids)
+    assert turn1.prefix_consistent is True
+    assert turn1.prompt_prefix_len == len(turn0.prompt_ids) + len(turn0.completion_ids)
+    assert [message["role"] for message in turn1.model_input] == ["tool"]  # only what the call added
+    assert turn1.model_name == "tiny-hf" and turn1.sampling["tools"] == tools
+    episode.refresh_from_db()
+    assert episode.step_count == 2
+    assert episode.prompt_tokens == turn0.prompt_tokens + turn1.prompt_tokens > 0
+
+
 def test_a_bad_mini_swe_agent_configuration_is_a_400_naming_the_field(db, swe_mini):
     api = APIClient()
     api.force_authenticate(User.objects.create_user("trainer"))
