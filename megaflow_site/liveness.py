@@ -10,10 +10,16 @@ entered by ``@megaflow_task`` around every task that names an ``episode_id``), a
 workers with its queues and the time of the beat. A registered worker whose key expired is dead. Long work is
 kept alive by the heartbeat, not by a lease as long as the longest task.
 
+A worker holds an episode from the moment it takes a message naming it off its queue (``task_received``) until
+that task ends: with late acknowledgement, those are exactly the messages a ``kill -9`` loses (prefetch is one
+per thread, so a taken message is about to run). The registry entry keeps the list of the last beat, so that
+it outlives the key that expires.
+
 The watchdog (orchestrator/runs.py) reads the ``Fleet``, turns what happened into recovery ``Event`` s — a
-worker went silent (the messages it had taken from its queues may be lost), the broker restarted (publishes in
-flight may be lost) or lost its data (every queued message is lost: no epoch key) — and re-drives from the
-database the live episodes no living worker holds that have not moved since.
+worker went silent (what it held at its last beat, and the hops it began after it, are lost; what it merely
+published sits in a queue and is not), the broker restarted (publishes in flight may be lost) or lost its data
+(every queued message is lost: no epoch key) — and re-drives from the database the live episodes no living
+worker holds that were lost.
 """
 
 from __future__ import annotations
@@ -45,6 +51,9 @@ EVENTS_KEY = "megaflow:recovery-events"  # sorted set of Event, scored by when i
 _node = f"{socket.gethostname()}:{os.getpid()}"
 _token = secrets.token_hex(4)
 _held: collections.Counter[int] = collections.Counter()
+# Task id → (episode id, when): messages taken off a queue whose task has not ended. Running tasks are in _held as
+# well, so an entry older than a task's hard limit is a message Celery dropped without running it: forgotten.
+_taken: dict[str, tuple[int, float]] = {}
 _held_lock = threading.Lock()
 
 
@@ -77,7 +86,31 @@ def holding(episode_id: int | None) -> Iterator[None]:
 
 def held() -> list[int]:
     with _held_lock:
-        return sorted(_held)
+        too_old = time.monotonic() - settings.CELERY_TASK_TIME_LIMIT
+        for task_id in [task_id for task_id, (_, at) in _taken.items() if at < too_old]:
+            del _taken[task_id]
+        return sorted(set(_held) | {episode_id for episode_id, _ in _taken.values()})
+
+
+def _episode_of(request) -> int | None:
+    kwargs = getattr(request, "kwargs", None)
+    episode_id = kwargs.get("episode_id") if isinstance(kwargs, dict) else None
+    return episode_id if isinstance(episode_id, int) else None
+
+
+@signals.task_received.connect
+def _took(request=None, **_) -> None:
+    """A message naming an episode was taken off a queue: from now until its task ends, a death loses it."""
+    if (episode_id := _episode_of(request)) is not None:
+        with _held_lock:
+            _taken[request.id] = (episode_id, time.monotonic())
+
+
+@signals.task_postrun.connect
+@signals.task_revoked.connect
+def _let_go(task_id=None, request=None, **_) -> None:
+    with _held_lock:
+        _taken.pop(task_id or getattr(request, "id", None), None)
 
 
 @functools.cache
@@ -93,9 +126,12 @@ def heartbeat_s() -> float:
 def beat(queues: Iterable[str] = (), redis_client: redis.Redis | None = None) -> None:
     """One heartbeat of this process: alive for ``MEGAFLOW_WORKER_DEAD_S`` more seconds, holding what it holds."""
     me = incarnation()
+    holding_now = held()
     pipe = (redis_client or client()).pipeline(transaction=False)
-    pipe.set(ALIVE_KEY + me, json.dumps({"held": held()}), ex=max(1, round(settings.MEGAFLOW_WORKER_DEAD_S)))
-    pipe.hset(REGISTRY_KEY, me, json.dumps({"node": _node, "queues": sorted(queues), "beat_at": time.time()}))
+    pipe.set(ALIVE_KEY + me, json.dumps({"held": holding_now}), ex=max(1, round(settings.MEGAFLOW_WORKER_DEAD_S)))
+    # The registry keeps what was held at the last beat: the watchdog reads it once the key above has expired.
+    info = {"node": _node, "queues": sorted(queues), "beat_at": time.time(), "held": holding_now}
+    pipe.hset(REGISTRY_KEY, me, json.dumps(info))
     pipe.execute()
 
 
@@ -184,33 +220,59 @@ def read_fleet(redis_client: redis.Redis | None = None) -> Fleet:
 
 @dataclass(frozen=True)
 class Event:
-    """Something after which messages may have been lost: live episodes that no living worker holds and that
-    have not moved since ``at`` (a UNIX time) are re-driven, those whose next hop runs on one of ``queues``
-    (None: any queue)."""
+    """Something after which messages may have been lost.
+
+    A broker event re-drives the live episodes that no living worker holds and that have not moved since ``at``
+    (a UNIX time), those whose next hop runs on one of ``queues`` (None: any queue). A worker's death (``worker``
+    set) re-drives only what that worker lost: what it held at its last beat (``beat_at``, ``held``) and the hops
+    it began after that beat. What it merely published waits in a queue and is not lost: re-driving it would
+    duplicate it, and after every death under a backlog the duplicates feed on themselves."""
 
     at: float
     why: str
     queues: frozenset[str] | None = None
-    # Seconds after ``at`` before the event re-drives anything: what was merely queued has been taken by then. A
-    # re-drive duplicates a message that was not lost, and a duplicated start redoes its sandbox: re-driving a
-    # backlog after every death feeds on itself.
+    # Seconds after ``at`` before the event re-drives anything: what was merely queued has been taken by then.
     settle_s: float = 0.0
+    worker: str | None = None
+    beat_at: float = 0.0
+    held: frozenset[int] = frozenset()
 
     def covers(self, queue: str) -> bool:
-        return self.queues is None or queue in self.queues
+        return self.worker is None and (self.queues is None or queue in self.queues)
 
     def settled(self, now: float) -> bool:
         return now >= self.at + self.settle_s
 
+    def lost_with_worker(self, episode_id: int, holder: str, updated_at: float) -> bool:
+        """Whether the dead ``worker`` took the episode's pending hop with it: it held the episode at its last
+        beat and nobody moved it since, or it made the episode's last move after that beat (a hop it began then,
+        or one that finished and published its successor in those last seconds: a bounded duplicate)."""
+        if self.worker is None:
+            return False
+        if holder == self.worker:
+            return episode_id in self.held or updated_at >= self.beat_at
+        return episode_id in self.held and updated_at <= self.beat_at
+
     def to_json(self) -> str:
         queues = None if self.queues is None else sorted(self.queues)
-        return json.dumps({"at": self.at, "why": self.why, "queues": queues, "settle_s": self.settle_s})
+        return json.dumps({"at": self.at, "why": self.why, "queues": queues, "settle_s": self.settle_s,
+                           "worker": self.worker, "beat_at": self.beat_at, "held": sorted(self.held)})  # fmt: skip
 
     @classmethod
     def from_json(cls, text: str) -> Event:
         data = json.loads(text)
         queues = None if data["queues"] is None else frozenset(data["queues"])
-        return cls(data["at"], data["why"], queues, data.get("settle_s", 0.0))
+        return cls(data["at"], data["why"], queues, data.get("settle_s", 0.0), data.get("worker"),
+                   data.get("beat_at", 0.0), frozenset(data.get("held", ())))  # fmt: skip
+
+    @classmethod
+    def death(cls, name: str, info: dict, now: float) -> Event:
+        """``name`` went silent; ``info`` is its registry entry (queues, the time and held list of its last beat)."""
+        beat_at = float(info.get("beat_at", now))
+        queues = frozenset(info["queues"]) if info.get("queues") else None
+        # It died at most a heartbeat after its last beat.
+        return cls(beat_at + heartbeat_s(), f"worker {name} went silent", queues, worker=name, beat_at=beat_at,
+                   held=frozenset(info.get("held", ())))  # fmt: skip
 
 
 def recovery_window_s() -> float:
@@ -227,10 +289,7 @@ def observe(fleet: Fleet, redis_client: redis.Redis | None = None, now: float | 
     found = []
     for name, info in fleet.dead.items():
         if redis_client.hdel(REGISTRY_KEY, name):  # one watchdog records each death
-            # It died at most a heartbeat after its last one.
-            at = float(info.get("beat_at", now)) + heartbeat_s()
-            queues = frozenset(info["queues"]) if info.get("queues") else None
-            found.append(Event(at, f"worker {name} went silent", queues, settle_s=settings.MEGAFLOW_WORKER_DEAD_S))
+            found.append(Event.death(name, info, now))
     found += broker_events(redis_client, now)
     if found:  # scored by when they were seen: the window runs from there
         redis_client.zadd(EVENTS_KEY, {event.to_json(): now for event in found})

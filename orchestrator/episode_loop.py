@@ -44,6 +44,7 @@ from django.utils import timezone
 from agents.agent import Agent, CommandResult, FrameworkAgent, TaskView, Turn, drives_itself, run_agent, submitted
 from envs import service as env_service
 from envs.backend import SandboxError
+from megaflow_site import liveness
 from modelserving import service as model_service
 from modelserving.backend import GenerationRequest, SamplingParams
 from modelserving.token_prompts import PreviousTurn
@@ -118,9 +119,10 @@ def read_live(episode_id: int) -> Live | None:
     return None if row is None else Live(*row)
 
 
-def _current(episode_id: int, attempt: int | None) -> Live | None:
+def _current(episode_id: int, attempt: int | None, hold: bool = True) -> Live | None:
     """The episode, if this message still concerns it: not deleted, not finished (a finished one's sandbox is
-    released here), and of the message's attempt (an older one's message is a straggler)."""
+    released here), and of the message's attempt (an older one's message is a straggler). ``hold``: this process
+    now holds it (a start holds it by its claim instead)."""
     episode = read_live(episode_id)
     if episode is None:
         return None  # deleted with its run
@@ -130,7 +132,8 @@ def _current(episode_id: int, attempt: int | None) -> Live | None:
     if attempt is not None and attempt != episode.attempt:
         logger.info("episode %s: dropped a message of attempt %s (now %s)", episode_id, attempt, episode.attempt)
         return None
-    transitions.hold(episode_id, episode.attempt)
+    if hold:
+        transitions.hold(episode_id, episode.attempt)
     return episode
 
 
@@ -196,19 +199,21 @@ def episode_start(episode_id: int, pool: str, attempt: int | None = None) -> Non
 
 
 def _start(episode_id: int, pool: str, attempt: int | None) -> None:
-    episode = _current(episode_id, attempt)
+    episode = _current(episode_id, attempt, hold=False)
     if episode is None:
         return
     if episode.status == Episode.Status.RUNNING:
         # A redelivered start whose sandbox came up before the worker died: carry on with the first turn (a
         # turn that was already taken is dropped by its claim).
+        transitions.hold(episode_id, episode.attempt)
         if env_service.is_alive(episode.container_id):
             first_hop(episode)
         else:
             _sandbox_failed(episode, SandboxError("the sandbox container stopped"), episode.container_id)
         return
-    if not transitions.claim_start(episode_id, episode.attempt, env_host=settings.MEGAFLOW_ENV_HOST):
-        return  # not starting: cancelled, retried or not admitted
+    alive = liveness.read_fleet().alive
+    if not transitions.claim_start(episode_id, episode.attempt, env_host=settings.MEGAFLOW_ENV_HOST, alive=alive):
+        return  # not starting (cancelled, retried, not admitted), or a living worker's start of it is under way
     episode = dataclasses.replace(episode, env_host=settings.MEGAFLOW_ENV_HOST)
     task = episode.task
     if episode.container_id:

@@ -16,7 +16,7 @@ from django.utils import timezone
 
 from agents.agent import drives_itself
 from megaflow_site import liveness
-from megaflow_site.topology import Service, service_of_task
+from megaflow_site.topology import FRAMEWORK_QUEUE, Service, service_of_task
 from orchestrator import transitions
 from orchestrator.api.serializers import RunSerializer
 from orchestrator.autoscale import admission_limit
@@ -136,9 +136,9 @@ def stalled_after_s() -> float:
 
 
 def watchdog() -> list[int]:
-    """Re-drive, from their durable state, the live episodes whose next hop was lost: held by a worker that died
-    (silent for MEGAFLOW_WORKER_DEAD_S), taken from a queue by a worker that died before it said so, published
-    to a broker that restarted or lost its data, or stalled past the last resort. Returns those re-driven."""
+    """Re-drive, from their durable state, the live episodes whose next hop was lost: taken from its queue or run
+    by a worker that died (silent for MEGAFLOW_WORKER_DEAD_S), published to a broker that restarted or lost its
+    data, or stalled past the last resort. Returns those re-driven."""
     fleet = liveness.read_fleet()
     return redrive_lost(fleet, liveness.observe(fleet))
 
@@ -146,18 +146,20 @@ def watchdog() -> list[int]:
 def redrive_lost(fleet: liveness.Fleet, events: list[liveness.Event], now=None) -> list[int]:
     """The watchdog's decision and act, given what it knows of the fleet and what happened (DB only: tests pass
     both). A live episode is lost when no living worker holds it (by its heartbeat), it has not moved for two
-    heartbeats, and either its holder is not alive and it has been quiet for the dead-worker window, or it has
-    not moved since an event that may have lost its next hop's message (once the event settled), or it stalled
-    past ``stalled_after_s``. Every hop is idempotent and fenced, so re-publishing the one the database implies is
-    always safe; an unfinished step's claim is expired so that the re-driven step takes it over now."""
+    heartbeats, and either a worker that died took its pending hop with it (``Event.lost_with_worker``), or it
+    has not moved since a broker event that may have lost its next hop's message (once the event settled), or it
+    stalled past ``stalled_after_s``. Every hop is idempotent and fenced, so re-publishing the one the database
+    implies is always safe; an unfinished step's claim is expired so that the re-driven step takes it over now."""
     now = now or timezone.now()
     events = [event for event in events if event.settled(now.timestamp())]
+    deaths = [event for event in events if event.worker]
+    broker_events = [event for event in events if not event.worker]
     quiet = now - timedelta(seconds=2 * settings.MEGAFLOW_WORKER_HEARTBEAT_S)
-    orphaned = now - timedelta(seconds=settings.MEGAFLOW_WORKER_DEAD_S)
     lost = Q(updated_at__lt=now - timedelta(seconds=stalled_after_s()))
-    lost |= Q(updated_at__lt=orphaned) & ~Q(holder__in=list(fleet.alive))
-    if events:
-        lost |= Q(updated_at__lt=_moment(max(event.at for event in events)))
+    for death in deaths:
+        lost |= Q(holder=death.worker) | Q(pk__in=death.held)
+    if broker_events:
+        lost |= Q(updated_at__lt=_moment(max(event.at for event in broker_events)))
     candidates = (
         Episode.objects.filter(status__in=LIVE, updated_at__lt=quiet)
         .filter(lost)
@@ -175,7 +177,7 @@ def redrive_lost(fleet: liveness.Fleet, events: list[liveness.Event], now=None) 
             name, message = _next_framework_hop(status, pool, pk, attempt, host)
         else:
             name, message = _next_hop(status, last, pool, model, pk, attempt, host)
-        why = _why_lost(holder, updated_at, fleet, events, _queue_of(name, message), orphaned, now)
+        why = _why_lost(pk, holder, updated_at, events, _queue_of(name, message), now)
         if why is None or not transitions.redrive(pk, attempt, updated_at):
             continue
         if name == "envs.episode_step" and last[2] is None:
@@ -189,8 +191,11 @@ def redrive_lost(fleet: liveness.Fleet, events: list[liveness.Event], now=None) 
 
 
 def _queue_of(name: str, message: dict) -> str:
-    if service_of_task(name) is Service.ENV:
+    service = service_of_task(name)
+    if service is Service.ENV:
         return f"{Service.ENV}.{message['pool']}"
+    if service is Service.AGENT:
+        return FRAMEWORK_QUEUE  # the only agent-service hop of an episode: a framework's loop
     return f"{Service.MODEL}.{message['model']}"
 
 
@@ -222,10 +227,10 @@ def _next_framework_hop(status: str, pool: str, episode_id: int, attempt: int, h
     return "agents.framework_episode", {"episode_id": episode_id, "attempt": attempt}
 
 
-def _why_lost(holder, updated_at, fleet, events, queue, orphaned, now) -> str | None:
-    if holder not in fleet.alive and updated_at < orphaned:
-        return f"its holder {holder or '(none)'} is not alive"
+def _why_lost(episode_id, holder, updated_at, events, queue, now) -> str | None:
     for event in events:
+        if event.lost_with_worker(episode_id, holder, updated_at.timestamp()):
+            return f"{event.why} and took its hop with it"
         if updated_at < _moment(event.at) and event.covers(queue):
             return f"{event.why}, and its next hop on {queue} may have been lost"
     if now - updated_at > timedelta(seconds=stalled_after_s()):

@@ -47,7 +47,7 @@ from collections.abc import Iterable
 from datetime import datetime
 
 from django.db import transaction
-from django.db.models import Exists, F, OuterRef, Q
+from django.db.models import Case, Exists, F, OuterRef, Q, When
 from django.utils import timezone
 
 from megaflow_site import liveness
@@ -163,11 +163,14 @@ def admit(episode_id: int, attempt: int, env_host: str = "") -> bool:
     return _episode(episode_id, E.STARTING, within={E.QUEUED}, of_attempt=attempt, env_host=env_host)
 
 
-def claim_start(episode_id: int, attempt: int, env_host: str = "") -> bool:
-    """starting → starting: this worker, on ``env_host``, prepares the episode's sandbox (a redelivered start
-    claims it again)."""
-    return _episode(episode_id, E.STARTING, within={E.STARTING}, of_attempt=attempt, worker=liveness.node(),
-                    env_host=env_host, failure_reason="", started_at=timezone.now())  # fmt: skip
+def claim_start(episode_id: int, attempt: int, env_host: str = "", alive: Iterable[str] = ()) -> bool:
+    """starting → starting: this worker, on ``env_host``, prepares the episode's sandbox. Refused while the start is
+    claimed by an incarnation in ``alive`` (this one included): that start is under way, and a second one would
+    tear its container down. A start nobody alive claimed (a redelivery after a death) takes it over."""
+    free = Q(started_at__isnull=True) | ~Q(holder__in=list(alive))
+    return _episode(episode_id, E.STARTING, within={E.STARTING}, of_attempt=attempt, extra=free,
+                    worker=liveness.node(), env_host=env_host, failure_reason="",
+                    started_at=timezone.now())  # fmt: skip
 
 
 def assign_sandbox(episode_id: int, attempt: int, container_id: str) -> bool:
@@ -209,11 +212,13 @@ def open_session(episode_id: int, attempt: int, session_key: str) -> bool:
 
 def redrive(episode_id: int, attempt: int, seen: datetime) -> bool:
     """A live episode stays as it is, now held by this (watchdog) process, which re-publishes its next hop —
-    only while it has not moved since the watchdog read it at ``seen`` (a hop that moved it meanwhile wins)."""
+    only while it has not moved since the watchdog read it at ``seen`` (a hop that moved it meanwhile wins). A
+    start's claim is given up with it, so that the re-published start may claim it (``claim_start``)."""
     now = timezone.now()
+    unclaimed = Case(When(status=E.STARTING, then=None), default=F("started_at"))
     return bool(
         Episode.objects.filter(pk=episode_id, status__in=LIVE, attempt=attempt, updated_at=seen).update(
-            holder=liveness.incarnation(), updated_at=now
+            holder=liveness.incarnation(), updated_at=now, started_at=unclaimed
         )
     )
 

@@ -43,10 +43,6 @@ def test_runs_survive_sigterm_and_a_broker_restart(tmp_path):
     assert "chaos: 2 faults, every episode terminal" in stdout
 
 
-@pytest.mark.skip(
-    reason="regression left open (issues 19/20): since the images and recovery branches were merged, this run no "
-    "longer finishes within the test's 300 s, with the long-lived shell on or off; make chaos still runs the faults"
-)
 def test_runs_survive_killed_sandboxes_and_a_docker_daemon_restart(tmp_path):
     rows, _ = chaos("kill-containers,restart-docker", tmp_path)
     killed = sum(int(entry.split()[2]) for entry in rows["kill-containers"]["injected"])
@@ -55,12 +51,10 @@ def test_runs_survive_killed_sandboxes_and_a_docker_daemon_restart(tmp_path):
     assert restart.startswith("dockerd stopped for 5 s") and rows["restart-docker"]["retried"] > 0
 
 
-@pytest.mark.skip(
-    reason="issue 20 is open: on the merged tree this run fails its own check (an episode of the kill-all run moved "
-    "0.8 s after every worker was killed, in 2 of 2 runs) and it was never run green through pytest"
-)
 def test_production_settings_recover_from_sigkill_of_every_worker_and_an_emptied_broker(tmp_path):
-    rows, stdout = chaos("kill-all,redis-nosave", tmp_path, "--production", "--concurrency", "8", episodes=30)
+    # Twelve steps an episode: each run lasts long enough for its one-shot fault (3 s in) to find it running.
+    options = ("--production", "--concurrency", "8", "--steps", "12")
+    rows, stdout = chaos("kill-all,redis-nosave", tmp_path, *options, episodes=30)
     for row in rows.values():
         assert row["affected"] > 0 and row["unrecovered"] == 0, row
         assert row["recover_p99_s"] <= 60, row  # the shipped visibility timeout is an hour

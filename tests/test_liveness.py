@@ -9,9 +9,11 @@ from __future__ import annotations
 import os
 import time
 from datetime import timedelta
+from types import SimpleNamespace
 
 import pytest
 import redis
+from celery import signals
 from django.conf import settings
 from django.utils import timezone
 
@@ -58,8 +60,9 @@ def test_a_worker_is_alive_while_it_beats_and_its_silence_is_one_death(broker):
     assert fleet.alive == {} and set(fleet.dead) == {me}
     [death] = [event for event in liveness.observe(fleet, broker) if "silent" in event.why]
     assert death.why == f"worker {me} went silent" and death.queues == {"env.default"}
-    assert death.covers("env.default") and not death.covers("model.sim")
-    assert death.settle_s == settings.MEGAFLOW_WORKER_DEAD_S and not death.settled(death.at + 1)
+    # What it held at its last beat survives the key that expired; a death re-drives that, not its queues.
+    assert death.worker == me and death.held == {7, 8} and death.beat_at <= death.at
+    assert not death.covers("env.default") and death.settled(death.at)
     assert liveness.observe(fleet, broker).count(death) == 1, "recorded once, and kept for the recovery window"
     later = time.time() + liveness.recovery_window_s() + 1
     assert liveness.observe(liveness.read_fleet(broker), broker, now=later) == []
@@ -98,6 +101,19 @@ def test_a_task_holds_the_episode_it_names_while_it_runs(monkeypatch):
     monkeypatch.setattr(episode_loop, "episode_turn", lambda *args: seen.append(liveness.held()))
     tasks.episode_turn(episode_id=41, step=0, model="sim", attempt=1)
     assert seen == [[41]] and liveness.held() == []
+
+
+def test_a_message_taken_off_its_queue_is_held_until_its_task_ends():
+    """With late acks a kill -9 loses what the worker took, run or not: the heartbeat says so from the take."""
+    taken = SimpleNamespace(id="task-1", kwargs={"episode_id": 42, "step": 0})
+    signals.task_received.send(sender=None, request=taken)
+    signals.task_received.send(sender=None, request=SimpleNamespace(id="task-2", kwargs={"run_id": 3}))
+    assert liveness.held() == [42]
+    signals.task_postrun.send(sender=None, task_id="task-1")
+    assert liveness.held() == []
+    signals.task_received.send(sender=None, request=taken)
+    signals.task_revoked.send(sender=None, request=SimpleNamespace(id="task-1"))
+    assert liveness.held() == []
 
 
 # --- the watchdog's decisions -----------------------------------------------------------------------------------
@@ -168,6 +184,12 @@ def after(seconds: float):
     return timezone.now() + timedelta(seconds=seconds)
 
 
+def death_of(worker: str, held=(), beat_at=None) -> liveness.Event:
+    """The event the watchdog records when ``worker`` went silent, its last beat at ``beat_at`` holding ``held``."""
+    beat_at = time.time() if beat_at is None else beat_at
+    return liveness.Event.death(worker, {"queues": ["env.default"], "beat_at": beat_at, "held": list(held)}, beat_at)
+
+
 def test_a_step_held_by_a_dead_worker_is_taken_over_at_once_and_its_straggler_dropped(run, sent, monkeypatch):
     episode = started(run, sent)
     Step.objects.create(episode=episode, index=0, model_output=REPLY)  # claimed; then the worker was killed
@@ -176,9 +198,10 @@ def test_a_step_held_by_a_dead_worker_is_taken_over_at_once_and_its_straggler_dr
     real_run = env_service.run_command
     monkeypatch.setattr(env_service, "run_command", lambda *args: commands.append(args[1]) or real_run(*args))
 
-    dead_s = settings.MEGAFLOW_WORKER_DEAD_S
-    assert runs.redrive_lost(liveness.Fleet(), [], now=after(dead_s - 1)) == [], "not before the dead-worker window"
-    assert runs.redrive_lost(liveness.Fleet(), [], now=after(dead_s + 1)) == [episode.pk]
+    death = death_of(DEAD, held=[episode.pk])
+    quiet_s = 2 * settings.MEGAFLOW_WORKER_HEARTBEAT_S
+    assert runs.redrive_lost(liveness.Fleet(), [], now=after(quiet_s + 1)) == [], "no death known: not lost"
+    assert runs.redrive_lost(liveness.Fleet(), [death], now=after(quiet_s + 1)) == [episode.pk]
     [(name, message)] = sent
     assert (name, message["step"], message["reply"]) == ("envs.episode_step", 0, REPLY)
     assert Episode.objects.values_list("holder", flat=True).get(pk=episode.pk) == liveness.incarnation()
@@ -207,24 +230,34 @@ def test_long_work_is_kept_alive_by_its_holders_heartbeat(run, sent):
     assert runs.redrive_lost(idle, [], now=long_after) == [episode.pk]
 
 
-def test_a_death_re_drives_what_the_dead_worker_may_have_taken_from_its_queues(run, sent):
-    """A worker killed between taking a message and holding its episode: the episode's holder (the previous
-    hop's worker) is alive, so only the death, on the queue the dead worker consumed, tells it was lost."""
-    waiting_for_model = started(run, sent, sample=0)  # its first turn is on model.sim
-    waiting_for_env = Episode.objects.create(run=run, task=run.tasks.get(), sample_index=1, status=E.STARTING)
-    for episode in (waiting_for_model, waiting_for_env):
-        held_by(episode, ALIVE)
+def test_a_death_re_drives_what_the_dead_worker_took_and_not_what_it_published(run, sent):
+    """Killed, a worker loses the messages it had taken (held at its last beat, whoever moved the episode last)
+    and the hop it began after that beat; the hops it had finished and published wait in their queues, and a
+    re-drive would only duplicate them (duplicated starts redo their sandboxes: under kill -9 every 20 s with a
+    backlog of starts, that fed on itself)."""
+    beat_at = time.time()
+    taken = Episode.objects.create(run=run, task=run.tasks.get(), sample_index=1, status=E.STARTING)
+    held_by(taken, ALIVE, updated_at=_at(beat_at - 5))  # the admitter moved it; the dead worker took its start
+    published = started(run, sent, sample=0)
+    held_by(published, DEAD, updated_at=_at(beat_at - 5))  # its first turn waits on model.sim
+    begun_after = started(run, sent, sample=2)
+    held_by(begun_after, DEAD, updated_at=_at(beat_at + 1))
+    moved_since = Episode.objects.create(run=run, task=run.tasks.get(), sample_index=3, status=E.STARTING)
+    held_by(moved_since, ALIVE, updated_at=_at(beat_at + 1))  # taken, and started by somebody else since
     idle = liveness.Fleet(alive={ALIVE: frozenset()})
-    death = liveness.Event(after(0).timestamp(), f"worker {DEAD} went silent", frozenset({"env.default"}))
-    now = after(2 * settings.MEGAFLOW_WORKER_HEARTBEAT_S + 1)
+    death = death_of(DEAD, held=[taken.pk, moved_since.pk], beat_at=beat_at)
 
-    unsettled = liveness.Event(death.at, death.why, death.queues, settle_s=settings.MEGAFLOW_WORKER_DEAD_S)
-    assert runs.redrive_lost(idle, [unsettled], now=now) == [], "what was only queued gets its chance first"
-    assert runs.redrive_lost(idle, [death], now=now) == [waiting_for_env.pk]
-    assert sent == [("envs.episode_start", {"episode_id": waiting_for_env.pk, "pool": "default", "attempt": 1})]
-    assert runs.redrive_lost(idle, [death], now=now) == [], "it moved (was re-driven) after the death"
-    model_death = liveness.Event(death.at, "worker model-sim@host#x went silent", frozenset({"model.sim"}))
-    assert runs.redrive_lost(idle, [model_death], now=now) == [waiting_for_model.pk]
+    now = after(2 * settings.MEGAFLOW_WORKER_HEARTBEAT_S + 2)
+    assert sorted(runs.redrive_lost(idle, [death], now=now)) == sorted([taken.pk, begun_after.pk])
+    assert ("envs.episode_start", {"episode_id": taken.pk, "pool": "default", "attempt": 1}) in sent
+    assert runs.redrive_lost(idle, [death], now=now) == [], "they moved (were re-driven) after the death"
+    much_later = after(runs.stalled_after_s() - 10)  # short of the last resort, long past the dead-worker window
+    assert much_later > after(2 * settings.MEGAFLOW_WORKER_DEAD_S)
+    assert runs.redrive_lost(idle, [death], now=much_later) == [], "what was published is not re-driven"
+
+
+def _at(unix_time: float):
+    return runs._moment(unix_time)
 
 
 def test_a_broker_that_lost_its_data_re_drives_every_live_episode_nobody_holds(run, sent):
@@ -257,7 +290,8 @@ def test_admission_keeps_moving_past_the_dead_worker_window(run, sent):
     held_by(stuck, DEAD)
     assert runs.admit() == [], "the run's one slot is held"
 
-    assert runs.redrive_lost(liveness.Fleet(), [], now=after(settings.MEGAFLOW_WORKER_DEAD_S + 1)) == [stuck.pk]
+    death = death_of(DEAD, held=[stuck.pk])
+    assert runs.redrive_lost(liveness.Fleet(), [death], now=after(settings.MEGAFLOW_WORKER_DEAD_S + 1)) == [stuck.pk]
     delivered = pump(sent)
     assert Episode.objects.get(pk=stuck.pk).status == E.SUCCEEDED
     assert "orchestrator.episode_done" in delivered and "envs.episode_start" in delivered

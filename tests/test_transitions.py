@@ -9,6 +9,7 @@ collected instead of sent.
 from __future__ import annotations
 
 import dataclasses
+import time
 from datetime import timedelta
 
 import pytest
@@ -323,7 +324,9 @@ def test_a_holder_taken_over_cannot_record_its_step(run, sent, monkeypatch):
         result = dataclasses.replace(result, output=next(observations))
         if not redriven:
             later = timezone.now() + timedelta(seconds=settings.MEGAFLOW_WORKER_DEAD_S + 1)
-            redriven.extend(runs.redrive_lost(liveness.Fleet(), [], now=later))  # nobody heartbeats here
+            beat = {"queues": ["env.default"], "beat_at": time.time(), "held": [episode.pk]}
+            death = liveness.Event.death(liveness.incarnation(), beat, time.time())  # silent, not dead
+            redriven.extend(runs.redrive_lost(liveness.Fleet(), [death], now=later))
             [(_, message)] = [item for item in sent if item[0] == "envs.episode_step"]
             episode_loop.episode_step(**{key: value for key, value in message.items() if key not in ("pool", "host")})
         return result
@@ -358,6 +361,34 @@ def test_the_watchdog_re_drives_a_start_that_is_still_alive(run, sent, monkeypat
     assert (episode.status, episode.container_id) == (E.RUNNING, second)
     assert names(sent) == ["modelserving.episode_turn"], "one first turn, not two"
     assert not get_backend().is_alive(first) and get_backend().is_alive(second)
+
+
+def test_a_duplicated_start_leaves_a_living_workers_start_alone(run, sent, monkeypatch):
+    """A start delivered twice (a broker event's re-drive of a start that was only queued, a redelivery) while a
+    living worker's start of the same attempt is under way: the second is dropped, the first's container is not
+    torn down (before, it was, and under kill -9 every 20 s duplicated starts fed a backlog that never drained)."""
+    episode = episode_in(run, E.STARTING)
+    created = []
+    real_create = env_service.create_sandbox
+
+    def create_while_duplicated(*args, **kwargs):
+        sandbox = real_create(*args, **kwargs)
+        created.append(sandbox.container_id)
+        if len(created) == 1:
+            episode_loop.episode_start(episode.pk, "default", attempt=1)  # the duplicate, while this start runs
+        return sandbox
+
+    monkeypatch.setattr(env_service, "create_sandbox", create_while_duplicated)
+    liveness.beat(["env.default"])  # this process is a living worker
+    try:
+        episode_loop.episode_start(episode.pk, "default", attempt=1)
+    finally:
+        liveness.sign_off()
+
+    episode.refresh_from_db()
+    [only] = created
+    assert (episode.status, episode.container_id) == (E.RUNNING, only) and get_backend().is_alive(only)
+    assert names(sent) == ["modelserving.episode_turn"], "one first turn"
 
 
 def test_a_retry_racing_the_last_step_keeps_the_run_open(run, sent, monkeypatch):

@@ -217,10 +217,12 @@ class RecoveryClock:
         rows = Episode.objects.filter(**where).values_list("pk", "status", "attempt", "step_count")
         return {pk: (status, attempt, steps) for pk, status, attempt, steps in rows}
 
-    def fault(self) -> None:
+    def fault(self, since: float | None = None) -> None:
+        """The fault happens now (or happened at ``since``, a ``time.monotonic()``): each live episode's clock runs
+        from there until its marker moves from what it is now."""
         from orchestrator.transitions import LIVE
 
-        at = time.monotonic()
+        at = time.monotonic() if since is None else since
         try:
             live = self._markers(run_id=self.run_id, status__in=LIVE)
         except Exception as error:  # the database is not the fault under test; never let it end the run
@@ -229,6 +231,25 @@ class RecoveryClock:
         with self.lock:
             for pk, marker in live.items():
                 self.pending.setdefault(pk, (marker, at))  # an episode not yet recovered keeps its first fault
+
+    def fault_after_kill(self, killed_at: float, patience_s: float = 5.0) -> None:
+        """``fault(since=killed_at)``, with the markers read once the database stopped moving: a statement a killed
+        worker had sent still commits (PostgreSQL finishes it after its client is gone), and that is the last
+        move of the process that died, not progress made while it was down. Whatever still moves after
+        ``patience_s`` is counted as progress."""
+        from orchestrator.transitions import LIVE
+
+        deadline, before = time.monotonic() + patience_s, None
+        while time.monotonic() < deadline:
+            try:
+                now = self._markers(run_id=self.run_id, status__in=LIVE)
+            except Exception:
+                break
+            if now == before:
+                break
+            before = now
+            time.sleep(1.0)
+        self.fault(since=killed_at)
 
     def _sample(self) -> None:
         from django.db import connection
@@ -388,16 +409,17 @@ def kill_every_20s(stack: Stack, stop: threading.Event) -> list[str]:
     return done
 
 
-def once_episodes_run(stack: Stack, stop: threading.Event, after_s: float = 10.0) -> bool:
+def once_episodes_run(stack: Stack, stop: threading.Event, after_s: float = 3.0) -> bool:
     """Wait ``after_s``, and then until some episode of the run is live (a worker the last fault killed may still
-    be starting): a one-shot fault that hits an idle run measures nothing. False if the run ended first."""
-    from orchestrator.models import Episode
+    be starting): a one-shot fault that hits an idle run measures nothing. False if the run ended first (the
+    fault is not injected, and the row shows nothing affected; the run does not wait for it)."""
+    from orchestrator.models import Episode, Run
     from orchestrator.transitions import LIVE
 
     if stop.wait(after_s):
         return False
     while not Episode.objects.filter(run_id=stack.clock.run_id, status__in=LIVE).exists():
-        if stop.wait(0.5):
+        if Run.objects.filter(pk=stack.clock.run_id, status__in=Run.TERMINAL).exists() or stop.wait(0.5):
             return False
     return True
 
@@ -407,12 +429,13 @@ def kill_all(stack: Stack, stop: threading.Event) -> list[str]:
     if not once_episodes_run(stack, stop):
         return []
     with WORKERS_LOCK:
-        stack.clock.fault()
+        killed_at = time.monotonic()
         for worker in stack.workers.by_queue.values():
             worker.process.kill()
         for worker in stack.workers.by_queue.values():
             worker.process.wait()
-        time.sleep(30)
+        stack.clock.fault_after_kill(killed_at)
+        time.sleep(max(0.0, killed_at + 30 - time.monotonic()))
     return [f"SIGKILL of {len(stack.workers.by_queue)} workers, restarted 30 s later"]
 
 
