@@ -20,7 +20,7 @@ from django.utils import timezone
 from envs import service as env_service
 from envs.backend import get_backend
 from megaflow_site import liveness
-from orchestrator import episode_loop, runs, tasks, transitions
+from orchestrator import episode_loop, framework_loop, runs, sessions, tasks, transitions
 from orchestrator.models import Dataset, Episode, Run, Step, Task
 
 # Transactional: a step's claim is an INSERT that may hit the unique index, as between two deliveries.
@@ -310,3 +310,31 @@ def test_the_watchdog_reads_the_fleet_and_the_broker(run, sent):
     assert episode.pk in runs.watchdog()
     assert ghost not in client.hgetall(liveness.REGISTRY_KEY)
     assert [name for name, _ in sent] == ["modelserving.episode_turn"]
+
+
+def test_a_framework_episode_whose_worker_died_is_retried_from_a_fresh_attempt(run, sent, monkeypatch):
+    """A framework's loop dies with its worker (its state is in that process): the watchdog re-drives the loop,
+    whose delivery finds the dead attempt's session and gives the episode a fresh attempt; the dead session's
+    secret grants nothing any more."""
+    monkeypatch.setattr(framework_loop, "send", lambda name, **kwargs: sent.append((name, kwargs)))
+    Run.objects.filter(pk=run.pk).update(agent_name="mini-swe-agent")
+    episode = Episode.objects.create(run=run, task=run.tasks.get(), sample_index=0, status=E.QUEUED)
+    assert transitions.admit(episode.pk, 1)
+    episode_loop.episode_start(episode.pk, "default", attempt=1)
+    assert [name for name, _ in sent] == ["agents.framework_episode"]  # the framework's loop, not a model turn
+    sent.clear()
+    secret = sessions.open_session(episode.pk, 1)  # the framework worker opened it, then was killed
+    held_by(episode, DEAD)
+
+    death = death_of(DEAD, held=[episode.pk])
+    assert runs.redrive_lost(liveness.Fleet(), [death], now=after(2 * settings.MEGAFLOW_WORKER_HEARTBEAT_S + 1)) == [
+        episode.pk
+    ]
+    [(name, message)] = sent
+    assert (name, message) == ("agents.framework_episode", {"episode_id": episode.pk, "attempt": 1})
+    sent.clear()
+    framework_loop.framework_episode(**message)
+    episode.refresh_from_db()
+    assert (episode.status, episode.attempt, episode.session_key) == (E.QUEUED, 2, "")
+    assert "the worker running its framework agent died" in episode.failure_reason
+    assert sessions.find_session(secret) is None
