@@ -84,6 +84,12 @@ def holding(episode_id: int | None) -> Iterator[None]:
                 del _held[episode_id]
 
 
+def tasks_holding(episode_id: int) -> int:
+    """How many tasks of this process are running for ``episode_id`` now (the caller's own included)."""
+    with _held_lock:
+        return _held[episode_id]
+
+
 def held() -> list[int]:
     with _held_lock:
         too_old = time.monotonic() - settings.CELERY_TASK_TIME_LIMIT

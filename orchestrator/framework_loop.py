@@ -192,6 +192,10 @@ def framework_episode(episode_id: int, attempt: int | None = None) -> None:
 
 
 def _held_elsewhere(episode_id: int) -> bool:
+    """Whether another task still runs this episode's framework: in this process (a redelivery can land on the
+    worker that runs the first delivery) or in another living one."""
+    if liveness.tasks_holding(episode_id) > 1:
+        return True
     fleet = liveness.read_fleet()
     return any(episode_id in held for name, held in fleet.alive.items() if name != liveness.incarnation())
 
