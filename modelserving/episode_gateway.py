@@ -18,7 +18,7 @@ from celery import current_app
 from django.http import JsonResponse
 from drf_spectacular.utils import extend_schema
 from rest_framework import exceptions, status
-from rest_framework.permissions import AllowAny
+from rest_framework.permissions import BasePermission
 from rest_framework.views import APIView
 
 from modelserving.gateway import ChatCompletionsView, OpenAIErrorsMixin
@@ -36,18 +36,21 @@ class EpisodeRefused(exceptions.APIException):
     default_code = "episode_ended"
 
 
-def session_of(secret: str) -> sessions.Session:
-    session = sessions.find_session(secret)
-    if session is None:
-        raise EpisodeTokenInvalid()
-    return session
+class HoldsEpisodeSecret(BasePermission):
+    """The secret in the path names an episode's session, before anything else about the request is read."""
+
+    def has_permission(self, request, view) -> bool:
+        view.session = sessions.find_session(view.kwargs["secret"])
+        if view.session is None:
+            raise EpisodeTokenInvalid()
+        return True
 
 
 class EpisodeBound:
-    """No API token: the secret in the path grants its episode."""
+    """No API token: the secret in the path grants its episode (and only it)."""
 
     authentication_classes: list = []
-    permission_classes = [AllowAny]
+    permission_classes = [HoldsEpisodeSecret]
 
 
 @extend_schema(exclude=True)
@@ -56,7 +59,7 @@ class EpisodeChatCompletionsView(EpisodeBound, ChatCompletionsView):
         return super().post(request)
 
     def admit(self, request, form) -> None:
-        session = session_of(self.kwargs["secret"])
+        session = self.session
         if refusal := session.refusal():
             code, message = refusal
             raise EpisodeRefused(message, code)
@@ -67,7 +70,6 @@ class EpisodeChatCompletionsView(EpisodeBound, ChatCompletionsView):
             )
         if data.get("n", 1) != 1:
             raise exceptions.ValidationError({"n": ["an episode's turn is one sample: n must be 1"]})
-        self.session = session
 
     def publish(self, model: str, requests: list[dict], inbox: str) -> None:
         [request] = requests
@@ -81,5 +83,5 @@ class EpisodeChatCompletionsView(EpisodeBound, ChatCompletionsView):
 @extend_schema(exclude=True)
 class EpisodeModelsView(EpisodeBound, OpenAIErrorsMixin, APIView):
     def get(self, request, secret: str):
-        model = session_of(secret).run.model_name
+        model = self.session.run.model_name
         return JsonResponse({"object": "list", "data": [{"id": model, "object": "model", "owned_by": "megaflow"}]})

@@ -39,7 +39,8 @@ def chaos(faults: str, tmp_path, *options: str, episodes: int = 200) -> tuple[di
 
 def test_runs_survive_sigterm_and_a_broker_restart(tmp_path):
     rows, stdout = chaos("sigterm-worker,restart-redis", tmp_path)
-    assert rows["sigterm-worker"]["injected"] == ["SIGTERM agent", "SIGTERM env.default", "SIGTERM model.sim"]
+    assert rows["sigterm-worker"]["injected"] == ["SIGTERM agent", "SIGTERM agent.framework", "SIGTERM env.default",
+                                                   "SIGTERM model.sim"]  # fmt: skip
     assert "chaos: 2 faults, every episode terminal" in stdout
 
 

@@ -10,7 +10,7 @@ import redis
 
 from tests.conftest import REPO
 
-STACK = ["worker-agent", "worker-model.replay", "worker-env.default", "beat", "flower", "web"]
+STACK = ["worker-agent", "worker-agent.framework", "worker-model.replay", "worker-env.default", "beat", "flower", "web"]
 
 
 def stack(action: str, env: dict[str, str]) -> subprocess.CompletedProcess:
