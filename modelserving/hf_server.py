@@ -1,12 +1,15 @@
 """A small OpenAI-compatible inference server over the ``hf`` backend, with dynamic batching.
 
-It serves ``/v1/chat/completions``, ``/v1/completions``, ``/v1/models``, ``/health`` and ``/metrics`` (vLLM's
+It serves ``/v1/chat/completions``, ``/v1/completions``, ``/v1/models``, ``/tokenize``, ``/detokenize``,
+``/health`` and ``/metrics`` (vLLM's
 metric names for the numbers the ``vllm`` supervisor reads, plus the size of every batch it ran), so it stands
 in for ``vllm serve`` wherever there is no GPU: the tests run the ``openai`` backend, the gateway and the vllm
 supervisor against it with a real tiny model on CPU. Requests arriving within ``--batch-window-ms`` of each
 other run as one batch of up to ``--max-batch``. Like ``vllm serve --tool-call-parser hermes``, it renders
 ``tools`` with the chat template and returns the Hermes tool calls in a reply as ``tool_calls``; ``n``,
 ``logprobs``/``top_logprobs`` and vLLM's ``return_token_ids`` are answered as vLLM answers them (no streaming).
+``/tokenize`` renders a chat (``messages``, ``add_generation_prompt``, ``tools``) or a ``prompt`` to ids in vLLM's
+request and answer shapes, so the ``openai`` backend's token in, token out runs against it as against vLLM.
 
     python -m modelserving.hf_server --model-path var/tiny-model --served-model-name tiny --port 8001
 """
@@ -29,6 +32,24 @@ from modelserving.hf_backend import HFBackend
 from modelserving.openai_format import chat_completion_body, error_body, text_completion_body
 
 ROUTES = ("/v1/chat/completions", "/v1/completions")
+TOKENIZER_ROUTES = ("/tokenize", "/detokenize")
+
+
+def tokenizer_answer(backend: HFBackend, path: str, body: dict) -> dict:
+    """vLLM's ``/tokenize`` (a chat by its template, or a prompt) and ``/detokenize`` answers
+    (``KeyError``/``TypeError``/``ValueError`` for a body that is neither)."""
+    if path == "/detokenize":
+        return {"prompt": backend.tokenizer.decode([int(token) for token in body["tokens"]])}
+    if "messages" in body:
+        tokens = backend.chat_token_ids(
+            body["messages"],
+            add_generation_prompt=bool(body.get("add_generation_prompt", True)),
+            tools=body.get("tools"),
+        )
+    else:
+        special = bool(body.get("add_special_tokens", True))
+        tokens = list(backend.tokenizer.encode(str(body["prompt"]), add_special_tokens=special))
+    return {"count": len(tokens), "max_model_len": backend.context_length, "tokens": tokens, "token_strs": None}
 
 
 def generation_requests(path: str, body: dict) -> list[GenerationRequest]:
@@ -131,6 +152,8 @@ class Batcher(threading.Thread):
 
 
 def make_handler(batcher: Batcher, served_model: str):
+    tokenizer_lock = threading.Lock()
+
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
         # Headers and body go out as separate writes; without TCP_NODELAY a keep-alive client's delayed ACK
@@ -159,6 +182,8 @@ def make_handler(batcher: Batcher, served_model: str):
                 self.reply(HTTPStatus.NOT_FOUND, error_body(f"no route {self.path}", "not_found"))
 
         def do_POST(self) -> None:  # noqa: N802
+            if self.path in TOKENIZER_ROUTES:
+                return self.tokenizer_route()
             if self.path not in ROUTES:
                 return self.reply(HTTPStatus.NOT_FOUND, error_body(f"no route {self.path}", "not_found"))
             try:
@@ -187,6 +212,19 @@ def make_handler(batcher: Batcher, served_model: str):
                 answer = text_completion_body(
                     f"cmpl-{requests[0].request_id}", served_model, generations, top, token_ids
                 )
+            return self.reply(HTTPStatus.OK, answer)
+
+        def tokenizer_route(self) -> None:
+            try:
+                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)))
+                if body.get("model", served_model) != served_model:
+                    message = f"The model `{body.get('model')}` does not exist."
+                    return self.reply(HTTPStatus.NOT_FOUND, error_body(message, "model_not_found", "model"))
+                with tokenizer_lock:  # a fast tokenizer refuses concurrent use ("Already borrowed")
+                    answer = tokenizer_answer(batcher.backend, self.path, body)
+            except Exception as exc:  # noqa: BLE001 - a body or a chat template that cannot be rendered: the client's
+                message = f"cannot {self.path.strip('/')} this body: {type(exc).__name__}: {exc}"
+                return self.reply(HTTPStatus.BAD_REQUEST, error_body(message, "invalid_body"))
             return self.reply(HTTPStatus.OK, answer)
 
     return Handler

@@ -9,6 +9,12 @@ Tools and ``tool_choice`` go to the server, whose tool parser (``vllm serve --en
 --tool-call-parser hermes``, hf_server's own) returns ``tool_calls``; a raw prompt (text or token ids) goes to
 ``/completions``. Token ids are asked for with vLLM's ``return_token_ids`` when the request wants ids or logprobs.
 
+Token in, token out: a server with vLLM's ``/tokenize`` (probed once; a server without it stays text-only and no
+ids are invented) renders chats to ids for modelserving/token_prompts.py, and a chat request that carries
+``prompt_token_ids`` is generated from exactly those ids on ``/completions`` (``prompt: [ids]``, ``logprobs``,
+``return_token_ids``); its tool calls are then read out of the text by the Hermes convention, as the ``hf``
+backend reads them (``/completions`` runs no tool parser).
+
 Options: ``base_url`` (".../v1"), ``served_model`` (the name the server knows, default the MegaFlow name),
 ``api_key``, ``timeout_s`` (300), ``connect_timeout_s`` (5), ``max_attempts`` (4), ``backoff_s`` (0.5),
 ``max_connections`` (256).
@@ -23,7 +29,8 @@ import time
 import httpx
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
 
-from modelserving.backend import Generation, GenerationRequest, ModelBackend, register_backend
+from modelserving.backend import Generation, GenerationRequest, ModelBackend, ModelError, register_backend
+from modelserving.tool_calls import with_tool_calls
 
 _loop: asyncio.AbstractEventLoop | None = None
 _loop_lock = threading.Lock()
@@ -140,6 +147,9 @@ class OpenAIBackend(ModelBackend):
     ):
         super().__init__(model, **options)
         self.base_url = base_url.rstrip("/")
+        # vLLM serves /tokenize beside /v1, not under it.
+        self.server_url = self.base_url.removesuffix("/v1")
+        self._tokenizes: bool | None = None
         self.served_model = served_model or model
         self.max_attempts = int(max_attempts)
         self.backoff_s = float(backoff_s)
@@ -156,6 +166,59 @@ class OpenAIBackend(ModelBackend):
         futures = [asyncio.run_coroutine_threadsafe(self._one(request), event_loop()) for request in requests]
         return [future.result() for future in futures]
 
+    @property
+    def tokenizes(self) -> bool:
+        """Whether the server renders prompts to ids (vLLM's ``/tokenize``): asked once, and the answer kept; a
+        server that cannot be reached now is asked again next time."""
+        if self._tokenizes is None:
+            try:
+                answer = self._tokenize({"prompt": "MEGAFLOW", "add_special_tokens": False}, probe=True)
+            except ModelError:
+                return False
+            self._tokenizes = answer is not None
+        return self._tokenizes
+
+    def chat_token_ids(
+        self, messages: list[dict], add_generation_prompt: bool = True, tools: list[dict] | None = None
+    ) -> list[int]:
+        body = {"messages": messages, "add_generation_prompt": add_generation_prompt}
+        if tools:
+            body["tools"] = tools
+        return self._tokenize(body)
+
+    def text_token_ids(self, text: str) -> list[int]:
+        return self._tokenize({"prompt": text, "add_special_tokens": False})
+
+    def _tokenize(self, body: dict, probe: bool = False) -> list[int] | None:
+        """The server's ``/tokenize`` answer. ``ModelError`` when it cannot be had; on a ``probe``, None when the
+        server has no such route (a 4xx) rather than an error."""
+        future = asyncio.run_coroutine_threadsafe(self._tokenize_async(body), event_loop())
+        try:
+            response = future.result()
+        except httpx.TransportError as exc:
+            raise ModelError(f"model server {self.server_url} unreachable: {type(exc).__name__}: {exc}") from None
+        except ServerError as exc:
+            raise ModelError(f"model server {self.server_url} failed to tokenize: {exc}") from None
+        if 400 <= response.status_code < 500 and probe:
+            return None
+        if response.status_code != 200:
+            raise ModelError(f"/tokenize: HTTP {response.status_code}: {_error_message(response)}")
+        tokens = response.json().get("tokens")
+        if not isinstance(tokens, list) or not all(isinstance(token, int) for token in tokens):
+            if probe:
+                return None
+            raise ModelError("/tokenize answered without a list of token ids")
+        return tokens
+
+    async def _tokenize_async(self, body: dict) -> httpx.Response:
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(self.max_attempts),
+            wait=wait_exponential_jitter(multiplier=self.backoff_s, max=10, jitter=self.backoff_s),
+            retry=retry_if_exception(_retryable),
+            reraise=True,
+        )
+        return await retrying(self._post, f"{self.server_url}/tokenize", {"model": self.served_model, **body})
+
     def _body(self, request: GenerationRequest) -> dict:
         """The request for ``/chat/completions``, or ``/completions`` for a raw prompt: what the request asks
         for and nothing more, since a server may refuse what it does not know (vLLM's extensions included)."""
@@ -170,6 +233,11 @@ class OpenAIBackend(ModelBackend):
             body["prompt"] = request.prompt_token_ids if request.prompt_token_ids is not None else request.prompt
             if sampling.logprobs:
                 body["logprobs"] = sampling.top_logprobs
+        elif request.prompt_token_ids is not None:  # a chat turn rendered to ids: token in, token out
+            body["prompt"] = request.prompt_token_ids
+            if sampling.logprobs:
+                # At least 1: some servers read 0 as "no logprobs"; the alternatives not asked for are dropped.
+                body["logprobs"] = max(1, sampling.top_logprobs)
         else:
             body["messages"] = request.messages
             if request.tools:
@@ -190,7 +258,8 @@ class OpenAIBackend(ModelBackend):
 
     @staticmethod
     def _path(request: GenerationRequest) -> str:
-        return "/completions" if request.is_raw_completion else "/chat/completions"
+        token_in = request.is_raw_completion or request.prompt_token_ids is not None
+        return "/completions" if token_in else "/chat/completions"
 
     async def _post(self, path: str, body: dict) -> httpx.Response:
         response = await self.client.post(path, json=body)
@@ -223,7 +292,12 @@ class OpenAIBackend(ModelBackend):
             kind = "context length exceeded" if "context length" in message else f"HTTP {response.status_code}"
             failed.error = f"{kind}: {message}"
             return failed
-        return parse_completion(request.request_id, response.json(), time.monotonic() - started)
+        generation = parse_completion(request.request_id, response.json(), time.monotonic() - started)
+        if request.is_raw_completion or request.prompt_token_ids is None:
+            return generation
+        if not request.sampling.top_logprobs:
+            generation.top_logprobs = None
+        return with_tool_calls(generation, request)
 
     def close(self) -> None:
         asyncio.run_coroutine_threadsafe(self.client.aclose(), event_loop()).result()

@@ -2,12 +2,13 @@
 
 The worker process starts ``vllm serve <model_path>`` (``CUDA_VISIBLE_DEVICES=<gpus>``), waits for ``/health``,
 restarts it if it dies, and forwards every request through the ``openai`` backend, so its 32 worker threads
-keep the server's continuous batching fed. ``load()`` reads the server's ``/metrics`` (KV-cache usage,
-requests running and waiting, token throughput) for scheduling and autoscaling. ``load_version`` serves new
-weights through a supervised restart: new requests wait, the ones in flight finish on the old weights, then
-``vllm serve`` starts on the new checkpoint (if it does not come up, the old one is started again and the
-version is refused). vllm itself is installed only
-on GPU workers (requirements-gpu.txt); the backend only needs the ``vllm`` command.
+keep the server's continuous batching fed; that backend also renders an episode's prompts to ids through the
+server's ``/tokenize`` and generates from them (token in, token out). ``load()`` reads the server's ``/metrics``
+(KV-cache usage, requests running and waiting, token throughput) for scheduling and autoscaling.
+``load_version`` serves new weights through a supervised restart: new requests wait, the ones in flight finish on
+the old weights, then ``vllm serve`` starts on the new checkpoint (if it does not come up, the old one is started
+again and the version is refused). vllm itself is installed only on GPU workers (requirements-gpu.txt); the
+backend only needs the ``vllm`` command.
 
 Options: ``model_path``, ``port`` (8100), ``gpus`` (e.g. "0,1"), ``extra_args`` (list, e.g.
 ["--tensor-parallel-size", "2"]), ``tool_call_parser`` (the model's convention, e.g. "hermes" for Qwen: the server
@@ -81,6 +82,19 @@ class VLLMBackend(ModelBackend):
         self._gate = threading.Condition()
         self._in_flight = 0
         self._switching = False
+
+    @property
+    def tokenizes(self) -> bool:
+        """Token in, token out through the server's ``/tokenize`` (vLLM has it; the openai backend asks)."""
+        return self.http.tokenizes
+
+    def chat_token_ids(
+        self, messages: list[dict], add_generation_prompt: bool = True, tools: list[dict] | None = None
+    ) -> list[int]:
+        return self.http.chat_token_ids(messages, add_generation_prompt, tools)
+
+    def text_token_ids(self, text: str) -> list[int]:
+        return self.http.text_token_ids(text)
 
     def generate(self, requests: list[GenerationRequest]) -> list[Generation]:
         with self._gate:

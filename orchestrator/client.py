@@ -81,7 +81,8 @@ class MegaFlow:
 
     def create_run(self, idempotency_key: str | None = None, **fields) -> dict:
         """Start a run (the REST API's run fields: ``dataset`` or ``tasks``, ``samples_per_task``,
-        ``model_name``, ``model_version``, ...). Retried on connection errors under one idempotency key."""
+        ``model_name``, ``model_version``, ``max_staleness``, ...). Retried on connection errors under one
+        idempotency key."""
         key = idempotency_key or uuid.uuid4().hex
         return self._request("POST", "/runs/", json=fields, headers={"Idempotency-Key": key})
 

@@ -48,7 +48,7 @@ from megaflow_site import liveness
 from modelserving import service as model_service
 from modelserving.backend import GenerationRequest, SamplingParams
 from modelserving.token_prompts import PreviousTurn
-from orchestrator import costs, transitions
+from orchestrator import costs, staleness, transitions
 from orchestrator.db import release_connection
 from orchestrator.models import Episode, Run, Step, Task
 
@@ -365,17 +365,42 @@ def _after_step(episode: Live, row: Step, submitted_now: bool | None = None) -> 
         submitted_now = bool(row.action) and submitted(row.observation)
     tokens = episode.prompt_tokens + episode.completion_tokens
     out_of_tokens = bool(run.max_episode_tokens) and tokens >= run.max_episode_tokens
+    done = submitted_now or row.index + 1 >= run.max_steps or out_of_tokens
     if _over_time(episode):
         reason = f"wall-clock budget of {run.episode_time_limit_s} s exhausted"
         charge_sandbox(episode.id, episode.container_id)
         if transitions.fail(episode.id, reason, Episode.Status.TIMED_OUT, attempt=episode.attempt):
             finished(episode.id)
         release_here(episode.id, episode.container_id, run.env_pool)
-    elif submitted_now or row.index + 1 >= run.max_steps or out_of_tokens:
+    elif stale := _stale(episode, row, next_turn=not done):
+        # The policy moved on past the run's bound. Not graded as it stands: that reward would reflect when the
+        # trainer published, not what the agent did. The sample is dropped (masked) and, while the run's
+        # max_attempts allow, taken again from a fresh attempt on the weights serving now.
+        charge_sandbox(episode.id, episode.container_id)
+        outcome = transitions.fail_or_retry(episode.id, stale, True, attempt=episode.attempt)
+        release_here(episode.id, episode.container_id, run.env_pool)
+        logger.info("episode %s: %s (%s)", episode.id, stale, outcome)
+        if outcome is not transitions.Outcome.UNCHANGED:
+            finished(episode.id)
+    elif done:
         # Out of steps or tokens without submitting: the tree is graded as it stands.
         evaluate(episode)
     else:
         publish_turn(episode, row.index + 1)
+
+
+def _stale(episode: Live, row: Step, next_turn: bool) -> str:
+    """Why the episode is past its run's ``max_staleness`` (orchestrator/staleness.py), or "": the turn just run
+    (a version published while it was queued) or, when another turn would follow, the version serving now."""
+    run = episode.run
+    if run.max_staleness is None:
+        return ""
+    first = row.model_version if row.index == 0 else None
+    if first is None:
+        first = Step.objects.filter(episode_id=episode.id, index=0).values_list("model_version", flat=True).first()
+    if reason := staleness.stale_reason(run, first or "", row.model_version):
+        return reason
+    return staleness.stale_reason(run, first or "") if next_turn else ""
 
 
 def evaluate(episode: Live) -> None:

@@ -12,12 +12,12 @@ import time
 from django.conf import settings
 from django.db import IntegrityError
 
-from modelserving.backend import DEFAULT_VERSION, UnknownModel, model_config
+from modelserving.backend import UnknownModel, model_config
 from modelserving.tasks import load_version
-from modelserving.versions import current_version
 from orchestrator import replies, transitions
 from orchestrator.episode_loop import send
 from orchestrator.models import ModelVersion
+from orchestrator.staleness import configured_version, serving_version
 
 
 class VersionConflict(ValueError):
@@ -26,20 +26,6 @@ class VersionConflict(ValueError):
 
 class LoadTimeout(TimeoutError):
     """No model worker answered within MEGAFLOW_MODEL_LOAD_TIMEOUT_S (the version stays loading)."""
-
-
-def configured_version(model: str) -> str:
-    """The version of the weights a model's configuration names (before any is published)."""
-    return str(model_config(model).get("version", DEFAULT_VERSION))
-
-
-def serving_version(model: str) -> str | None:
-    """The version ``model`` serves now; None for a model no longer configured (no version serves)."""
-    try:
-        configured = configured_version(model)
-    except UnknownModel:
-        return None
-    return current_version(model, default=configured)
 
 
 def known_version(model: str, version: str) -> bool:

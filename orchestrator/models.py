@@ -136,6 +136,11 @@ class Run(models.Model):
         max_length=200, blank=True, default="", db_default="",
         help_text="The model version this run needs: its episodes start once it serves.",
     )  # fmt: skip
+    max_staleness = models.PositiveIntegerField(
+        null=True, blank=True,
+        help_text="How many model versions newer than the one an episode's first turn ran on (or than model_version, "
+        "at admission) may serve while it continues; blank for no bound. AReaL's max_head_offpolicyness.",
+    )  # fmt: skip
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.QUEUED, db_index=True)
     idempotency_key = models.CharField(
         max_length=200, blank=True, help_text="The API's Idempotency-Key: a retried create returns this run."

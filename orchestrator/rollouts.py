@@ -21,6 +21,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -39,6 +40,9 @@ POLL_S = 0.5
 STEP_FIELDS = ("index", "action", "observation", "model_latency_s", "env_latency_s", "completed_at",
                "prompt_prefix_len", "prompt_ids", "completion_ids", "logprobs", "prefix_consistent", "finish_reason",
                "sampling", "model_name", "model_version")  # fmt: skip
+
+# An episode stopped by its run's max_staleness (episode_loop._stale), on its last attempt or an earlier one.
+STALE = re.compile(r"(attempt \d+: )?stale: ")
 
 
 class BadCursor(ValueError):
@@ -81,12 +85,14 @@ class Cursor:
 
 def stop_reason(episode: Episode, run: Run, last: Step | None) -> str:
     """Why the episode stopped: submitted, max_steps, token_budget, time_limit, context_length, or (without a
-    reward) cancelled / error."""
+    reward) cancelled / staleness / error."""
     if episode.status == Episode.Status.TIMED_OUT:
         return "time_limit"
     if episode.status == Episode.Status.CANCELLED:
         return "cancelled"
     if episode.status != Episode.Status.SUCCEEDED:
+        if STALE.match(episode.failure_reason):
+            return "staleness"  # the policy moved on past the run's max_staleness (orchestrator/staleness.py)
         return "context_length" if "maximum context length" in episode.failure_reason else "error"
     if last is not None and last.action and submitted(last.observation):
         return "submitted"

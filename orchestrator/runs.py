@@ -22,9 +22,9 @@ from orchestrator.api.serializers import RunSerializer
 from orchestrator.autoscale import admission_limit
 from orchestrator.episode_loop import agent_of_run, send
 from orchestrator.hot_state import redis_client
-from orchestrator.model_versions import serving_version
 from orchestrator.models import Episode, Run, Step
 from orchestrator.placement import Placer
+from orchestrator.staleness import admissible
 
 logger = logging.getLogger("megaflow.runs")
 
@@ -80,7 +80,8 @@ def start_run(run_id: int) -> int:
 def admit() -> list[int]:
     """Start queued episodes while their run and the whole fleet have room (``Run.max_concurrent_episodes``,
     ``MEGAFLOW_MAX_LIVE_EPISODES``, the autoscaler's admission limit) and the model version the run asks for
-    serves. One admitter at a time (a Redis lock), oldest runs first."""
+    serves, or one at most ``Run.max_staleness`` versions newer (orchestrator/staleness.py). One admitter at a
+    time (a Redis lock), oldest runs first."""
     admitted: list[tuple[int, int, str, str]] = []
     # An admitter killed inside the lock holds it no longer than the dead-worker window (admitting takes ms).
     with redis_client().lock("megaflow:admission", timeout=settings.MEGAFLOW_WORKER_DEAD_S, blocking_timeout=30):
@@ -92,8 +93,8 @@ def admit() -> list[int]:
         for run in Run.objects.filter(status=Run.Status.RUNNING).order_by("created_at"):
             if room <= 0:
                 break
-            if run.model_version and run.model_version != serving_version(run.model_name):
-                continue  # its episodes start once the version it asks for serves
+            if not admissible(run):
+                continue  # its episodes start once the version it asks for (or one within max_staleness) serves
             run_room = run.max_concurrent_episodes - run.episodes.filter(status__in=LIVE).count()
             queued = run.episodes.filter(status=Episode.Status.QUEUED).order_by("pk")
             ready = [(episode.pk, episode.attempt, episode.task.image)

@@ -1,7 +1,9 @@
 """Model backends: sim and replay, and the HTTP path against a real tiny model in a real OpenAI-compatible server."""
 
+import json
 import re
 import time
+import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
@@ -9,6 +11,7 @@ import pytest
 
 from envs import task_sandbox
 from modelserving.backend import GenerationRequest, SamplingParams, UnknownModel, get_backend, model_config
+from modelserving.openai_backend import OpenAIBackend
 from modelserving.supervisor import read_metrics
 from modelserving.tasks import publish_generation
 from modelserving.token_prompts import PreviousTurn, next_prompt
@@ -122,9 +125,36 @@ def test_a_prompt_over_the_context_length_is_a_clear_error(tiny_model_server):
     assert generation.error.startswith("context length exceeded: This model's maximum context length is 256 tokens")
 
 
-def test_a_server_that_is_down_fails_after_bounded_retries(settings):
-    from modelserving.openai_backend import OpenAIBackend
+@pytest.mark.integration
+def test_the_server_tokenizes_as_vllm_does_and_a_server_without_it_stays_text_only(tiny_model_server):
+    def post(path: str, body: dict) -> tuple[int, dict]:
+        request = urllib.request.Request(f"{tiny_model_server}{path}", json.dumps(body).encode(),
+                                         {"Content-Type": "application/json"})  # fmt: skip
+        try:
+            with urllib.request.urlopen(request) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as error:
+            return error.code, json.loads(error.read())
 
+    messages = [{"role": "user", "content": "hello"}]
+    status, chat = post("/tokenize", {"model": "tiny", "messages": messages, "add_generation_prompt": True})
+    assert status == 200 and chat["count"] == len(chat["tokens"]) > 0 and chat["max_model_len"] == 256
+    _, closed = post("/tokenize", {"model": "tiny", "messages": messages, "add_generation_prompt": False})
+    assert chat["tokens"][: len(closed["tokens"])] == closed["tokens"] != chat["tokens"]
+    _, text = post("/tokenize", {"model": "tiny", "prompt": "hello", "add_special_tokens": False})
+    assert post("/detokenize", {"model": "tiny", "tokens": text["tokens"]}) == (200, {"prompt": "hello"})
+    assert post("/tokenize", {"model": "nope", "prompt": "x"})[0] == 404
+    assert post("/tokenize", {"model": "tiny"})[1]["error"]["message"].startswith("cannot tokenize this body")
+    # No /tokenize there (this path has none): text only, and no ids invented.
+    elsewhere = OpenAIBackend("tiny", base_url=f"{tiny_model_server}/elsewhere/v1", max_attempts=1)
+    assert elsewhere.tokenizes is False and elsewhere._tokenizes is False, "asked once, the answer kept"
+    assert next_prompt(elsewhere, messages, None).ids is None
+    # A server down now is asked again next time rather than taken for text-only.
+    down = OpenAIBackend("down", base_url="http://127.0.0.1:9/v1", max_attempts=1)
+    assert down.tokenizes is False and down._tokenizes is None
+
+
+def test_a_server_that_is_down_fails_after_bounded_retries(settings):
     backend = OpenAIBackend("down", base_url="http://127.0.0.1:9/v1", max_attempts=3, backoff_s=0.01)
     [generation] = backend.generate([ask("hello")])
     assert generation.error.startswith("model server http://127.0.0.1:9/v1 unreachable after 3 attempts: ConnectError")

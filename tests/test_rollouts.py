@@ -23,7 +23,7 @@ from django.utils import timezone
 from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
-from modelserving.backend import GenerationRequest, SamplingParams
+from modelserving.backend import GenerationRequest, SamplingParams, get_backend
 from modelserving.hf_backend import HFBackend
 from modelserving.token_prompts import PreviousTurn, next_prompt
 from orchestrator import rollouts
@@ -132,6 +132,31 @@ def test_new_weights_are_swapped_in_between_batches_and_a_bad_checkpoint_changes
         [GenerationRequest("b", [{"role": "user", "content": "hi"}], SamplingParams(max_tokens=4))]
     )
     assert generation.model_version == hf.version == "v1"
+
+
+@pytest.mark.integration
+def test_the_openai_backend_grows_prompts_token_in_token_out_exactly_as_hf_does(hf, tiny_model_server):
+    """The same tiny model behind hf_server, through the openai backend (the vLLM path: /tokenize, token-id prompts
+    on /v1/completions): the same prompt ids, the same greedy completion ids and logprobs, the same delta."""
+    tiny = get_backend("tiny")
+    assert tiny.tokenizes, "hf_server answers /tokenize as vLLM does"
+    tools = [{"type": "function", "function": {"name": "bash", "parameters": {"type": "object"}}}]
+    messages = [{"role": "system", "content": "Reply with bash."}, {"role": "user", "content": "Fix it."}]
+    assert tiny.chat_token_ids(messages, tools=tools) == hf.chat_token_ids(messages, tools=tools)
+    assert tiny.text_token_ids("Fix it.") == hf.text_token_ids("Fix it.")
+    first = next_prompt(tiny, messages, None)
+    assert first.ids == hf.chat_token_ids(messages) and first.prefix_len == 0
+    sampling = SamplingParams(max_tokens=10, logprobs=True)  # greedy: both must pick the same tokens
+    [served] = tiny.generate([GenerationRequest("a", messages, sampling, prompt_token_ids=first.ids)])
+    [local] = hf.generate([GenerationRequest("a", messages, sampling, prompt_token_ids=first.ids)])
+    assert served.token_ids == local.token_ids and len(served.token_ids) == served.completion_tokens > 0
+    assert served.logprobs == pytest.approx(local.logprobs, abs=1e-4) and served.top_logprobs is None
+    assert served.text == local.text and served.prompt_tokens == len(first.ids)
+    seen = first.ids + served.token_ids
+    grown = [*messages, {"role": "assistant", "content": served.text}, {"role": "user", "content": "ok"}]
+    second = next_prompt(tiny, grown, PreviousTurn(messages, served.text, seen))
+    assert second.consistent is True and second.prefix_len == len(seen) and second.ids[: len(seen)] == seen
+    assert second.ids == next_prompt(hf, grown, PreviousTurn(messages, local.text, seen)).ids
 
 
 # --- lines, cursors and the API's 4xx (rows written here, no workers) --------------------------------------------
@@ -362,6 +387,27 @@ def test_a_version_switch_during_a_run_shows_in_the_turns(celery_workers, tiny_m
         first_new = versions.index("mid-run")
         assert versions[:first_new] == [line["model_versions"][0]] * first_new
         assert versions[first_new:] == ["mid-run"] * (len(versions) - first_new), "never back to the old weights"
+        assert_aligned(line)
+
+
+@pytest.mark.integration
+@pytest.mark.django_db(transaction=True)
+def test_an_episode_on_an_openai_compatible_server_records_token_in_token_out(
+    celery_workers, tiny_model_server, swe_mini
+):
+    """Episodes of "tiny" (hf_server through the openai backend, as a vLLM server is reached) record what the
+    tiny-hf episodes record: prompt ids that extend the previous prompt + completion exactly, completion ids and
+    their logprobs."""
+    from tests.test_episode_loop import make_run, start_and_wait
+
+    run = start_and_wait(make_run(swe_mini, ["calendarx-1"], model_name="tiny", samples_per_task=2, max_steps=3,
+                                  agent_config=GROWING_AGENT_CONFIG, max_attempts=1))  # fmt: skip
+    lines = [json.loads(line) for line in rollouts.stream(run, follow=False, settle_s=0)]
+    assert len(lines) == 2
+    for line in lines:
+        assert (line["status"], line["mask"], line["token_ids_note"]) == ("succeeded", False, None), line
+        assert len(line["turns"]) == 3 and line["model_versions"] == ["base"]
+        assert {turn["model_name"] for turn in line["turns"]} == {"tiny"}
         assert_aligned(line)
 
 

@@ -9,6 +9,7 @@ collected instead of sent.
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from datetime import timedelta
 
@@ -19,8 +20,10 @@ from django.utils import timezone
 from envs import service as env_service
 from envs.backend import get_backend
 from megaflow_site import liveness
-from orchestrator import episode_loop, runs, transitions
-from orchestrator.models import Dataset, Episode, Run, Step, Task
+from modelserving.versions import current_key
+from orchestrator import episode_loop, rollouts, runs, staleness, transitions
+from orchestrator.hot_state import redis_client
+from orchestrator.models import Dataset, Episode, ModelVersion, Run, Step, Task
 
 pytestmark = pytest.mark.django_db
 
@@ -466,3 +469,94 @@ def test_a_model_version_moves_only_along_its_table():
     assert (record.status, record.checkpoint_path, record.error) == (V.SERVING, "/b", "")
     assert record.serving_at is not None
     assert not transitions.serve_model_version("sim", "nope"), "an unknown version changes nothing"
+
+
+# --- model versions: a required version and a staleness bound (orchestrator/staleness.py) ----------------------
+
+
+@pytest.fixture
+def serve(db):
+    """sim's versions v1, v2, v3, published in that order; ``serve(version)`` makes one the version sim serves."""
+    for version in ("v1", "v2", "v3"):
+        ModelVersion.objects.create(model_name="sim", version=version, checkpoint_path=f"/{version}",
+                                    status=ModelVersion.Status.SERVING)  # fmt: skip
+    ModelVersion.objects.create(model_name="sim", version="bad", checkpoint_path="/bad", status="refused")
+
+    def serving(version: str) -> None:
+        redis_client().set(current_key("sim"), json.dumps({"version": version, "checkpoint_path": f"/{version}"}))
+
+    yield serving
+    redis_client().delete(current_key("sim"))
+
+
+def test_max_staleness_is_validated_with_the_run(run):
+    fields = {"dataset": run.dataset.name, "model_name": "sim"}
+    for bad in (-1, "two", 1.5):
+        assert runs.run_errors({**fields, "max_staleness": bad}).keys() == {"max_staleness"}, bad
+    assert runs.run_errors({**fields, "max_staleness": 0}) == {} == runs.run_errors({**fields, "max_staleness": None})
+    assert runs.create_run({**fields, "max_staleness": 2}).max_staleness == 2
+    assert runs.create_run(fields).max_staleness is None
+
+
+def test_admission_starts_a_run_on_its_version_or_one_within_max_staleness(run, sent, serve):
+    assert staleness.version_order("sim") == ["base", "v1", "v2", "v3"], "by publish time; refused ones never served"
+    Run.objects.filter(pk=run.pk).update(model_version="v1", max_staleness=1)
+    first, second = episode_in(run, E.QUEUED), episode_in(run, E.QUEUED, sample=1)
+    Run.objects.filter(pk=run.pk).update(max_concurrent_episodes=1)
+    assert runs.admit() == [], "base serves: v1 not yet"
+    serve("v2")
+    assert runs.admit() == [first.pk], "one version newer than the one required: within the bound"
+    Run.objects.filter(pk=run.pk).update(max_concurrent_episodes=2)
+    serve("v3")
+    assert runs.admit() == [] and status_of(second) == E.QUEUED, "two newer: past it"
+    Run.objects.filter(pk=run.pk).update(max_staleness=None)
+    serve("v2")
+    assert runs.admit() == [], "without a bound, only the version required itself"
+    serve("v1")
+    assert runs.admit() == [second.pk]
+
+
+def test_an_episode_past_max_staleness_is_masked_and_taken_again_never_graded(run, sent, serve):
+    """max_staleness 0: every turn of a rollout on its first turn's version. A version that serves before the next
+    turn stops the episode there; one published while a turn was queued shows in that turn, and stops it too,
+    even when the agent submitted: the sample is dropped (masked), not graded."""
+    Run.objects.filter(pk=run.pk).update(max_staleness=0)
+    serve("v1")
+    episode = started_episode(run, sent)
+
+    def step(index: int, version: str, reply: str = REPLY, attempt: int = 1) -> None:
+        turn = {"model_name": "sim", "model_version": version}
+        episode_loop.episode_step(episode.pk, index, reply, attempt=attempt, turn=turn)
+
+    step(0, "v1")
+    assert names(sent) == ["modelserving.episode_turn"], "on the version it started on: it carries on"
+    sent.clear()
+    serve("v2")
+    step(1, "v1")
+    episode.refresh_from_db()
+    assert (episode.status, episode.attempt, names(sent)) == (E.QUEUED, 2, ["orchestrator.episode_done"])
+    assert episode.failure_reason == ("attempt 1 failed: stale: sim serves 'v2', 1 versions newer than 'v1' that the "
+                                      "episode's first turn ran on (max_staleness 0)")  # fmt: skip
+
+    # The fresh attempt starts on v2; v3 is published while its second turn is queued, and that turn submits.
+    assert transitions.admit(episode.pk, 2)
+    episode_loop.episode_start(episode.pk, "default", attempt=2)
+    sent.clear()
+    step(0, "v2", attempt=2)
+    serve("v3")
+    step(1, "v3", SUBMIT, attempt=2)
+    episode.refresh_from_db()
+    assert (episode.status, episode.reward) == (E.FAILED, None), "the run's 2 attempts are spent: failed, not graded"
+    assert episode.failure_reason.startswith("attempt 2: stale: a turn ran on 'v3', 1 versions newer than 'v2'")
+    line = rollouts.rollout(episode, run, list(episode.steps.order_by("index")))
+    assert (line["mask"], line["stop_reason"], line["model_versions"]) == (True, "staleness", ["v2", "v3"])
+
+
+def test_without_a_bound_versions_only_show_in_the_turns(run, sent, serve):
+    serve("v1")
+    episode = started_episode(run, sent)
+    episode_loop.episode_step(episode.pk, 0, REPLY, attempt=1, turn={"model_version": "v1"})
+    serve("v3")
+    sent.clear()
+    episode_loop.episode_step(episode.pk, 1, REPLY, attempt=1, turn={"model_version": "v3"})
+    assert names(sent) == ["modelserving.episode_turn"] and status_of(episode) == E.RUNNING

@@ -170,8 +170,8 @@ class RunSerializer(serializers.ModelSerializer):
         fields = [
             "id", "name", "owner", "status", "dataset", "instance_ids", "tasks", "samples_per_task", "agent_name",
             "agent_config", "model_name", "env_pool", "max_concurrent_episodes", "max_steps", "episode_time_limit_s",
-            "max_attempts", "max_episode_tokens", "model_version", "progress", "cost", "created_at", "started_at",
-            "finished_at",
+            "max_attempts", "max_episode_tokens", "model_version", "max_staleness", "progress", "cost", "created_at",
+            "started_at", "finished_at",
         ]  # fmt: skip
         read_only_fields = ["id", "owner", "status", "progress", "cost", "created_at", "started_at", "finished_at"]
         extra_kwargs = {
@@ -180,6 +180,7 @@ class RunSerializer(serializers.ModelSerializer):
             "episode_time_limit_s": {"max_value": 7 * 24 * 3600},
             "max_attempts": {"max_value": 100},
             "max_episode_tokens": {"max_value": 10**12},
+            "max_staleness": {"min_value": 0, "max_value": 1_000_000},
         }
 
     def get_progress(self, run) -> dict:
