@@ -135,9 +135,10 @@ def test_new_weights_are_swapped_in_between_batches_and_a_bad_checkpoint_changes
 
 
 @pytest.mark.integration
-def test_the_openai_backend_grows_prompts_token_in_token_out_exactly_as_hf_does(hf, tiny_model_server):
+def test_the_openai_backend_grows_prompts_token_in_token_out_exactly_as_hf_does(tiny_model, tiny_model_server):
     """The same tiny model behind hf_server, through the openai backend (the vLLM path: /tokenize, token-id prompts
     on /v1/completions): the same prompt ids, the same greedy completion ids and logprobs, the same delta."""
+    hf = HFBackend("tiny-hf", model_path=str(tiny_model))  # the base weights, as the server has them
     tiny = get_backend("tiny")
     assert tiny.tokenizes, "hf_server answers /tokenize as vLLM does"
     tools = [{"type": "function", "function": {"name": "bash", "parameters": {"type": "object"}}}]
