@@ -15,9 +15,11 @@ it) at ``MEGAFLOW_GATEWAY_URL``. The framework worker's threads and gunicorn's f
 
 Per run: the peak number of episodes inside the framework's loop (the framework worker's active tasks, sampled),
 episodes/min, turn overhead p50/p99 (a turn's wall time from the previous turn's completion, minus its model and
-command time), CPU seconds of every process per turn, the framework worker's RSS and threads, gunicorn's, Redis
-``connected_clients`` and PostgreSQL connections (peaks). Prints a table and writes
-``bench-frameworks-results.json``.
+command time), the first turn's overhead (from sandbox preparation's start: its commands, the dispatch to the
+framework, its set-up), the tail (last turn to the episode's end: leaving the loop, grading), CPU seconds of every
+process per turn, the framework worker's RSS and threads, gunicorn's, Redis ``connected_clients`` and PostgreSQL
+connections (peaks). Each level first runs two episodes of each agent unmeasured: a worker imports an agent's code
+(LiteLLM: seconds of CPU) on its first episode. Prints a table and writes ``bench-frameworks-results.json``.
 """
 
 from __future__ import annotations
@@ -269,11 +271,21 @@ def run_agent(level: int, agent: tuple[str, dict], args, sampler: Sampler) -> di
         .values_list("episode_id", "index", "completed_at", "model_latency_s", "env_latency_s")
     )
     overheads, previous = [], {}
+    bounds = {
+        pk: (began_at, ended_at)
+        for pk, began_at, ended_at in run.episodes.values_list("pk", "started_at", "finished_at")
+    }
+    firsts, tails, last = [], [], {}
     for episode_id, index, completed, model_s, env_s in steps:
         if index > 0 and (episode_id, index - 1) in previous:
             turn = (completed - previous[(episode_id, index - 1)]).total_seconds()
             overheads.append(turn - (model_s or 0) - (env_s or 0))
-        previous[(episode_id, index)] = completed
+        elif index == 0 and bounds[episode_id][0]:  # from sandbox preparation's start: its commands, the dispatch
+            firsts.append((completed - bounds[episode_id][0]).total_seconds() - (model_s or 0) - (env_s or 0))
+        previous[(episode_id, index)] = last[episode_id] = completed
+    for episode_id, completed in last.items():  # grading, releasing the sandbox, and (framework) leaving its loop
+        if bounds[episode_id][1]:
+            tails.append((bounds[episode_id][1] - completed).total_seconds())
     statuses = dict(run.episodes.values_list("status").annotate(n=Count("pk")))
     failures = list(run.episodes.exclude(failure_reason="").values_list("failure_reason", flat=True)[:3])
     done = sum(count for status, count in statuses.items() if status in Episode.TERMINAL)
@@ -289,6 +301,8 @@ def run_agent(level: int, agent: tuple[str, dict], args, sampler: Sampler) -> di
         "episodes_per_min": round(done / wall * 60, 1),
         "turn_overhead_p50_ms": ms(percentile(overheads, 0.5)),
         "turn_overhead_p99_ms": ms(percentile(overheads, 0.99)),
+        "first_turn_overhead_p50_ms": ms(percentile(firsts, 0.5)),
+        "tail_p50_ms": ms(percentile(tails, 0.5)),
         "peak_in_framework": sampler.peak("in_framework"),
         "peak_running": sampler.peak("running"),
         "peak_framework_rss_mib": sampler.peak("framework_rss_mib"),
@@ -325,6 +339,8 @@ def run_level(level: int, args, env: dict[str, str], log_dir: Path) -> dict:
         processes = {name: worker.process.pid for name, worker in started.items()}
         sampler = Sampler({**processes, "web": lambda: web.worker_pids}, started["framework"].node)
         agents = [FRAMEWORK_AGENT] + ([] if args.no_baseline else [BASELINE_AGENT])
+        for agent in agents:  # each worker imports an agent's code on its first episode (LiteLLM: seconds of CPU)
+            run_agent(2, agent, args, sampler)
         runs = {agent[0]: run_agent(level, agent, args, sampler) for agent in agents}
     finally:
         if web is not None:
@@ -347,7 +363,8 @@ def run_level(level: int, args, env: dict[str, str], log_dir: Path) -> dict:
 
 def print_table(rows: list[dict]) -> None:
     header = (f"{'level':>5} {'agent':>14} {'fw thr':>6} {'web thr':>7} {'peak in':>7} {'ep/min':>7} {'vs bash':>7} "
-              f"{'ovh p50':>8} {'ovh p99':>8} {'fw RSS':>7} {'fw thr':>6} {'redis':>5} {'pg':>4} "
+              f"{'ovh p50':>8} {'ovh p99':>8} {'1st ovh':>8} {'tail':>7} {'fw RSS':>7} {'fw thr':>6} "
+              f"{'redis':>5} {'pg':>4} "
               f"{'cpu ms/turn (fw+web / agent, model, env)':>41}  status")  # fmt: skip
     print(header)
     print("-" * len(header))
@@ -366,6 +383,7 @@ def print_table(rows: list[dict]) -> None:
                 f"{row['level']:>5} {result['agent']:>14} {row['framework_threads']:>6} {row['web_threads']:>7} "
                 f"{peak:>7} {result['episodes_per_min']:>7.1f} {ratio:>7} "
                 f"{shown(result['turn_overhead_p50_ms'], 'ms'):>8} {shown(result['turn_overhead_p99_ms'], 'ms'):>8} "
+                f"{shown(result['first_turn_overhead_p50_ms'], 'ms'):>8} {shown(result['tail_p50_ms'], 'ms'):>7} "
                 f"{shown(result['peak_framework_rss_mib'], 'M'):>7} {result['peak_framework_threads']:>6} "
                 f"{result['peak_redis_clients']:>5} {result['peak_pg_connections']:>4} "
                 f"{own + ' / ' + str(cpu['agent']) + ', ' + str(cpu['model']) + ', ' + str(cpu['env']):>41}  "
