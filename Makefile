@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 export MEGAFLOW_VENV := $(abspath $(VENV))
 
 .PHONY: help bootstrap up down status demo test lint workers bench bench-env bench-model chaos sim-autoscale \
-	bench-autoscale push-images bench-images
+	bench-autoscale push-images bench-images bench-frameworks
 
 help:
 	@echo "make demo    run the demo on the embedded default (SQLite, local Redis, local Docker)"
@@ -15,6 +15,7 @@ help:
 	@echo "make workers print the worker command of every queue"
 	@echo "make bench   orchestration overhead per step vs raw asyncio and naive Celery (writes bench-results.json)"
 	@echo "make chaos   runs of 200 episodes under injected faults; every episode must end (writes chaos-results.json)"
+	@echo "make bench-frameworks  framework episodes at once (mini-swe-agent) vs the bash agent (writes bench-frameworks-results.json)"
 	@echo "make bench-env  Environment Service vs the raw docker SDK (writes bench-env-results.json)"
 	@echo "make bench-model  gateway overhead and server batch sizes (writes bench-model-results.json)"
 	@echo "make sim-autoscale  coordinated vs per-pool utilisation autoscaling, simulated 128-GPU fleet (table; writes autoscale-sim.png)"
@@ -48,6 +49,9 @@ test: lint
 
 bench: bootstrap
 	@$(PY) -m tests.bench.orchestration $(BENCH_ARGS)
+
+bench-frameworks: bootstrap
+	@$(PY) -m tests.bench.frameworks $(BENCH_FRAMEWORKS_ARGS)
 
 chaos: bootstrap
 	@$(PY) -m tests.chaos.harness $(CHAOS_ARGS)

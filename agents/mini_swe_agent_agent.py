@@ -46,6 +46,7 @@ os.environ.setdefault("MSWEA_SILENT_STARTUP", "1")
 os.environ.setdefault("MSWEA_GLOBAL_CONFIG_DIR", str(settings.BASE_DIR / "var" / "mini-swe-agent"))
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
+import litellm  # noqa: E402
 from minisweagent.agents.default import AgentConfig, DefaultAgent  # noqa: E402
 from minisweagent.config import builtin_config_dir  # noqa: E402
 from minisweagent.exceptions import Submitted  # noqa: E402
@@ -56,9 +57,39 @@ from minisweagent.models.litellm_textbased_model import (  # noqa: E402
 )
 
 MINI_SUBMIT_MARKER = "COMPLETE_TASK_AND_SUBMIT_FINAL_OUTPUT"
+
+
+class SessionEnded(Exception):
+    """The episode-bound URL refused a call for good (a 403: the episode ended or spent a budget)."""
+
+
+class EpisodeBound:
+    """A 403 from the episode-bound URL ends mini-swe-agent's loop at once. LiteLLM maps an OpenAI-compatible
+    server's 403 to its generic ``APIError``, which mini-swe-agent retries ten times with back-off up to 60 s:
+    minutes of a framework thread held, and ten more refused calls, for an episode that is over."""
+
+    abort_exceptions = [*LitellmModel.abort_exceptions, SessionEnded]
+
+    def _query(self, messages, **kwargs):
+        try:
+            return super()._query(messages, **kwargs)
+        except litellm.exceptions.APIError as error:
+            if getattr(error, "status_code", None) == 403:
+                raise SessionEnded(error.message) from error
+            raise
+
+
+class EpisodeBoundModel(EpisodeBound, LitellmModel):
+    pass
+
+
+class EpisodeBoundTextbasedModel(EpisodeBound, LitellmTextbasedModel):
+    pass
+
+
 MODES = {
-    "tool_calls": ("mini.yaml", LitellmModel, LitellmModelConfig),
-    "text": ("mini_textbased.yaml", LitellmTextbasedModel, LitellmTextbasedModelConfig),
+    "tool_calls": ("mini.yaml", EpisodeBoundModel, LitellmModelConfig),
+    "text": ("mini_textbased.yaml", EpisodeBoundTextbasedModel, LitellmTextbasedModelConfig),
 }
 # Text mode: mini-swe-agent's fence, or MegaFlow's (DESIGN.md's action format).
 TEXT_ACTION_REGEX = r"```(?:mswea_bash_command|bash)[ \t]*\n(.*?)\n```"
@@ -117,7 +148,10 @@ class MiniSweAgent(FrameworkAgent):
             raise AgentConfigError(f"mode: must be one of {', '.join(MODES)}, not {mode!r}")
         config_file, self.model_class, model_config = MODES[mode]
         defaults = yaml.safe_load((builtin_config_dir / config_file).read_text())
-        self.agent_config = {**defaults["agent"], **_section("agent", agent)}
+        # mini-swe-agent's own defaults (its yaml sets step_limit: 0, no limit), then the run's budgets, then the
+        # run's explicit overrides: the defaults must not undo the budgets (run_episode).
+        self.agent_defaults, self.agent_overrides = defaults["agent"], _section("agent", agent)
+        self.agent_config = {**self.agent_defaults, **self.agent_overrides}
         self.model_config = {**defaults["model"], **_section("model", model)}
         self.environment_config = {"env": defaults.get("environment", {}).get("env", {})}
         if mode == "text":
@@ -140,19 +174,25 @@ class MiniSweAgent(FrameworkAgent):
             model_name=f"openai/{episode.model}",
             cost_tracking="ignore_errors",  # a local model has no price; MegaFlow counts tokens itself
         )
-        agent_config = {
-            "step_limit": episode.max_steps,
-            "wall_time_limit_seconds": episode.time_limit_s,
-            **self.agent_config,
-            "cost_limit": 0,
-            "output_path": None,
-        }
-        agent = DefaultAgent(model, SandboxEnvironment(episode, **self.environment_config), **agent_config)
+        environment = SandboxEnvironment(episode, **self.environment_config)
+        agent = DefaultAgent(model, environment, **self.agent_settings(episode))
         try:
             info = agent.run(task=episode.task.problem_statement)
         except Exception as error:  # noqa: BLE001 - whatever stopped the framework is the episode's failure reason
             return FrameworkOutcome(type(error).__name__, error=f"{type(error).__name__}: {error}")
         return FrameworkOutcome(info.get("exit_status", ""))
+
+    def agent_settings(self, episode: FrameworkEpisode) -> dict:
+        """mini-swe-agent's agent section for this episode: the run's step and wall-clock budgets unless the run's
+        agent_config overrides them; no cost limit (MegaFlow counts tokens) and no trajectory file."""
+        return {
+            **self.agent_defaults,
+            "step_limit": episode.max_steps,
+            "wall_time_limit_seconds": episode.time_limit_s,
+            **self.agent_overrides,
+            "cost_limit": 0,
+            "output_path": None,
+        }
 
 
 def _section(name: str, value) -> dict:
