@@ -23,7 +23,6 @@ from rest_framework.views import APIView
 
 from modelserving.gateway import ChatCompletionsView, OpenAIErrorsMixin
 from orchestrator import sessions
-from orchestrator.db import release_connection
 
 
 class EpisodeTokenInvalid(exceptions.APIException):
@@ -79,10 +78,6 @@ class EpisodeChatCompletionsView(EpisodeBound, ChatCompletionsView):
             kwargs={"model": model, "episode_id": self.session.episode_id, "attempt": self.session.attempt,
                     "request": request, "reply_to": inbox},
         )  # fmt: skip
-        # The request thread now waits for the model worker: with its pooled connection held, a gunicorn process
-        # serves no more calls at once than MEGAFLOW_DB_POOL_SIZE (make bench-frameworks: 8 per process made
-        # turns of 64 concurrent episodes wait 4.5 s for a connection).
-        release_connection()
 
 
 @extend_schema(exclude=True)

@@ -183,7 +183,7 @@ def framework_episode(episode_id: int, attempt: int | None = None) -> None:
         api_key=secret,
         max_steps=run.max_steps,
         time_limit_s=run.episode_time_limit_s,
-        execute=lambda command, timeout_s=None: _execute(episode, command, timeout_s),
+        execute=lambda command, timeout_s=None: _execute(episode, command, timeout_s, agent.output_limit),
     )
     release_connection()  # the framework's loop holds no database connection while it thinks
     outcome = agent.run_episode(seams)
@@ -228,12 +228,13 @@ def _budget_spent(episode: Live) -> bool:
     return steps >= run.max_steps or (bool(run.max_episode_tokens) and tokens >= run.max_episode_tokens)
 
 
-def _execute(episode: Live, command: str, timeout_s: int | None) -> CommandResult:
-    """The framework's command, run in the sandbox by the env worker on the host that holds it."""
+def _execute(episode: Live, command: str, timeout_s: int | None, output_limit: int | None) -> CommandResult:
+    """The framework's command, run in the sandbox by the env worker on the host that holds it. The output limit
+    travels with it, so that env workers never import a framework to learn it."""
     timeout_s = min(timeout_s or settings.MEGAFLOW_EXEC_TIMEOUT_S, settings.MEGAFLOW_EXEC_TIMEOUT_S)
     inbox = replies.new_inbox()
     send("envs.session_exec", episode_id=episode.id, attempt=episode.attempt, command=command, timeout_s=timeout_s,
-         reply_to=inbox, pool=episode.run.env_pool, host=episode.env_host)  # fmt: skip
+         output_limit=output_limit, reply_to=inbox, pool=episode.run.env_pool, host=episode.env_host)  # fmt: skip
     reply = replies.wait_for_reply(inbox, timeout_s + EXEC_REPLY_MARGIN_S)
     if reply is None:
         raise EpisodeStopped(f"the Environment Service did not answer within {timeout_s + EXEC_REPLY_MARGIN_S} s")
@@ -245,17 +246,19 @@ def _execute(episode: Live, command: str, timeout_s: int | None) -> CommandResul
 # --- queue env.<pool> ------------------------------------------------------------------------------------------
 
 
-def session_exec(episode_id: int, attempt: int, command: str, timeout_s: int, reply_to: str) -> None:
+def session_exec(
+    episode_id: int, attempt: int, command: str, timeout_s: int, reply_to: str, output_limit: int | None = None
+) -> None:
     """Run a framework's command in the episode's sandbox, record it on the episode's last turn, and answer."""
     began = time.monotonic()
     episode = _current(episode_id, attempt)
     if episode is None or episode.status != Episode.Status.RUNNING:
         replies.deliver(reply_to, {"stopped": f"episode {episode_id} no longer runs (attempt {attempt})"})
         return
-    agent, task = agent_of_run(episode.run_id), episode.task
+    task = episode.task
     try:
         result = env_service.run_command(
-            episode.container_id, command, min(timeout_s, task.timeout_s), task.workdir, agent.output_limit
+            episode.container_id, command, min(timeout_s, task.timeout_s), task.workdir, output_limit
         )
     except SandboxError as error:
         replies.deliver(reply_to, {"stopped": f"the sandbox failed: {error.reason}"})

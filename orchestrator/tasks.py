@@ -83,9 +83,16 @@ def framework_episode(episode_id: int, attempt: int | None = None) -> None:
 
 @megaflow_task("envs.session_exec")
 def session_exec(
-    episode_id: int, attempt: int, command: str, timeout_s: int, reply_to: str, pool: str, host: str = ""
+    episode_id: int,
+    attempt: int,
+    command: str,
+    timeout_s: int,
+    reply_to: str,
+    pool: str,
+    host: str = "",
+    output_limit: int | None = None,
 ) -> None:
-    framework_loop.session_exec(episode_id, attempt, command, timeout_s, reply_to)
+    framework_loop.session_exec(episode_id, attempt, command, timeout_s, reply_to, output_limit)
 
 
 @megaflow_task("envs.framework_evaluate")
