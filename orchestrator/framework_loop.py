@@ -12,9 +12,11 @@ MegaFlow only through two seams, each a message to the service that holds the da
     envs.session_exec           env        one of the framework's commands in the sandbox, added to the last step
     envs.framework_evaluate     env        grade the final tree (episode_loop.evaluate), release the sandbox
 
-What bounds how many framework episodes run at once is the framework workers' threads (one per episode, idle
-while the model or the sandbox works) and the gateway's request threads (one per model call in flight): both
-in the README's "Framework agents".
+Each framework episode holds a framework worker's thread for its life (idle while the model or the sandbox
+works) and each model call in flight a gateway thread; both must be sized to what is admitted, and then what bounds
+how many run at once is CPU per turn (agents/README.md, "Framework agents", measured by ``make bench-frameworks``).
+The hops borrow the episode loop's helpers (``_current``: the attempt fence and the hold; ``_over_time``;
+``_sandbox_failed``), so that both kinds of episode end the same way.
 """
 
 from __future__ import annotations
