@@ -8,8 +8,10 @@ set -euo pipefail
 REGISTRY=${MEGAFLOW_IMAGE_REGISTRY:-127.0.0.1:5000}
 BASE_IMAGE=${MEGAFLOW_BASE_IMAGE:-megaflow/base:bookworm}
 
-for image in "$BASE_IMAGE" "$@"; do
+for image in "$BASE_IMAGE" "$@"; do  # all of them present before any is pushed
   docker image inspect "$image" >/dev/null 2>&1 || { echo "megaflow: no local image $image" >&2; exit 2; }
+done
+for image in "$BASE_IMAGE" "$@"; do
   name=${image#"$REGISTRY"/}
   target="$REGISTRY/$name"
   docker tag "$image" "$target"

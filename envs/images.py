@@ -98,12 +98,17 @@ def _pull(api: docker.APIClient, reference: image_reference.ImageReference, imag
     """Pull ``image``; returns the bytes downloaded (layers the daemon did not have). Cut off at ``timeout_s``."""
     registry = reference.registry
     params = {"fromImage": reference.repository, "tag": reference.digest or reference.tag}
+    deadline = time.monotonic() + timeout_s
+    cut_off_error = SandboxError(f"pulling {image} from {registry} took longer than {timeout_s:.0f} s; cut off")
     try:
-        response = api._post(api._url("/images/create"), params=params, stream=True, timeout=None)
+        # The daemon answers with its headers only once the registry answered: the wait for them is cut off too.
+        response = api._post(api._url("/images/create"), params=params, stream=True, timeout=timeout_s)
         api._raise_for_status(response)
     except docker.errors.APIError as exc:
         raise _pull_error(image, registry, exc.explanation or str(exc)) from None
     except requests.RequestException as exc:
+        if isinstance(exc, requests.Timeout) or time.monotonic() >= deadline:
+            raise cut_off_error from None
         raise SandboxError(f"pulling {image}: the Docker daemon did not answer: {exc}") from None
     cut_off = threading.Event()
 
@@ -111,7 +116,7 @@ def _pull(api: docker.APIClient, reference: image_reference.ImageReference, imag
         cut_off.set()
         response.close()  # the daemon cancels a pull whose client went away
 
-    timer = threading.Timer(timeout_s, cut)
+    timer = threading.Timer(max(0.0, deadline - time.monotonic()), cut)
     timer.daemon = True
     timer.start()
     totals: dict[str, int] = {}
@@ -123,12 +128,12 @@ def _pull(api: docker.APIClient, reference: image_reference.ImageReference, imag
                 total = (event.get("progressDetail") or {}).get("total") or 0
                 totals[event["id"]] = max(totals.get(event["id"], 0), int(total))
     except (requests.RequestException, OSError, ValueError, AttributeError) as exc:
-        if not cut_off.is_set():
+        if not cut_off.is_set() and time.monotonic() < deadline:
             raise SandboxError(f"pulling {image}: lost the connection to the Docker daemon: {exc}") from None
     finally:
         timer.cancel()
-    if cut_off.is_set():
-        raise SandboxError(f"pulling {image} from {registry} took longer than {timeout_s:.0f} s; cut off")
+    if cut_off.is_set() or time.monotonic() >= deadline:
+        raise cut_off_error
     try:
         api.inspect_image(image)
     except docker.errors.ImageNotFound:

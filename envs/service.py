@@ -44,10 +44,14 @@ def create_sandbox(task: Task, episode_id: int, run_id: int, pool: str, on_pull=
     backend = get_backend()
     with backend.holding_image(spec.image):
         pull = backend.ensure_image(spec.image, on_pull)
-        if warm_pool.pool_size(pool) > 0:
-            container_id, warm = warm_pool.WarmPool(backend, pool).acquire(spec)
-        else:
-            container_id, warm = backend.create(spec), False
+        try:
+            if warm_pool.pool_size(pool) > 0:
+                container_id, warm = warm_pool.WarmPool(backend, pool).acquire(spec)
+            else:
+                container_id, warm = backend.create(spec), False
+        except SandboxError as error:
+            error.pull = pull  # the pull was paid for even though no container came of it
+            raise
     # Since when the episode holds the container: its sandbox-seconds are counted from here to its release.
     redis_client().set(_since_key(container_id), time.time(), ex=7 * 86400)
     return Sandbox(container_id, warm, pull)

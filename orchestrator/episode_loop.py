@@ -173,9 +173,10 @@ def publish_turn(episode: Live, step: int) -> None:
          attempt=episode.attempt)  # fmt: skip
 
 
-def _sandbox_failed(episode: Live, error: SandboxError, container_id: str, what: str = "") -> None:
-    """Record a sandbox failure (a retryable one requeues the episode), release the sandbox, account for it."""
-    charge_sandbox(episode.id, container_id)
+def _sandbox_failed(episode: Live, error: SandboxError, container_id: str, what: str = "", **charges) -> None:
+    """Record a sandbox failure (a retryable one requeues the episode), release the sandbox, account for it:
+    ``charges`` (the hop's own cost) are added with the sandbox's seconds before the episode's attempt ends."""
+    costs.charge(episode.id, sandbox_s=env_service.stop_clock(container_id), **charges)
     outcome = transitions.fail_or_retry(
         episode.id, f"{what}{error.reason}", error.retryable, attempt=episode.attempt, holding=container_id
     )
@@ -192,13 +193,16 @@ def episode_start(episode_id: int, pool: str, attempt: int | None = None) -> Non
     """Give the episode a prepared sandbox (pulling its image when this host lacks it), then publish its first model
     turn. The hop's time and the pull are charged to the episode's cost."""
     began = time.monotonic()
+    charged = False
     try:
-        _start(episode_id, pool, attempt)
+        charged = _start(episode_id, pool, attempt, began)
     finally:
-        costs.charge(episode_id, env_worker_s=time.monotonic() - began)
+        if not charged:
+            costs.charge(episode_id, env_worker_s=time.monotonic() - began)
 
 
-def _start(episode_id: int, pool: str, attempt: int | None) -> None:
+def _start(episode_id: int, pool: str, attempt: int | None, began: float) -> bool | None:
+    """True when a failure charged the hop's worker time already (before the episode's attempt ended)."""
     episode = _current(episode_id, attempt, hold=False)
     if episode is None:
         return
@@ -209,7 +213,9 @@ def _start(episode_id: int, pool: str, attempt: int | None) -> None:
         if env_service.is_alive(episode.container_id):
             first_hop(episode)
         else:
-            _sandbox_failed(episode, SandboxError("the sandbox container stopped"), episode.container_id)
+            _sandbox_failed(episode, SandboxError("the sandbox container stopped"), episode.container_id,
+                            env_worker_s=time.monotonic() - began)  # fmt: skip
+            return True
         return
     alive = liveness.read_fleet().alive
     if not transitions.claim_start(episode_id, episode.attempt, env_host=settings.MEGAFLOW_ENV_HOST, alive=alive):
@@ -226,8 +232,10 @@ def _start(episode_id: int, pool: str, attempt: int | None) -> None:
         sandbox = env_service.create_sandbox(task, episode_id, episode.run_id, pool, on_pull=pulling)
     except SandboxError as error:
         Episode.objects.filter(pk=episode_id).exclude(pulling_image="").update(pulling_image="")
-        _sandbox_failed(episode, error, episode.container_id)
-        return
+        pull = getattr(error, "pull", None)  # a pull that came before a failed container creation
+        pulled = costs.pull_charges(pull.pulled, pull.seconds, pull.bytes) if pull else {}
+        _sandbox_failed(episode, error, episode.container_id, env_worker_s=time.monotonic() - began, **pulled)
+        return True
     if pull := sandbox.pull:
         if pull.pulled or pull.waited:
             Episode.objects.filter(pk=episode_id).update(pulling_image="")
@@ -238,8 +246,8 @@ def _start(episode_id: int, pool: str, attempt: int | None) -> None:
     try:
         env_service.prepare_sandbox(sandbox.container_id, task)
     except SandboxError as error:
-        _sandbox_failed(episode, error, sandbox.container_id)
-        return
+        _sandbox_failed(episode, error, sandbox.container_id, env_worker_s=time.monotonic() - began)
+        return True
     if not transitions.sandbox_ready(episode_id, episode.attempt, sandbox.container_id):
         release_here(episode_id, sandbox.container_id, pool)  # cancelled, or another start took the episode over
         return
@@ -281,7 +289,10 @@ def episode_step(
                 episode.container_id, action.command, timeout_s, task.workdir, agent.output_limit
             )
         except SandboxError as error:
-            _sandbox_failed(episode, error, episode.container_id)
+            # The turn that led here was paid for: its model time and tokens count with the failed step's.
+            _sandbox_failed(episode, error, episode.container_id, model_s=model_latency_s,
+                            cost_prompt_tokens=prompt_tokens, cost_completion_tokens=completion_tokens,
+                            env_worker_s=time.monotonic() - began)  # fmt: skip
             return
         observation = agent.observation(CommandResult(result.output, result.exit_code, result.note))
     completed_at = timezone.now()

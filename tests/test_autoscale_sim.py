@@ -46,6 +46,36 @@ def test_coordinated_costs_less_than_per_pool_utilisation_at_the_same_slo(day):
         assert 0 < report["gpu_useful"] <= report["gpu_busy"] <= 1
 
 
+class Fixed:
+    """Stands in for the simulation's random numbers: every episode 10 steps, every command 2 s."""
+
+    def randint(self, low, high):
+        return 10
+
+    def expovariate(self, rate):
+        return 2.0
+
+
+def test_the_cost_in_a_runs_units_adds_up():
+    simulation = Simulation("coordinated", Cluster(gpus=8), episodes=200, day_s=600, slo_s=15, tick_s=15, seed=3)
+    simulation.random = Fixed()
+    report = simulation.run()
+    cluster, timeline = simulation.cluster, simulation.timeline
+    in_flight = sum(worker.busy for worker in simulation.workers["cpu"])  # commands started, not yet done
+    assert report["env_worker_s"] == round(2.0 * (report["steps"] + in_flight), 1)
+    # Every request pays the pass it was in: a full batch's pass at most, a lone request's at least.
+    calls = report["steps"] + in_flight + len(simulation.env_queue)
+    fastest, slowest = cluster.pass_base_s + cluster.pass_per_request_s, cluster.pass_base_s + 32 * 0.025
+    assert fastest * calls <= report["model_s"] <= slowest * (calls + simulation.live)
+    # Sandbox-seconds are the integral of live episodes over time: the tick samples are its Riemann sum.
+    sampled = sum(point["live"] for point in timeline) * simulation.tick_s
+    assert abs(report["sandbox_s"] - sampled) < 0.03 * sampled
+    assert report["sandbox_s"] > report["model_s"] + report["env_worker_s"] - simulation.live * 60
+    assert report["gpu_s"] == round(sum(point["gpus"] for point in timeline) * simulation.tick_s, 1)
+    dollars = report["gpu_s"] / 3600 * cluster.gpu_hour_usd + simulation.totals.cpu_s / 3600 * cluster.cpu_hour_usd
+    assert report["cost_usd"] == round(dollars, 2)
+
+
 def test_utilisation_scaling_of_gpus_saturates_on_busy_time(day):
     """The known failure of scaling inference on GPU utilisation: a GPU running small batches is 'busy'."""
     timeline = day["utilisation"][0].timeline
@@ -69,9 +99,10 @@ def test_make_sim_autoscale_writes_its_table_results_and_plot(tmp_path):
         cwd=settings.BASE_DIR, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
-    assert "GPU useful" in result.stdout and "$/1k steps" in result.stdout
+    assert "GPU useful" in result.stdout and "$/1k steps" in result.stdout and "sandbox s" in result.stdout
     report = json.loads(output.read_text())
     assert [row["policy"] for row in report["results"]] == ["coordinated", "utilisation"]
+    assert all(row["sandbox_s"] > 0 and row["model_s"] > 0 and row["env_worker_s"] > 0 for row in report["results"])
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import os
+import socket
 import threading
 import time
 from itertools import pairwise
@@ -23,7 +24,7 @@ from django.contrib.auth.models import User
 from django.core.management import call_command
 
 from envs import image_cache
-from envs.backend import get_backend
+from envs.backend import SandboxError, get_backend
 from envs.image_cache import ImageCache
 from orchestrator import episode_loop
 from orchestrator.models import Episode, Run, Task
@@ -252,3 +253,65 @@ def test_a_registry_down_mid_run_is_retried_with_its_reason_and_loses_nothing(
             episode.failure_reason,
         )
     assert any(e.status == Episode.Status.SUCCEEDED and e.attempt > 1 for e in episodes), "retried after it came back"
+
+
+# --- a registry that accepts the connection and never answers ------------------------------------------------
+
+
+class StallingRegistry:
+    """A TCP server on 127.0.0.1 that accepts every connection and never sends a byte."""
+
+    def __init__(self):
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        self.held: list[socket.socket] = []
+        self.closing = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self.closing:
+            try:
+                connection, _ = self.server.accept()
+            except OSError:
+                return
+            self.held.append(connection)
+
+    def close(self) -> None:
+        self.closing = True
+        self.server.close()
+        for connection in self.held:
+            connection.close()
+
+
+def test_a_registry_that_never_answers_is_cut_off_as_a_retryable_failure_and_no_waiter_hangs(settings):
+    settings.MEGAFLOW_IMAGE_PULL_TIMEOUT_S = 3
+    stalling = StallingRegistry()
+    image = f"127.0.0.1:{stalling.port}/megaflow-test/stalled:v1"
+    backend = get_backend("docker")
+    errors: list = [None, None]
+    ended: list = [None, None]
+    began = time.monotonic()
+
+    def start(index: int) -> None:
+        try:
+            with backend.holding_image(image):
+                backend.ensure_image(image)
+        except SandboxError as error:
+            errors[index] = error
+        ended[index] = time.monotonic() - began
+
+    try:
+        threads = [threading.Thread(target=start, args=(index,), daemon=True) for index in range(2)]
+        for thread in threads:
+            thread.start()
+            time.sleep(0.3)  # the second start waits on the first's pull (the single flight)
+        for thread in threads:
+            thread.join(30)
+        assert not any(thread.is_alive() for thread in threads), "a pull or a waiter on it hung"
+    finally:
+        stalling.close()
+    assert stalling.held, "the daemon never reached the stalling registry"
+    for error, seconds in zip(errors, ended, strict=True):
+        assert isinstance(error, SandboxError) and error.retryable, error
+        assert error.reason == f"pulling {image} from 127.0.0.1:{stalling.port} took longer than 3 s; cut off"
+        assert seconds < 3 + 5, f"ended after {seconds:.1f} s, cut-off 3 s"

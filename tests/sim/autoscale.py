@@ -21,7 +21,10 @@ Policies, both deciding every ``tick_s``:
   utilisation the fraction of sandbox slots in use.
 
 Reported per policy: GPU utilisation (busy, and weighted by batch occupancy: the useful share), SLO attainment
-(steps within the SLO), p95 step latency, steps and episodes completed, GPU and CPU worker-hours, and cost.
+(steps within the SLO), p95 step latency, steps and episodes completed, GPU and CPU worker-hours, and cost, in
+dollars and in the units of a run's cost (orchestrator/costs.py): ``sandbox_s`` (each live episode holds a sandbox
+from its admission to its end), ``env_worker_s`` (the seconds its commands ran), ``model_s`` (each step's model
+call: the forward pass its request was in), and ``gpu_s`` (GPU-seconds provisioned).
 Writes ``autoscale-sim-results.json`` and a plot, ``autoscale-sim.png``.
 """
 
@@ -84,6 +87,9 @@ class Totals:
     episodes: int = 0
     gpu_s: float = 0.0  # provisioned worker-seconds
     cpu_s: float = 0.0
+    sandbox_s: float = 0.0  # the run cost's units (orchestrator/costs.py): episodes' sandbox-seconds,
+    env_worker_s: float = 0.0  # the seconds their commands ran,
+    model_s: float = 0.0  # and their model calls' seconds (a pass's time, once per request in it)
     latencies: array = field(default_factory=lambda: array("d"))  # one per step: millions, 8 bytes each
 
 
@@ -123,6 +129,7 @@ class Simulation:
         self.idle_gpus: list[Worker] = []
         self.free_cpus: dict[Worker, None] = {}  # CPU workers with a free slot, in insertion order
         self.live = 0
+        self.live_since = 0.0  # when ``live`` last changed: sandbox-seconds are its integral over time
         self.admission_limit: int | None = None
         self.recent_steps: deque = deque()  # (time, latency) of the last minute
         self.totals = Totals()
@@ -170,7 +177,7 @@ class Simulation:
         if self.admission_limit is not None:
             ceiling = min(ceiling, self.admission_limit)
         for _ in range(ceiling - self.live):
-            self.live += 1
+            self.live_changes(+1)
             self.request_model(Episode(self.random.randint(10, 40)))
         self.at(self.now + 1.0, self.admit)
 
@@ -186,6 +193,7 @@ class Simulation:
         seconds = self.cluster.pass_base_s + self.cluster.pass_per_request_s * len(batch)
         self.gpu_busy_s += seconds
         self.gpu_useful_s += seconds * len(batch) / self.cluster.batch
+        self.totals.model_s += seconds * len(batch)
         for episode in batch:
             episode.service_s = seconds
         self.at(self.now + seconds, self.pass_done, gpu, batch)
@@ -213,6 +221,7 @@ class Simulation:
             del self.free_cpus[cpu]
         seconds = self.random.expovariate(1 / self.cluster.command_mean_s)
         episode.service_s += seconds
+        self.totals.env_worker_s += seconds
         self.at(self.now + seconds, self.command_done, cpu, episode)
 
     def command_done(self, cpu: Worker, episode: Episode) -> None:
@@ -228,13 +237,17 @@ class Simulation:
         if episode.steps_left > 0:
             self.request_model(episode)
         else:
-            self.live -= 1
+            self.live_changes(-1)
             self.totals.episodes += 1
         if cpu.draining:
             if cpu.busy == 0:
                 self.retire(cpu)
         elif self.env_queue:
             self.start_command(cpu)
+
+    def live_changes(self, by: int) -> None:
+        self.totals.sandbox_s += self.live * (self.now - self.live_since)
+        self.live, self.live_since = self.live + by, self.now
 
     # --- scaling ----------------------------------------------------------------------------------------------
 
@@ -318,6 +331,7 @@ class Simulation:
         self.at(now + self.tick_s, self.tick)
 
     def report(self) -> dict:
+        self.live_changes(0)  # the sandboxes still held at the end count up to now
         totals, cluster = self.totals, self.cluster
         latencies = sorted(totals.latencies)
         gpu_hours, cpu_hours = totals.gpu_s / 3600, totals.cpu_s / 3600
@@ -335,6 +349,10 @@ class Simulation:
             "usd_per_1k_steps": round(
                 1000 * (gpu_hours * cluster.gpu_hour_usd + cpu_hours * cluster.cpu_hour_usd) / max(1, totals.steps), 4
             ),  # fmt: skip
+            "sandbox_s": round(totals.sandbox_s, 1),
+            "env_worker_s": round(totals.env_worker_s, 1),
+            "model_s": round(totals.model_s, 1),
+            "gpu_s": round(totals.gpu_s, 1),
             "decision_us_p50": round(1e6 * sorted(self.decision_s)[len(self.decision_s) // 2], 1),
         }
 
@@ -343,7 +361,9 @@ COLUMNS = (("policy", "policy", "{:<12}"), ("gpu_busy", "GPU busy", "{:>8.1%}"),
            ("gpu_useful", "GPU useful", "{:>10.1%}"), ("slo_attainment", "SLO met", "{:>8.2%}"),
            ("p95_latency_s", "p95 s", "{:>7.1f}"), ("steps", "steps", "{:>10,}"), ("episodes", "episodes", "{:>9,}"),
            ("gpu_hours", "GPU h", "{:>7.1f}"), ("cpu_hours", "CPU h", "{:>7.1f}"), ("cost_usd", "cost $", "{:>8.2f}"),
-           ("usd_per_1k_steps", "$/1k steps", "{:>10.4f}"))  # fmt: skip
+           ("usd_per_1k_steps", "$/1k steps", "{:>10.4f}"), ("sandbox_s", "sandbox s", "{:>12,.0f}"),
+           ("env_worker_s", "env worker s", "{:>12,.0f}"), ("model_s", "model s", "{:>12,.0f}"),
+           ("gpu_s", "GPU s", "{:>10,.0f}"))  # fmt: skip
 
 
 def table(rows: list[dict]) -> str:

@@ -1,0 +1,103 @@
+"""What episodes cost is counted where it is spent, and counted whole before the episode's attempt ends: a start
+whose container creation fails after a pull pays for the pull, a step whose command fails pays for the model turn
+that led to it, and a failed hop's worker time is on the episode before ``episode_done`` is sent (a run's cost is
+complete when the run completes). DB-only: the Environment Service's sandbox operations are stand-ins."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+
+import pytest
+
+from envs import service
+from envs.backend import PullRecord, SandboxError
+from orchestrator import episode_loop
+from orchestrator.models import Episode, Run
+
+pytestmark = [pytest.mark.django_db]
+
+
+@pytest.fixture
+def done_costs(monkeypatch) -> list[dict]:
+    """The episode's counters as they stood when ``orchestrator.episode_done`` was sent for it."""
+    seen = []
+
+    def send(name, **kwargs):
+        if name == "orchestrator.episode_done":
+            episode = Episode.objects.get(pk=kwargs["episode_id"])
+            seen.append({"status": episode.status, **{f: getattr(episode, f) for f in COUNTERS}})
+
+    monkeypatch.setattr(episode_loop, "send", send)
+    monkeypatch.setattr(service, "release", lambda container_id, pool: 0.0)
+    monkeypatch.setattr(service, "stop_clock", lambda container_id: 0.0)
+    return seen
+
+
+COUNTERS = ("env_worker_s", "model_s", "cost_prompt_tokens", "cost_completion_tokens", "image_pulls",
+            "image_pull_bytes", "image_pull_s")  # fmt: skip
+
+
+def an_episode(swe_mini, status, container_id="") -> Episode:
+    task = swe_mini.tasks.get(instance_id="textkit-1")
+    run = Run.objects.create(model_name="replay", env_pool="default", status=Run.Status.RUNNING)
+    run.tasks.add(task)
+    return Episode.objects.create(run=run, task=task, sample_index=0, status=status, container_id=container_id)
+
+
+class PullsThenCannotCreate:
+    """A backend whose image pull works and whose container creation then fails."""
+
+    def holding_image(self, image):
+        return contextlib.nullcontext()
+
+    def ensure_image(self, image, on_pull=None):
+        return PullRecord(image, pulled=True, seconds=2.5, bytes=1234)
+
+    def create(self, spec):
+        time.sleep(0.02)
+        raise SandboxError("the daemon refused the container", retryable=False)
+
+
+def test_a_pull_is_charged_when_the_container_creation_after_it_fails(swe_mini, done_costs, monkeypatch):
+    monkeypatch.setattr(service, "get_backend", lambda: PullsThenCannotCreate())
+    monkeypatch.setattr(service.warm_pool, "pool_size", lambda pool: 0)
+    episode = an_episode(swe_mini, Episode.Status.STARTING)
+    episode_loop.episode_start(episode.pk, "default", attempt=1)
+    [cost] = done_costs
+    assert cost["status"] == Episode.Status.FAILED
+    assert (cost["image_pulls"], cost["image_pull_bytes"], cost["image_pull_s"]) == (1, 1234, 2.5)
+    assert cost["env_worker_s"] >= 0.02, "the failed start's worker time is counted before the episode ends"
+    episode.refresh_from_db()
+    assert episode.env_worker_s == cost["env_worker_s"], "and not counted twice"
+
+
+def test_a_failed_prepare_charges_the_start_before_the_episode_ends(swe_mini, done_costs, monkeypatch):
+    monkeypatch.setattr(service, "create_sandbox", lambda *args, **kwargs: service.Sandbox("c-1"))
+
+    def prepare(container_id, task):
+        time.sleep(0.02)
+        raise SandboxError("setup failed", retryable=False)
+
+    monkeypatch.setattr(service, "prepare_sandbox", prepare)
+    episode = an_episode(swe_mini, Episode.Status.STARTING)
+    episode_loop.episode_start(episode.pk, "default", attempt=1)
+    [cost] = done_costs
+    assert cost["status"] == Episode.Status.FAILED and cost["env_worker_s"] >= 0.02
+    episode.refresh_from_db()
+    assert episode.env_worker_s == cost["env_worker_s"]
+
+
+def test_a_step_whose_command_fails_still_pays_for_its_model_turn(swe_mini, done_costs, monkeypatch):
+    def run_command(*args, **kwargs):
+        time.sleep(0.02)
+        raise SandboxError("the sandbox container stopped", retryable=False)
+
+    monkeypatch.setattr(service, "run_command", run_command)
+    episode = an_episode(swe_mini, Episode.Status.RUNNING, container_id="c-1")
+    episode_loop.episode_step(episode.pk, 0, "```bash\nls\n```", prompt_tokens=100, completion_tokens=7,
+                              model_latency_s=1.5, attempt=1)  # fmt: skip
+    [cost] = done_costs
+    assert cost["status"] == Episode.Status.FAILED
+    assert (cost["model_s"], cost["cost_prompt_tokens"], cost["cost_completion_tokens"]) == (1.5, 100, 7)
+    assert cost["env_worker_s"] >= 0.02
