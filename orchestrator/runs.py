@@ -139,7 +139,8 @@ def stalled_after_s() -> float:
 def watchdog() -> list[int]:
     """Re-drive, from their durable state, the live episodes whose next hop was lost: taken from its queue or run
     by a worker that died (silent for MEGAFLOW_WORKER_DEAD_S), published to a broker that restarted or lost its
-    data, or stalled past the last resort. Returns those re-driven."""
+    data, or stalled past the last resort; and close the runs whose last ``episode_done`` was lost. Returns the
+    episodes re-driven."""
     fleet = liveness.read_fleet()
     redriven = redrive_lost(fleet, liveness.observe(fleet))
     close_finished_runs()
