@@ -11,7 +11,7 @@ from datetime import UTC, datetime, timedelta
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models import Q
+from django.db.models import Exists, OuterRef, Q
 from django.utils import timezone
 
 from agents.agent import drives_itself
@@ -139,9 +139,23 @@ def stalled_after_s() -> float:
 def watchdog() -> list[int]:
     """Re-drive, from their durable state, the live episodes whose next hop was lost: taken from its queue or run
     by a worker that died (silent for MEGAFLOW_WORKER_DEAD_S), published to a broker that restarted or lost its
-    data, or stalled past the last resort. Returns those re-driven."""
+    data, or stalled past the last resort; and close the runs whose last ``episode_done`` was lost. Returns the
+    episodes re-driven."""
     fleet = liveness.read_fleet()
-    return redrive_lost(fleet, liveness.observe(fleet))
+    redriven = redrive_lost(fleet, liveness.observe(fleet))
+    close_finished_runs()
+    return redriven
+
+
+def close_finished_runs() -> list[int]:
+    """Complete the running runs none of whose episodes is unfinished: a run is closed by its last episode's
+    ``episode_done``, and that message may have died with its worker. Returns the runs completed."""
+    unfinished = Episode.objects.filter(run_id=OuterRef("pk"), status__in=transitions.UNFINISHED)
+    finished = Run.objects.filter(status=Run.Status.RUNNING).exclude(Exists(unfinished)).values_list("pk", flat=True)
+    closed = [run_id for run_id in finished if transitions.complete_run(run_id)]
+    for run_id in closed:
+        logger.warning("run %s completed by the watchdog: its last episode_done was lost", run_id)
+    return closed
 
 
 def redrive_lost(fleet: liveness.Fleet, events: list[liveness.Event], now=None) -> list[int]:

@@ -6,11 +6,15 @@ each recovered within a minute by worker liveness, not by the visibility timeout
 
 import json
 import os
+import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from django.conf import settings
+
+from tests.chaos.harness import kill_leftovers
 
 pytestmark = pytest.mark.integration
 
@@ -22,10 +26,10 @@ def chaos(faults: str, tmp_path, *options: str, episodes: int = 200) -> tuple[di
     env = {**os.environ, "MEGAFLOW_CHAOS_DATABASE_URL": f"postgres://postgres@{host}:5432/megaflow_chaos_{slot}"}
     env.pop("MEGAFLOW_AUTOSCALE_INTERVAL_S", None)  # the chaos stack runs the autoscaler, as a deployment does
     output = tmp_path / "chaos.json"
-    result = subprocess.run(
+    result = run_harness(
         [sys.executable, "-m", "tests.chaos.harness", *options, "--faults", faults, "--episodes", str(episodes),
          "--redis-port", str(16391 + slot), "--output", str(output)],
-        cwd=settings.BASE_DIR, env=env, capture_output=True, text=True, timeout=600,
+        env=env, timeout=600, data_dir=settings.BASE_DIR / "var" / "chaos" / str(16391 + slot),
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     rows = {row["fault"]: row for row in json.loads(output.read_text())}
@@ -35,6 +39,38 @@ def chaos(faults: str, tmp_path, *options: str, episodes: int = 200) -> tuple[di
         assert counts == (episodes, episodes, 0, 0), row
         assert row["run_status"] == "completed" and row["failed_without_reason"] == 0
     return rows, result.stdout
+
+
+def run_harness(
+    argv: list[str], env: dict, timeout: float, data_dir: Path, grace_s: float = 60
+) -> subprocess.CompletedProcess:
+    """Run the harness in a process group of its own, which everything it starts (workers, beat, Redis, dockerd)
+    joins. On timeout the group is sent SIGTERM (the harness cleans up), then SIGKILL; whatever is left of the
+    group afterwards is killed too, and the sandboxes of its dockerd (on ``data_dir``, the harness's), so that a
+    timed-out or crashed harness leaves nothing for the next session."""
+    process = subprocess.Popen(argv, cwd=settings.BASE_DIR, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, start_new_session=True)  # fmt: skip
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _signal_group(process.pid, signal.SIGTERM)
+        try:
+            stdout, stderr = process.communicate(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            _signal_group(process.pid, signal.SIGKILL)
+            stdout, stderr = process.communicate()
+        pytest.fail(f"the chaos harness ran past {timeout} s:\n{stdout[-3000:]}{stderr[-3000:]}")
+    finally:
+        _signal_group(process.pid, signal.SIGKILL)  # the group outlives its leader: its members may not
+        kill_leftovers(data_dir)  # containerd's shims leave the group; a SIGKILLed dockerd did not stop them
+    return subprocess.CompletedProcess(argv, process.returncode, stdout, stderr)
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        pass  # nobody left in it
 
 
 def test_runs_survive_sigterm_and_a_broker_restart(tmp_path):

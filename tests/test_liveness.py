@@ -298,6 +298,29 @@ def test_admission_keeps_moving_past_the_dead_worker_window(run, sent):
     assert Episode.objects.get(pk=waiting.pk).status in transitions.LIVE | {E.SUCCEEDED}
 
 
+def test_a_run_whose_last_episode_done_was_lost_is_closed_by_the_watchdog(run, sent):
+    """The last episode ends and publishes ``episode_done``, which dies with the worker that took it: nothing else
+    would close the run, so the watchdog completes a running run none of whose episodes is unfinished."""
+    first, last = started(run, sent, sample=0), started(run, sent, sample=1)
+    transitions.fail(first.pk, "the agent gave up")
+    assert runs.close_finished_runs() == [], "one episode is still live"
+    assert runs.redrive_lost(liveness.Fleet(), [death_of(DEAD, held=[last.pk])], now=after(60)) == [last.pk]
+    while sent:  # the episode runs to its end; its episode_done is taken by a worker that is then killed
+        name, message = sent.pop(0)
+        if name != "orchestrator.episode_done":
+            pump([(name, message)])  # what it publishes lands in ``sent``
+    assert Episode.objects.get(pk=last.pk).status == E.SUCCEEDED
+    assert Run.objects.get(pk=run.pk).status == Run.Status.RUNNING, "nobody closed it"
+
+    assert runs.close_finished_runs() == [run.pk]
+    run.refresh_from_db()
+    assert run.status == Run.Status.COMPLETED and run.finished_at is not None
+    assert runs.close_finished_runs() == [], "once"
+    # A run that is still admitting is left alone: a queued episode is unfinished.
+    Episode.objects.create(run=run, task=run.tasks.get(), sample_index=2, status=E.QUEUED)
+    assert transitions.reopen_run(run.pk) and runs.close_finished_runs() == []
+
+
 @pytest.mark.skipif(os.environ.get("MEGAFLOW_TEST_SLOT") is None, reason="needs the session's isolation slot")
 def test_the_watchdog_reads_the_fleet_and_the_broker(run, sent):
     """``runs.watchdog`` end to end on the session's Redis: a live episode held by a registered worker that went

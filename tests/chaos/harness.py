@@ -25,7 +25,9 @@ at once), ``kill-all`` (SIGKILL every worker at once, restarted 30 s later), ``r
 
 For every fault it also reports the time to recover: from each fault to the first progress (a step, a new
 status or attempt) of each episode live at that moment, p50 and p99. The harness rides out a broker that is
-away in every call it makes, and prints its table whatever happened.
+away in every call it makes, and prints its table whatever happened. Everything it starts (workers, beat, Redis,
+dockerd, the model server) stays in its process group, and SIGTERM stops them all: whoever runs it in a session
+of its own (tests/test_chaos.py) kills the group, and nothing outlives a harness that timed out.
 
 For every fault it reports episodes, terminal, lost (not terminal when the run's deadline passed), duplicated
 steps (a trajectory whose indexes are not exactly 0..n-1), retried (episodes on a second attempt) and failures
@@ -41,6 +43,7 @@ import math
 import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -112,6 +115,34 @@ def uses_docker(args) -> bool:
     return args.production or bool(DOCKER_FAULTS & set(args.faults.split(",")))
 
 
+def kill_leftovers(data_dir: Path) -> list[int]:
+    """SIGKILL what a harness on ``data_dir`` left running when it was itself SIGKILLed: the processes that name the
+    directory (its dockerd's containerd shims, which leave the harness's process group, and redis-server), and
+    their children (the sandboxes the shims ran). Returns their ids."""
+    marker = f"{data_dir}/".encode()
+    mine = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if marker in (entry / "cmdline").read_bytes():
+                mine.append(int(entry.name))
+        except OSError:
+            continue  # it ended meanwhile, or is not ours to read
+    children = []
+    for pid in mine:
+        try:
+            children += [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+        except OSError:
+            pass
+    for pid in children + mine:  # a shim outlives its container's exit: the children first, then the shims
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return children + mine
+
+
 class Broker:
     """A redis-server of the chaos run's own that a fault may stop and start: append-only, or (``snapshots``)
     persisted only by the snapshot ``SHUTDOWN`` writes, so that ``SHUTDOWN NOSAVE`` loses everything."""
@@ -168,7 +199,8 @@ class DockerDaemon:
              "--exec-root", str(self.root / "exec"), "--pidfile", str(self.root / "dockerd.pid"),
              "--containerd-namespace", self.namespace, "--containerd-plugins-namespace", f"{self.namespace}-plugins",
              "--bridge=none", "--iptables=false", "--ip6tables=false"],
-            stdout=(self.root / "dockerd.log").open("ab"), stderr=subprocess.STDOUT, start_new_session=True,
+            # In the harness's process group, as everything it starts: killing the group leaves nothing behind.
+            stdout=(self.root / "dockerd.log").open("ab"), stderr=subprocess.STDOUT,
         )  # fmt: skip
         for _ in range(300):
             if self.docker("info").returncode == 0:
@@ -523,7 +555,7 @@ def run_under(fault: str, stack: Stack, args) -> dict:
         except Exception as error:  # the harness outlives its faults: note it and let the run be judged
             injected.append(f"the fault raised {error!r}")
 
-    injector = threading.Thread(target=injector_body)
+    injector = threading.Thread(target=injector_body, daemon=True)  # a harness told to stop does not wait for it
     injector.start()
     deadline = time.monotonic() + args.timeout
     restarted: list[str] = []
@@ -607,6 +639,8 @@ def main() -> None:
     if unknown := set(faults) - set(catalogue):
         parser.error(f"unknown fault(s): {', '.join(sorted(unknown))}")
 
+    # SIGTERM (tests/test_chaos.py sends it to the harness's process group on timeout) runs the cleanup below.
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
     if args.production:  # the shipped defaults, whatever the calling environment (a test session) set
         for name in ("MEGAFLOW_TASK_TIME_LIMIT_S", "MEGAFLOW_VISIBILITY_TIMEOUT_S", "MEGAFLOW_RETRY_BACKOFF_S",
                      "MEGAFLOW_DOCKER_RECONNECT_S", "MEGAFLOW_WORKER_DEAD_S", "MEGAFLOW_WORKER_HEARTBEAT_S",
@@ -677,6 +711,10 @@ def main() -> None:
         print(f"chaos: FAILED under {', '.join(broken)}")
         sys.exit(1)
     print(f"chaos: {len(rows)} faults, every episode terminal, no step duplicated, every failure explained")
+
+
+def _stop_on_sigterm(signum, frame) -> None:
+    raise SystemExit(128 + signum)
 
 
 HEADER = (f"{'fault':<16} {'episodes':>8} {'terminal':>8} {'lost':>5} {'dup steps':>9} {'retried':>7} "
