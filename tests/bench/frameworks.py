@@ -35,6 +35,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from tests.bench.procstat import children, group_status, proc_status
+
 REPO = Path(__file__).resolve().parents[2]
 BENCH_DATABASE_URL = "postgres://postgres@127.0.0.1:5432/megaflow_bench_frameworks"
 # Redis databases 9, 11, 13 and 15 are the test sessions' slots (tests/session_env.py), 12 and 10 make bench's,
@@ -43,7 +45,6 @@ BENCH_REDIS_URL = "redis://127.0.0.1:6379/14"
 GATEWAY_PORT = 8791
 FRAMEWORK_AGENT = ("mini-swe-agent", {"mode": "text"})
 BASELINE_AGENT = ("bash", {})
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -95,36 +96,6 @@ def percentile(values: list[float], q: float) -> float | None:
 
 def ms(seconds: float | None) -> float | None:
     return None if seconds is None else round(seconds * 1000, 1)
-
-
-# --- what a process costs --------------------------------------------------------------------------------------
-
-
-def proc_status(pid: int) -> dict:
-    """RSS (MiB), threads and CPU seconds of one process, from /proc; zeros when it is gone."""
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-        stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return {"rss_mib": 0.0, "threads": 0, "cpu_s": 0.0}
-    fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
-    return {
-        "rss_mib": int(fields["VmRSS"].split()[0]) / 1024,
-        "threads": int(fields["Threads"]),
-        "cpu_s": (int(stat[11]) + int(stat[12])) / CLOCK_TICKS,  # utime + stime
-    }
-
-
-def children(pid: int) -> list[int]:
-    try:
-        return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except OSError:
-        return []
-
-
-def group_status(pids: list[int]) -> dict:
-    each = [proc_status(pid) for pid in pids]
-    return {key: sum(status[key] for status in each) for key in ("rss_mib", "threads", "cpu_s")}
 
 
 # --- the web: gunicorn with threads, as deploy/local_stack.py runs it --------------------------------------------

@@ -27,8 +27,10 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
+from tests.bench.procstat import CpuProfile, parent, with_descendants
 from tests.support.databases import ensure_database
 
 REPO = Path(__file__).resolve().parents[2]
@@ -36,6 +38,7 @@ BENCH_DATABASE_URL = "postgres://postgres@127.0.0.1:5432/megaflow_bench"
 BENCH_REDIS_URL = "redis://127.0.0.1:6379/12"
 NAIVE_REDIS_URL = "redis://127.0.0.1:6379/10"  # the naive baseline's own database: killed mid-run, it leaves litter
 MAX_SAMPLES_PER_TASK = 1000
+STEADY_FROM, STEADY_TO = 0.1, 0.9  # CPU per step is measured from 10% of a run's steps completed to 90%
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -131,7 +134,11 @@ def run_orchestrated(level: int, args, log_dir: Path) -> dict:
     specs = [(WorkerSpec(Service.AGENT), 1)]
     for service, key in ((Service.MODEL, "sim"), (Service.ENV, "default")):
         specs += [(WorkerSpec(service, key, concurrency=threads), index) for index in range(1, args.processes + 1)]
-    workers.wait_ready([workers.start(spec, index) for spec, index in specs])
+    started = [workers.start(spec, index) for spec, index in specs]
+    workers.wait_ready(started)
+    profile = stack_profile(started)
+    completed_steps = Step.objects.filter(episode__run=run, completed_at__isnull=False)
+    window: dict = {}  # the steady state: from 10% of the run's steps completed to 90%
     try:
         began = time.time()
         app.send_task("orchestrator.start_run", kwargs={"run_id": run.pk})
@@ -141,8 +148,23 @@ def run_orchestrated(level: int, args, log_dir: Path) -> dict:
                 run.refresh_from_db()
                 done = run.episodes.filter(status__in=Episode.TERMINAL).count()
                 bar.update(done - bar.n)
+                stepped = completed_steps.count()
+                if "steps_at_start" not in window and stepped >= STEADY_FROM * episodes * args.steps:
+                    profile.begin()
+                    window.update(steps_at_start=stepped, began=time.monotonic())
+                elif "steps_at_start" in window and (
+                    stepped >= STEADY_TO * episodes * args.steps or run.status in Run.TERMINAL
+                ):
+                    window.update(cpu_s=profile.end(), steps=stepped - window["steps_at_start"],
+                                  seconds=time.monotonic() - window["began"])  # fmt: skip
+                    break
                 if run.status in Run.TERMINAL:
                     break
+                time.sleep(0.5)
+            while run.status not in Run.TERMINAL and time.monotonic() < deadline:
+                run.refresh_from_db()
+                done = run.episodes.filter(status__in=Episode.TERMINAL).count()
+                bar.update(done - bar.n)
                 time.sleep(0.5)
         finished = (run.finished_at.timestamp() if run.finished_at else time.time()) - began
     finally:
@@ -176,7 +198,61 @@ def run_orchestrated(level: int, args, log_dir: Path) -> dict:
         "overhead_p99_ms": ms(percentile(overheads, 0.99)),
         "worker_processes": len(specs),
         "bytes_per_step": step_table_bytes / max(1, len(steps)),
+        **cpu_per_step(window),
     }
+
+
+def stack_profile(workers) -> CpuProfile:
+    """CPU per process kind of the whole stack: each worker kind (with any children), the PostgreSQL backends
+    of the bench's database (not this process's own connection), the PostgreSQL server's own processes (the
+    postmaster, WAL writer, checkpointer...: shared with any other database of the server), and redis-server
+    (the whole server: shared with any other Redis database)."""
+    import redis
+    from django.conf import settings
+    from django.db import connection
+
+    from megaflow_site.topology import Service
+
+    def of(service) -> Callable[[], list[int]]:
+        return lambda: [pid for worker in workers if worker.spec.service is service
+                        for pid in with_descendants(worker.process.pid)]  # fmt: skip
+
+    def postgres(bench_database: bool) -> Callable[[], list[int]]:
+        def pids() -> list[int]:
+            with connection.cursor() as cursor:
+                if bench_database:
+                    cursor.execute("SELECT pid FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()",
+                                   [settings.DATABASES["default"]["NAME"]])  # fmt: skip
+                    return [pid for (pid,) in cursor.fetchall()]
+                cursor.execute("SELECT pid FROM pg_stat_activity WHERE datname IS NULL")
+                server = [pid for (pid,) in cursor.fetchall()]
+            postmaster = {parent(pid) for pid in server} - {None}
+            return server + sorted(postmaster)
+
+        return pids
+
+    redis_pid = redis.Redis.from_url(settings.REDIS_URL).info("server")["process_id"]
+    return CpuProfile({
+        "agent workers": of(Service.AGENT),
+        "model workers": of(Service.MODEL),
+        "env workers": of(Service.ENV),
+        "postgres backends": postgres(bench_database=True),
+        "postgres server": postgres(bench_database=False),
+        "redis-server": lambda: [redis_pid],
+    })  # fmt: skip
+
+
+def cpu_per_step(window: dict) -> dict:
+    """The steady state's CPU per step by process kind (ms), and the window it was measured over."""
+    if not window.get("steps"):
+        return {"cpu_per_step_ms": None, "cpu_window": None}
+    per_step = {kind: seconds * 1000 / window["steps"] for kind, seconds in window["cpu_s"].items()}
+    per_step["total"] = sum(per_step.values())
+    return {
+        "cpu_per_step_ms": per_step,
+        "cpu_window": {"steps": window["steps"], "seconds": window["seconds"], "cpu_s": window["cpu_s"],
+                       "from": STEADY_FROM, "to": STEADY_TO},
+    }  # fmt: skip
 
 
 # --- raw: asyncio, no broker, no database ---------------------------------------------------------------------
@@ -278,6 +354,20 @@ def print_table(rows: list[dict]) -> None:
         )
 
 
+def print_cpu(rows: list[dict]) -> None:
+    rows = [row for row in rows if row.get("cpu_per_step_ms")]
+    if not rows:
+        return
+    kinds = list(rows[0]["cpu_per_step_ms"])
+    print()
+    print("CPU per step (ms), steady state (10%..90% of the run's steps), by process kind")
+    print(f"{'kind':>18}  " + "  ".join(f"{row['concurrency']:>10}" for row in rows))
+    for kind in kinds:
+        print(f"{kind:>18}  " + "  ".join(f"{row['cpu_per_step_ms'][kind]:>10.2f}" for row in rows))
+    window = [f"{row['cpu_window']['steps']:>5} {row['cpu_window']['seconds']:>3.0f}s" for row in rows]
+    print(f"{'(window steps, s)':>18}  " + "  ".join(window))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--levels", default="100,1000", help="concurrent episodes per run, comma-separated")
@@ -328,6 +418,7 @@ def main() -> None:
             }
         )
         print_table(rows[-1:])
+        print_cpu(rows[-1:])
     results = {
         "model_latency_s": args.model_latency,
         "env_latency_s": args.env_latency,
@@ -339,6 +430,7 @@ def main() -> None:
     Path(args.output).write_text(json.dumps(results, indent=2, default=str) + "\n")
     print()
     print_table(rows)
+    print_cpu(rows)
     print(f"wrote {args.output}")
 
 
