@@ -12,9 +12,10 @@ same simulated work:
   workers (tests/bench/naive_celery.py), measured over a window (``--naive-window``) since it would take hours.
 
 Per-step overhead is a step's wall time minus its model and command time: from the previous step's completion
-to this one's, for steps 1..n-1 (step 0 starts inside sandbox preparation, which is not a step). Writes
-``bench-results.json`` and prints a table. Targets (issue #5) at 1,000 concurrent: overhead p50 ≤ 5 ms, p99 ≤
-50 ms, steps/s ≥ 0.5× raw and ≥ 10× naive.
+to this one's, for steps 1..n-1 (step 0 starts inside sandbox preparation, which is not a step). CPU per step
+by process kind (workers, PostgreSQL, Redis: tests/bench/procstat.py) is read from /proc over the steady state,
+from 10% of the run's steps completed to 90%. Writes ``bench-results.json`` and prints the tables. Targets
+(issue #5) at 1,000 concurrent: overhead p50 ≤ 5 ms, p99 ≤ 50 ms, steps/s ≥ 0.5× raw and ≥ 10× naive.
 """
 
 from __future__ import annotations
