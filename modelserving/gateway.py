@@ -14,6 +14,7 @@ A view runs validate → ``admit`` → build the generation requests → ``publi
 
 from __future__ import annotations
 
+import abc
 import json
 import uuid
 from dataclasses import replace
@@ -449,7 +450,7 @@ class ModelsView(OpenAIErrorsMixin, APIView):
         return JsonResponse({"object": "list", "data": data})
 
 
-class GenerationView(OpenAIErrorsMixin, APIView):
+class GenerationView(OpenAIErrorsMixin, APIView, metaclass=abc.ABCMeta):
     """validate → ``admit`` → ``build_requests`` → ``publish`` → wait → ``respond``. Subclasses override
     ``admit`` (refuse a valid request: raise a DRF ``APIException``, answered in OpenAI's shape with its status)
     and ``publish`` (send the requests elsewhere, or record them first)."""
@@ -479,8 +480,9 @@ class GenerationView(OpenAIErrorsMixin, APIView):
     def admit(self, request, form: GenerationSerializer) -> None:
         """Hook: refuse a valid request before anything is generated. Admits every request."""
 
+    @abc.abstractmethod
     def build_requests(self, form: GenerationSerializer, request_id: str) -> list[dict]:
-        raise NotImplementedError
+        """One generation request dict per sample (``n``) of the validated form."""
 
     def publish(self, model: str, requests: list[dict], inbox: str) -> None:
         """Hook: send ``requests`` (one batch) to the model's queue; the generations come back to ``inbox``."""
@@ -520,8 +522,9 @@ class GenerationView(OpenAIErrorsMixin, APIView):
             message = f"model {model!r} does not report top logprobs"
             raise OpenAIError(message, "unsupported_parameter", self.top_logprobs_param)
 
+    @abc.abstractmethod
     def respond(self, form: GenerationSerializer, completion_id: str, generations: list[Generation]) -> HttpResponse:
-        raise NotImplementedError
+        """The answer in the endpoint's own shape, JSON or server-sent events."""
 
 
 @extend_schema(exclude=True)

@@ -65,6 +65,8 @@ class Session:
 
 
 def find_session(secret: str) -> Session | None:
+    if not secret:
+        return None
     row = (
         Episode.objects.filter(session_key=session_key(secret))
         .select_related("run")
@@ -74,7 +76,7 @@ def find_session(secret: str) -> Session | None:
         )
         .first()
     )  # fmt: skip
-    if row is None or not secret:
+    if row is None:
         return None
     tokens = row.prompt_tokens + row.completion_tokens
     return Session(row.pk, row.attempt, row.status, row.run, row.task_id, row.step_count, tokens, row.started_at)

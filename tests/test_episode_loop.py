@@ -29,7 +29,8 @@ def start_and_wait(run: Run, timeout_s: float = 240, watch=None) -> Run:
         if run.status in Run.TERMINAL:
             return run
         time.sleep(0.1)
-    raise AssertionError(f"run {run.pk} still {run.status} after {timeout_s} s: {list(run.episodes.values('status'))}")
+    episodes = list(run.episodes.values("status", "failure_reason"))
+    raise AssertionError(f"run {run.pk} still {run.status} after {timeout_s} s: {episodes}")
 
 
 def step_indexes(episode: Episode) -> list[int]:

@@ -18,7 +18,6 @@ from itertools import pairwise
 
 import docker
 import pytest
-from celery import current_app
 from django.conf import settings
 from django.contrib.auth.models import User
 from django.core.management import call_command
@@ -30,6 +29,7 @@ from orchestrator import episode_loop
 from orchestrator.models import Episode, Run, Task
 from orchestrator.task_format import TaskFormatError, parse_task
 from tests.support.registry import Registry, push_tiny_images, remove_local
+from tests.test_episode_loop import start_and_wait
 
 pytestmark = [pytest.mark.integration]
 
@@ -75,19 +75,6 @@ def tasks_with_images(swe_mini, images: list[str], prefix: str) -> list[Task]:
         fields.update(instance_id=f"{prefix}-{index:02d}", image=image)
         tasks.append(Task.objects.create(**fields))
     return tasks
-
-
-def start_and_wait(run: Run, timeout_s: float = 150, watch=None) -> Run:
-    current_app.send_task("orchestrator.start_run", kwargs={"run_id": run.pk})
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if watch:
-            watch(run)
-        run.refresh_from_db()
-        if run.status in Run.TERMINAL:
-            return run
-        time.sleep(0.2)
-    raise AssertionError(f"run {run.pk} still {run.status}: {list(run.episodes.values('status', 'failure_reason'))}")
 
 
 class CacheSampler(threading.Thread):
