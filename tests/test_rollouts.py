@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -255,30 +256,33 @@ def test_model_versions_refuse_bad_input_and_answer_retries_from_the_record(db):
 
 
 def kill_one_sandbox(run_ids_seen: list[int], stop: threading.Event, killed: list[int]) -> None:
-    """Kill the sandbox of an episode of the first run while it runs, until one such episode failed for it (a
-    kill that lands just after the episode's grading changes nothing, and another one is tried)."""
+    """Kill the sandbox of an episode of the first run while it runs, and again on each retry, until it has failed
+    for it (its last attempt included). A kill that lands just after the episode's grading changes nothing, and
+    another episode is tried."""
     from django.db import connection
 
     client = docker.from_env()
+    killed_containers: set[str] = set()
     try:
         while not stop.is_set():
             if killed and Episode.objects.filter(pk__in=killed, status=Episode.Status.FAILED).exists():
                 return
-            if killed and not Episode.objects.filter(pk=killed[-1], status__in=Episode.TERMINAL).exists():
-                time.sleep(0.05)  # the last kill's episode has not ended yet
-                continue
             if run_ids_seen:
                 running = (
                     Episode.objects.filter(run_id=run_ids_seen[0], status=Episode.Status.RUNNING, step_count__gte=1)
-                    .exclude(pk__in=killed)
                     .exclude(container_id="")
+                    .exclude(container_id__in=killed_containers)
                 )
+                if killed and not Episode.objects.filter(pk=killed[-1], status__in=Episode.TERMINAL).exists():
+                    running = running.filter(pk=killed[-1])  # stay on it: its next attempt is killed too
                 for episode in running[:1]:
                     try:
                         client.containers.get(episode.container_id).kill()
-                        killed.append(episode.pk)
                     except docker.errors.APIError:
-                        pass
+                        continue
+                    killed_containers.add(episode.container_id)
+                    if episode.pk not in killed:
+                        killed.append(episode.pk)
             time.sleep(0.02)
     finally:
         connection.close()
@@ -294,7 +298,7 @@ def test_a_toy_grpo_loop_through_the_client_from_another_process(
     tasks = ["kvconf-1", "ledger-1", "textkit-2", "taskgraph-3"]
     paths = [checkpoint(tiny_model, settings.DATA_DIR / f"tiny-model-ckpt{seed}", seed) for seed in (1, 2)]
     out = tmp_path / "rollouts.jsonl"
-    run_fields = {"agent_config": GROWING_AGENT_CONFIG, "max_steps": 2, "max_attempts": 1}
+    run_fields = {"agent_config": GROWING_AGENT_CONFIG, "max_steps": 2, "max_attempts": 2}
     host, port = live_server.url.removeprefix("http://").split(":")
     stop, killed, seen = threading.Event(), [], []
 
@@ -337,7 +341,13 @@ def test_a_toy_grpo_loop_through_the_client_from_another_process(
         by_group[(rollout["run_id"], rollout["group"])].append(rollout)
     assert all(sorted(r["sample_index"] for r in group) == [0, 1, 2, 3] for group in by_group.values())
     masked = {rollout["episode_id"] for rollout in consumed if rollout["mask"]}
-    assert masked and masked <= set(killed), "the sandboxes killed mid-episode, and only they, are masked"
+    reasons = {r["episode_id"]: (r["stop_reason"], r["failure_reason"]) for r in consumed if r["mask"]}
+    assert masked and masked <= set(killed), f"only the sandboxes killed mid-episode are masked: {killed} {reasons}"
+    # A second attempt absorbs a one-off infrastructure failure on a loaded machine (a 30 s hard time limit here);
+    # one that needed it says so, since on an idle machine none should.
+    retried = {r["episode_id"]: r["attempt"] for r in consumed if r["attempt"] > 1 and r["episode_id"] not in killed}
+    if retried:
+        warnings.warn(f"episodes retried though no sandbox of theirs was killed: {retried}", stacklevel=1)
     for rollout in consumed:
         assert rollout["turns"], rollout
         if rollout["mask"]:
