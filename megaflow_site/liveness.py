@@ -10,6 +10,13 @@ entered by ``@megaflow_task`` around every task that names an ``episode_id``), a
 workers with its queues and the time of the beat. A registered worker whose key expired is dead. Long work is
 kept alive by the heartbeat, not by a lease as long as the longest task.
 
+A ``kill -9`` need not wait out that window where somebody can see the process is gone. Each beat also **buries**
+the incarnations that are surely dead, by deleting their key at once: one on this machine (same boot, same pid
+namespace) whose process no longer exists (its pid is gone, or is now another process: the start time differs),
+and this worker's predecessor, an earlier incarnation under this worker's node name (Celery node names are unique
+in a cluster: a supervisor starts a worker under its old name once the old one is gone). The key's expiry stays
+the rule for what cannot be seen from here: a host that went away, a container restarted elsewhere.
+
 A worker holds an episode from the moment it takes a message naming it off its queue (``task_received``) until
 that task ends: with late acknowledgement, those are exactly the messages a ``kill -9`` loses (prefetch is one
 per thread, so a taken message is about to run). The registry entry keeps the list of the last beat, so that
@@ -36,6 +43,7 @@ import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import redis
 from celery import signals
@@ -129,16 +137,87 @@ def heartbeat_s() -> float:
     return settings.MEGAFLOW_WORKER_HEARTBEAT_S
 
 
+@dataclass(frozen=True)
+class Process:
+    """Where a process runs, as precisely as another process can check it: the machine's boot, the pid namespace,
+    the pid, and the process's start time in clock ticks since boot (a pid reused later has another)."""
+
+    boot: str
+    pid_namespace: str
+    pid: int
+    started: int
+
+    @classmethod
+    def of(cls, pid: int | str = "self") -> Process | None:
+        """The process ``pid`` as this process sees it; None if there is none (or /proc cannot tell)."""
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            namespace = os.readlink("/proc/self/ns/pid")
+            boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        except OSError:
+            return None
+        # The command name (field 2) may hold spaces and parentheses: the fields after it follow its last ")".
+        fields = stat[stat.rindex(")") + 2 :].split()
+        return cls(boot, namespace, int(stat.split(" ", 1)[0]), int(fields[19]))
+
+    def to_json(self) -> dict:
+        return {"boot": self.boot, "pid_namespace": self.pid_namespace, "pid": self.pid, "started": self.started}
+
+    def is_gone(self, here: Process) -> bool:
+        """Whether this process surely no longer exists, seen from ``here``: only a process of the same boot and
+        pid namespace can be checked; any other may be alive, for all this one can tell."""
+        if (self.boot, self.pid_namespace) != (here.boot, here.pid_namespace):
+            return False
+        now = Process.of(self.pid)
+        return now is None or now.started != self.started
+
+
+@functools.cache
+def _this_process(pid: int) -> Process | None:
+    return Process.of()
+
+
+def this_process() -> Process | None:
+    return _this_process(os.getpid())  # keyed by pid: a forked child is another process
+
+
 def beat(queues: Iterable[str] = (), redis_client: redis.Redis | None = None) -> None:
-    """One heartbeat of this process: alive for ``MEGAFLOW_WORKER_DEAD_S`` more seconds, holding what it holds."""
+    """One heartbeat of this process: alive for ``MEGAFLOW_WORKER_DEAD_S`` more seconds, holding what it holds;
+    and the incarnations it can see are dead buried (``bury``)."""
+    redis_client = redis_client or client()
     me = incarnation()
     holding_now = held()
-    pipe = (redis_client or client()).pipeline(transaction=False)
+    pipe = redis_client.pipeline(transaction=False)
     pipe.set(ALIVE_KEY + me, json.dumps({"held": holding_now}), ex=max(1, round(settings.MEGAFLOW_WORKER_DEAD_S)))
     # The registry keeps what was held at the last beat: the watchdog reads it once the key above has expired.
     info = {"node": _node, "queues": sorted(queues), "beat_at": time.time(), "held": holding_now}
+    if process := this_process():
+        info["process"] = process.to_json()
     pipe.hset(REGISTRY_KEY, me, json.dumps(info))
-    pipe.execute()
+    pipe.hgetall(REGISTRY_KEY)
+    registered = pipe.execute()[-1]
+    bury(registered, redis_client)
+
+
+def bury(registered: dict[str, str], redis_client: redis.Redis) -> list[str]:
+    """Delete the alive key of every registered incarnation that is surely dead, seen from this process: its
+    process is gone from this machine, or it is this worker's predecessor under the same node name. The watchdog
+    then finds it dead at its next look, as if its key had expired. Returns those buried."""
+    me, here, dead = incarnation(), this_process(), []
+    for name, text in registered.items():
+        info = json.loads(text)
+        process = info.get("process")
+        if name != me and (info.get("node") == _node or here and process and Process(**process).is_gone(here)):
+            dead.append(name)
+    if not dead:
+        return []
+    pipe = redis_client.pipeline(transaction=False)
+    for name in dead:
+        pipe.delete(ALIVE_KEY + name)
+    buried = [name for name, deleted in zip(dead, pipe.execute(), strict=True) if deleted]
+    for name in buried:
+        logger.warning("%s found %s dead (its process is gone, or this worker took its place)", me, name)
+    return buried
 
 
 def sign_off(redis_client: redis.Redis | None = None) -> None:

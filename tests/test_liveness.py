@@ -6,7 +6,10 @@ sleeps: time is passed in, and a key's expiry is its deletion.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
+import subprocess
 import time
 from datetime import timedelta
 from types import SimpleNamespace
@@ -85,6 +88,37 @@ def test_the_broker_epoch_tells_a_restart_and_a_loss_of_data(broker):
     broker.flushdb()  # SHUTDOWN NOSAVE: the server comes back empty
     [lost] = liveness.observe(liveness.Fleet(), broker)
     assert "lost its data" in lost.why
+
+
+def register(broker, name: str, node: str, process: liveness.Process | None) -> None:
+    """Another incarnation's beat: its key and its registry entry."""
+    info = {"node": node, "queues": ["env.default"], "beat_at": time.time(), "held": [5]}
+    broker.hset(liveness.REGISTRY_KEY, name, json.dumps(info | ({"process": process.to_json()} if process else {})))
+    broker.set(liveness.ALIVE_KEY + name, json.dumps({"held": [5]}), ex=30)
+
+
+def test_a_beat_buries_at_once_what_it_can_see_is_dead(broker):
+    """A kill -9 on this machine, or a worker's predecessor under its node name, need not wait out the key."""
+    here = liveness.this_process()
+    child = subprocess.Popen(["sleep", "60"])
+    alive = liveness.Process.of(child.pid)
+    child.kill()
+    child.wait()
+    gone = liveness.Process.of(os.getpid())
+    register(broker, "env-default@a#killed", "env-default@a", alive)  # its pid exists no more
+    register(broker, "env-default@b#reused", "env-default@b", dataclasses.replace(gone, started=gone.started - 1))
+    register(broker, "env-default@c#elsewhere", "env-default@c", dataclasses.replace(alive, boot="another boot"))
+    register(broker, "env-default@d#old", "env-default@d", None)  # an incarnation from before processes were recorded
+    register(broker, f"{liveness.node()}#predecessor", liveness.node(), None)
+    register(broker, "env-default@e#alive", "env-default@e", here)
+    liveness.beat(["env.default"], broker)
+    fleet = liveness.read_fleet(broker)
+    assert set(fleet.dead) == {"env-default@a#killed", "env-default@b#reused", f"{liveness.node()}#predecessor"}
+    assert set(fleet.alive) == {liveness.incarnation(), "env-default@c#elsewhere", "env-default@d#old",
+                                "env-default@e#alive"}  # fmt: skip
+    deaths = [event for event in liveness.observe(fleet, broker) if event.worker]
+    assert {event.worker for event in deaths} == set(fleet.dead) and all(event.held == {5} for event in deaths)
+    assert liveness.bury(broker.hgetall(liveness.REGISTRY_KEY), broker) == [], "each is buried once"
 
 
 def test_the_heartbeat_outlives_a_broker_that_is_away(monkeypatch, caplog):

@@ -14,7 +14,7 @@ stops mid-run, taking every sandbox with it, and comes back), ``kill-containers`
 outside, round after round), ``model-faults`` (the run's model, a real tiny model in modelserving/hf_server.py
 behind a fault-injecting proxy, tests/support/fault_proxy.py, answers 500s, then hangs past the client's
 timeout, then recovers). As systemd or Kubernetes would, a supervisor starts a new worker in place of one
-that exited on its own; the report counts those as "crashed".
+that exited on its own; the report counts those as "restarted".
 
 ``--production`` runs with the shipped defaults (no shortened task time limit or visibility timeout: recovery
 must come from worker liveness, megaflow_site/liveness.py), every episode in a real container, and its own
@@ -339,18 +339,16 @@ WORKERS_LOCK = threading.Lock()
 
 
 def supervise(workers) -> list[str]:
-    """What systemd or Kubernetes does in a deployment: start a new worker in place of one that exited, and
-    keep trying while a new one cannot start (its preflight refuses an unreachable broker)."""
-    restarted = []
+    """What systemd or Kubernetes does in a deployment: start a new worker in place of each one that exited, all
+    at once, and keep trying while a new one cannot start (its preflight refuses an unreachable broker)."""
     with WORKERS_LOCK:
-        for queue, worker in list(workers.by_queue.items()):
-            if worker.process.poll() is not None:
-                restarted.append(f"{queue} (exit {worker.process.returncode})")
-                try:
-                    workers.wait_ready([workers.start(worker.spec)])
-                except RuntimeError:
-                    pass  # e.g. the broker is down and the worker refuses to start: tried again next time
-    return restarted
+        exited = [(queue, worker) for queue, worker in workers.by_queue.items() if worker.process.poll() is not None]
+        started = [workers.start(worker.spec) for _, worker in exited]
+        try:
+            workers.wait_ready(started)
+        except RuntimeError:
+            pass  # e.g. the broker is down and a worker refused to start: tried again next time
+    return [f"{queue} (exit {worker.process.returncode})" for queue, worker in exited]
 
 
 def one_worker_at_a_time(stop: threading.Event, queues: list[str], act, label: str) -> list[str]:
@@ -718,7 +716,7 @@ def _stop_on_sigterm(signum, frame) -> None:
 
 
 HEADER = (f"{'fault':<16} {'episodes':>8} {'terminal':>8} {'lost':>5} {'dup steps':>9} {'retried':>7} "
-          f"{'no reason':>9} {'crashed':>7} {'affected':>8} {'rec p50':>7} {'rec p99':>7} {'never':>5}"
+          f"{'no reason':>9} {'restarted':>9} {'affected':>8} {'rec p50':>7} {'rec p99':>7} {'never':>5}"
           "  run")  # fmt: skip
 
 
@@ -729,7 +727,7 @@ def format_row(row: dict, baseline: float | None = None) -> str:
     ratio = f" ({row['seconds'] / baseline:.2f}x fault-free)" if baseline else ""
     return (f"{row['fault']:<16} {row['episodes']:>8} {row['terminal']:>8} {row['lost']:>5} "
             f"{row['duplicated_steps']:>9} {row['retried']:>7} {row['failed_without_reason']:>9} "
-            f"{len(row['supervisor_restarts']):>7} {row['affected']:>8} {times} {row['unrecovered']:>5}  "
+            f"{len(row['supervisor_restarts']):>9} {row['affected']:>8} {times} {row['unrecovered']:>5}  "
             f"{row['run_status']} in {row['seconds']} s{ratio}")  # fmt: skip
 
 
