@@ -31,6 +31,7 @@ worker holds that were lost.
 
 from __future__ import annotations
 
+import base64
 import collections
 import functools
 import json
@@ -358,6 +359,53 @@ class Event:
         # It died at most a heartbeat after its last beat.
         return cls(beat_at + heartbeat_s(), f"worker {name} went silent", queues, worker=name, beat_at=beat_at,
                    held=frozenset(info.get("held", ())))  # fmt: skip
+
+
+# kombu's Redis transport keeps every message a consumer took and has not acknowledged in a hash (delivery tag →
+# [message, exchange, routing key]), and when it took it in a sorted set; these are its default names.
+UNACKED_KEY, UNACKED_INDEX_KEY = "unacked", "unacked_index"
+
+
+def orphaned(fleet: Fleet, redis_client: redis.Redis | None = None) -> dict[int, str]:
+    """The messages that a worker took off its queue and that nobody alive holds, by the episode they name (→ their
+    delivery tag): taken before every living worker's last beat (a living taker would have said it holds them),
+    and held by none. Their taker died with them: a kill -9 between a worker's last beat and its taking a message
+    is seen here, and nowhere else, until the visibility timeout gives the message back an hour later."""
+    redis_client = redis_client or client()
+    if not fleet.alive:
+        return {}  # nobody to compare with: the deaths themselves say what was lost
+    beats = [float(fleet.registered[name].get("beat_at", 0)) for name in fleet.alive if name in fleet.registered]
+    cutoff = min(beats, default=0) - heartbeat_s()  # a margin for clocks apart and a beat under way
+    tags = redis_client.zrangebyscore(UNACKED_INDEX_KEY, "-inf", cutoff)
+    found: dict[int, str] = {}
+    for tag, entry in zip(tags, redis_client.hmget(UNACKED_KEY, tags) if tags else [], strict=True):
+        episode_id = _episode_of_message(entry)
+        if episode_id is not None and not fleet.holds(episode_id):
+            found[episode_id] = tag
+    return found
+
+
+def _episode_of_message(entry: str | None) -> int | None:
+    """The ``episode_id`` a Celery message (as kombu keeps it in ``unacked``) names, if it names one."""
+    try:
+        message = json.loads(entry)[0]
+        body = message["body"]
+        if message.get("properties", {}).get("body_encoding") == "base64":
+            body = base64.b64decode(body)
+        kwargs = json.loads(body)[1]
+    except (TypeError, ValueError, KeyError, IndexError):
+        return None  # not a message of ours (or not JSON): not an episode's hop
+    episode_id = kwargs.get("episode_id") if isinstance(kwargs, dict) else None
+    return episode_id if isinstance(episode_id, int) else None
+
+
+def forget(tags: Iterable[str], redis_client: redis.Redis | None = None) -> None:
+    """Drop orphaned messages once their episodes were re-driven: the visibility timeout would otherwise give
+    them back, as stragglers, an hour later."""
+    if tags := list(tags):
+        (redis_client or client()).pipeline(transaction=False).hdel(UNACKED_KEY, *tags).zrem(
+            UNACKED_INDEX_KEY, *tags
+        ).execute()
 
 
 def recovery_window_s() -> float:

@@ -13,6 +13,7 @@ from django.conf import settings
 from django.db import transaction
 from django.db.models import Exists, OuterRef, Q
 from django.utils import timezone
+from redis.exceptions import LockError
 
 from agents.agent import drives_itself
 from megaflow_site import liveness
@@ -77,38 +78,63 @@ def start_run(run_id: int) -> int:
     return run.episodes.count()
 
 
+ADMISSION_LOCK = "megaflow:admission"
+ADMIT_AGAIN = "megaflow:admission:again"  # set by a caller that found the lock taken: its holder passes once more
+
+
 def admit() -> list[int]:
     """Start queued episodes while their run and the whole fleet have room (``Run.max_concurrent_episodes``,
     ``MEGAFLOW_MAX_LIVE_EPISODES``, the autoscaler's admission limit) and the model version the run asks for
     serves, or one at most ``Run.max_staleness`` versions newer (orchestrator/staleness.py). One admitter at a
-    time (a Redis lock), oldest runs first."""
+    time (a Redis lock), oldest runs first. A caller that finds the lock taken does not wait for it: it asks the
+    holder for one more pass and returns, so that no worker thread queues behind an admitter (nor, for the
+    lock's whole timeout, behind one killed inside it). Returns the episodes this call admitted."""
+    client = redis_client()
+    # An admitter killed inside the lock holds it no longer than the dead-worker window (admitting takes ms); the
+    # beat's admit every few seconds then goes on.
+    lock = client.lock(ADMISSION_LOCK, timeout=settings.MEGAFLOW_WORKER_DEAD_S)
+    admitted: list[int] = []
+    client.set(ADMIT_AGAIN, 1)
+    while client.exists(ADMIT_AGAIN) and lock.acquire(blocking=False):
+        try:
+            client.delete(ADMIT_AGAIN)  # what was asked for until now, this pass covers
+            starts = _admit_once()
+        finally:
+            try:
+                lock.release()
+            except LockError:
+                logger.warning("the admission lock expired under a pass (over %s s)", settings.MEGAFLOW_WORKER_DEAD_S)
+        for episode_id, attempt, pool, host in starts:
+            send("envs.episode_start", episode_id=episode_id, pool=pool, attempt=attempt, host=host)
+        admitted += [episode_id for episode_id, *_ in starts]
+    return admitted
+
+
+def _admit_once() -> list[tuple[int, int, str, str]]:
+    """One pass of admission, under the lock: the episodes admitted, each with its attempt, pool and env host."""
     admitted: list[tuple[int, int, str, str]] = []
-    # An admitter killed inside the lock holds it no longer than the dead-worker window (admitting takes ms).
-    with redis_client().lock("megaflow:admission", timeout=settings.MEGAFLOW_WORKER_DEAD_S, blocking_timeout=30):
-        ceiling = settings.MEGAFLOW_MAX_LIVE_EPISODES
-        if (throttle := admission_limit()) is not None:  # the autoscaler's, while the latency SLO is breached
-            ceiling = min(ceiling, throttle)
-        room = ceiling - Episode.objects.filter(status__in=LIVE).count()
-        placers: dict[str, Placer] = {}  # per pool: the env host each episode goes to (orchestrator/placement.py)
-        for run in Run.objects.filter(status=Run.Status.RUNNING).order_by("created_at"):
-            if room <= 0:
-                break
-            if not admissible(run):
-                continue  # its episodes start once the version it asks for (or one within max_staleness) serves
-            run_room = run.max_concurrent_episodes - run.episodes.filter(status__in=LIVE).count()
-            queued = run.episodes.filter(status=Episode.Status.QUEUED).order_by("pk")
-            ready = [(episode.pk, episode.attempt, episode.task.image)
-                     for episode in queued.select_related("task").only("pk", "attempt", "updated_at", "task__image")
-                     if _backed_off(episode)]  # fmt: skip
-            placer = placers.setdefault(run.env_pool, Placer(run.env_pool))
-            for episode_id, attempt, image in ready[: max(0, min(room, run_room))]:
-                host = placer.place(image)
-                if transitions.admit(episode_id, attempt, env_host=host):
-                    admitted.append((episode_id, attempt, run.env_pool, host))
-                    room -= 1
-    for episode_id, attempt, pool, host in admitted:
-        send("envs.episode_start", episode_id=episode_id, pool=pool, attempt=attempt, host=host)
-    return [episode_id for episode_id, *_ in admitted]
+    ceiling = settings.MEGAFLOW_MAX_LIVE_EPISODES
+    if (throttle := admission_limit()) is not None:  # the autoscaler's, while the latency SLO is breached
+        ceiling = min(ceiling, throttle)
+    room = ceiling - Episode.objects.filter(status__in=LIVE).count()
+    placers: dict[str, Placer] = {}  # per pool: the env host each episode goes to (orchestrator/placement.py)
+    for run in Run.objects.filter(status=Run.Status.RUNNING).order_by("created_at"):
+        if room <= 0:
+            break
+        if not admissible(run):
+            continue  # its episodes start once the version it asks for (or one within max_staleness) serves
+        run_room = run.max_concurrent_episodes - run.episodes.filter(status__in=LIVE).count()
+        queued = run.episodes.filter(status=Episode.Status.QUEUED).order_by("pk")
+        ready = [(episode.pk, episode.attempt, episode.task.image)
+                 for episode in queued.select_related("task").only("pk", "attempt", "updated_at", "task__image")
+                 if _backed_off(episode)]  # fmt: skip
+        placer = placers.setdefault(run.env_pool, Placer(run.env_pool))
+        for episode_id, attempt, image in ready[: max(0, min(room, run_room))]:
+            host = placer.place(image)
+            if transitions.admit(episode_id, attempt, env_host=host):
+                admitted.append((episode_id, attempt, run.env_pool, host))
+                room -= 1
+    return admitted
 
 
 def _backed_off(episode: Episode) -> bool:
@@ -142,7 +168,11 @@ def watchdog() -> list[int]:
     data, or stalled past the last resort; and close the runs whose last ``episode_done`` was lost. Returns the
     episodes re-driven."""
     fleet = liveness.read_fleet()
-    redriven = redrive_lost(fleet, liveness.observe(fleet))
+    events = liveness.observe(fleet)
+    # Only a death orphans a taken message; while none is recent there is nothing to look for in the broker.
+    orphans = liveness.orphaned(fleet) if any(event.worker for event in events) else {}
+    redriven = redrive_lost(fleet, events, orphans=set(orphans))
+    liveness.forget(orphans[episode_id] for episode_id in redriven if episode_id in orphans)
     close_finished_runs()
     return redriven
 
@@ -158,11 +188,12 @@ def close_finished_runs() -> list[int]:
     return closed
 
 
-def redrive_lost(fleet: liveness.Fleet, events: list[liveness.Event], now=None) -> list[int]:
+def redrive_lost(fleet: liveness.Fleet, events: list[liveness.Event], now=None, orphans=frozenset()) -> list[int]:
     """The watchdog's decision and act, given what it knows of the fleet and what happened (DB only: tests pass
     both). A live episode is lost when no living worker holds it (by its heartbeat), it has not moved for two
-    heartbeats, and either a worker that died took its pending hop with it (``Event.lost_with_worker``), or it
-    has not moved since a broker event that may have lost its next hop's message (once the event settled), or it
+    heartbeats, and either a worker that died took its pending hop with it (``Event.lost_with_worker``, or its
+    message is among the ``orphans``, taken by a worker nobody alive is: ``liveness.orphaned``), or it has not
+    moved since a broker event that may have lost its next hop's message (once the event settled), or it
     stalled past ``stalled_after_s``. Every hop is idempotent and fenced, so re-publishing the one the database
     implies is always safe; an unfinished step's claim is expired so that the re-driven step takes it over now."""
     now = now or timezone.now()
@@ -173,6 +204,8 @@ def redrive_lost(fleet: liveness.Fleet, events: list[liveness.Event], now=None) 
     lost = Q(updated_at__lt=now - timedelta(seconds=stalled_after_s()))
     for death in deaths:
         lost |= Q(holder=death.worker) | Q(pk__in=death.held)
+    if orphans:
+        lost |= Q(pk__in=orphans)
     if broker_events:
         lost |= Q(updated_at__lt=_moment(max(event.at for event in broker_events)))
     candidates = (
@@ -192,7 +225,7 @@ def redrive_lost(fleet: liveness.Fleet, events: list[liveness.Event], now=None) 
             name, message = _next_framework_hop(status, pool, pk, attempt, host)
         else:
             name, message = _next_hop(status, last, pool, model, pk, attempt, host)
-        why = _why_lost(pk, holder, updated_at, events, _queue_of(name, message), now)
+        why = _why_lost(pk, holder, updated_at, events, _queue_of(name, message), now, orphans)
         if why is None or not transitions.redrive(pk, attempt, updated_at):
             continue
         if name == "envs.episode_step" and last[2] is None:
@@ -242,7 +275,9 @@ def _next_framework_hop(status: str, pool: str, episode_id: int, attempt: int, h
     return "agents.framework_episode", {"episode_id": episode_id, "attempt": attempt}
 
 
-def _why_lost(episode_id, holder, updated_at, events, queue, now) -> str | None:
+def _why_lost(episode_id, holder, updated_at, events, queue, now, orphans=frozenset()) -> str | None:
+    if episode_id in orphans:
+        return "a worker that is gone took its hop's message"
     for event in events:
         if event.lost_with_worker(episode_id, holder, updated_at.timestamp()):
             return f"{event.why} and took its hop with it"

@@ -14,6 +14,7 @@ import time
 from datetime import timedelta
 from types import SimpleNamespace
 
+import kombu
 import pytest
 import redis
 from celery import signals
@@ -23,6 +24,7 @@ from django.utils import timezone
 from envs import service as env_service
 from envs.backend import get_backend
 from megaflow_site import liveness
+from megaflow_site.celery import app
 from orchestrator import episode_loop, framework_loop, runs, sessions, tasks, transitions
 from orchestrator.models import Dataset, Episode, Run, Step, Task
 
@@ -119,6 +121,35 @@ def test_a_beat_buries_at_once_what_it_can_see_is_dead(broker):
     deaths = [event for event in liveness.observe(fleet, broker) if event.worker]
     assert {event.worker for event in deaths} == set(fleet.dead) and all(event.held == {5} for event in deaths)
     assert liveness.bury(broker.hgetall(liveness.REGISTRY_KEY), broker) == [], "each is buried once"
+
+
+def test_a_message_taken_by_a_worker_that_then_died_is_orphaned(broker):
+    """kill -9 after a worker's last beat and before its next: the message it took is in kombu's unacknowledged
+    set and in nobody's heartbeat. Taken here for real: Celery publishes the hop, kombu takes it without an ack,
+    and the taker never beats (nor closes its connection, which would give the message back)."""
+    url = broker.connection_pool.connection_kwargs
+    url = f"redis://{url['host']}:{url['port']}/{url['db']}"
+    taker = kombu.Connection(url)
+    queue = taker.SimpleQueue("env.orphans")
+    with app.connection_for_write(url) as publisher:
+        app.send_task("envs.episode_step", kwargs={"episode_id": 77, "step": 0, "pool": "default"},
+                      queue=queue.queue, connection=publisher)  # fmt: skip
+        app.send_task("orchestrator.admit", queue=queue.queue, connection=publisher)  # names no episode
+    taken = [queue.get(timeout=5), queue.get(timeout=5)]
+    assert broker.hlen(liveness.UNACKED_KEY) == 2
+    liveness.beat(["env.orphans"], broker)
+    fleet = liveness.read_fleet(broker)
+    assert liveness.orphaned(fleet, broker) == {}, "a living taker may not have beaten since it took it"
+
+    later = {**fleet.registered[liveness.incarnation()], "beat_at": time.time() + 2 * liveness.heartbeat_s()}
+    fleet = dataclasses.replace(fleet, registered={liveness.incarnation(): later})
+    tag = taken[0].delivery_tag
+    assert liveness.orphaned(fleet, broker) == {77: tag}
+    holder = dataclasses.replace(fleet, alive={"model-sim@elsewhere#1": frozenset({77})} | fleet.alive)
+    assert liveness.orphaned(holder, broker) == {}, "somebody alive holds it"
+    liveness.forget([tag], broker)
+    assert liveness.orphaned(fleet, broker) == {} and broker.hlen(liveness.UNACKED_KEY) == 1
+    taker.release()
 
 
 def test_the_heartbeat_outlives_a_broker_that_is_away(monkeypatch, caplog):
@@ -330,6 +361,44 @@ def test_admission_keeps_moving_past_the_dead_worker_window(run, sent):
     assert Episode.objects.get(pk=stuck.pk).status == E.SUCCEEDED
     assert "orchestrator.episode_done" in delivered and "envs.episode_start" in delivered
     assert Episode.objects.get(pk=waiting.pk).status in transitions.LIVE | {E.SUCCEEDED}
+
+
+def test_an_admitter_killed_inside_the_lock_keeps_no_caller_waiting(run, sent, monkeypatch):
+    """A caller that finds the admission lock taken returns at once and asks the holder for one more pass: under
+    a dead holder's lock, worker threads do not queue (CI's kill -9 every 20 s: episode_done tasks waited 20 s on
+    it, and the watchdog's turn on the agent queue waited behind them)."""
+    waiting = Episode.objects.create(run=run, task=run.tasks.get(), sample_index=1, status=E.QUEUED)
+    client = liveness.client()
+    client.set(runs.ADMISSION_LOCK, "a dead admitter's token", ex=30)
+    began = time.monotonic()
+    assert runs.admit() == [] and time.monotonic() - began < 5 and client.exists(runs.ADMIT_AGAIN)
+    client.delete(runs.ADMISSION_LOCK)  # its timeout passed
+
+    passes, real_pass = [], runs._admit_once
+
+    def a_caller_arrives_during_the_pass():
+        if not passes:
+            passes.append(runs.admit())  # the lock is ours: this caller only asks for another pass
+        passes.append("a pass")
+        return real_pass()
+
+    monkeypatch.setattr(runs, "_admit_once", a_caller_arrives_during_the_pass)
+    assert runs.admit() == [waiting.pk]
+    assert passes == [[], "a pass", "a pass"], "the holder passed once more for the caller that found the lock taken"
+    assert not client.exists(runs.ADMIT_AGAIN) and not client.exists(runs.ADMISSION_LOCK)
+
+
+def test_an_orphaned_message_re_drives_its_episode(run, sent):
+    """Published by a living worker and taken by one that died before its next beat: neither the death (it did not
+    hold it at its last beat) nor the holder tells; ``liveness.orphaned`` does, from the broker."""
+    beat_at = time.time()
+    taken = started(run, sent)
+    held_by(taken, ALIVE, updated_at=_at(beat_at - 5))
+    idle = liveness.Fleet(alive={ALIVE: frozenset()})
+    death, now = death_of(DEAD, held=[], beat_at=beat_at), after(2 * settings.MEGAFLOW_WORKER_HEARTBEAT_S + 2)
+    assert runs.redrive_lost(idle, [death], now=now) == []
+    assert runs.redrive_lost(idle, [death], now=now, orphans={taken.pk}) == [taken.pk]
+    assert sent[-1] == ("modelserving.episode_turn", {"episode_id": taken.pk, "step": 0, "model": "sim", "attempt": 1})
 
 
 def test_a_run_whose_last_episode_done_was_lost_is_closed_by_the_watchdog(run, sent):
