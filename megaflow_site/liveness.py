@@ -366,9 +366,9 @@ class Event:
 UNACKED_KEY, UNACKED_INDEX_KEY = "unacked", "unacked_index"
 
 
-def orphaned(fleet: Fleet, redis_client: redis.Redis | None = None) -> dict[int, str]:
+def orphaned(fleet: Fleet, redis_client: redis.Redis | None = None) -> dict[int, list[str]]:
     """The messages that a worker took off its queue and that nobody alive holds, by the episode they name (→ their
-    delivery tag): taken before every living worker's last beat (a living taker would have said it holds them),
+    delivery tags: an episode re-driven before may have several): taken before every living worker's last beat (a living taker would have said it holds them),
     and held by none. Their taker died with them: a kill -9 between a worker's last beat and its taking a message
     is seen here, and nowhere else, until the visibility timeout gives the message back an hour later."""
     redis_client = redis_client or client()
@@ -377,11 +377,11 @@ def orphaned(fleet: Fleet, redis_client: redis.Redis | None = None) -> dict[int,
     beats = [float(fleet.registered[name].get("beat_at", 0)) for name in fleet.alive if name in fleet.registered]
     cutoff = min(beats, default=0) - heartbeat_s()  # a margin for clocks apart and a beat under way
     tags = redis_client.zrangebyscore(UNACKED_INDEX_KEY, "-inf", cutoff)
-    found: dict[int, str] = {}
+    found: dict[int, list[str]] = {}
     for tag, entry in zip(tags, redis_client.hmget(UNACKED_KEY, tags) if tags else [], strict=True):
         episode_id = _episode_of_message(entry)
         if episode_id is not None and not fleet.holds(episode_id):
-            found[episode_id] = tag
+            found.setdefault(episode_id, []).append(tag)
     return found
 
 

@@ -172,7 +172,8 @@ def watchdog() -> list[int]:
     # Only a death orphans a taken message; while none is recent there is nothing to look for in the broker.
     orphans = liveness.orphaned(fleet) if any(event.worker for event in events) else {}
     redriven = redrive_lost(fleet, events, orphans=set(orphans))
-    liveness.forget(orphans[episode_id] for episode_id in redriven if episode_id in orphans)
+    # Every orphaned message of an episode re-driven goes: left, each would re-drive it again.
+    liveness.forget(tag for episode_id in redriven for tag in orphans.get(episode_id, ()))
     close_finished_runs()
     return redriven
 

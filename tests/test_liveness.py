@@ -144,7 +144,7 @@ def test_a_message_taken_by_a_worker_that_then_died_is_orphaned(broker):
     later = {**fleet.registered[liveness.incarnation()], "beat_at": time.time() + 2 * liveness.heartbeat_s()}
     fleet = dataclasses.replace(fleet, registered={liveness.incarnation(): later})
     tag = taken[0].delivery_tag
-    assert liveness.orphaned(fleet, broker) == {77: tag}
+    assert liveness.orphaned(fleet, broker) == {77: [tag]}
     holder = dataclasses.replace(fleet, alive={"model-sim@elsewhere#1": frozenset({77})} | fleet.alive)
     assert liveness.orphaned(holder, broker) == {}, "somebody alive holds it"
     liveness.forget([tag], broker)

@@ -18,7 +18,8 @@ that exited on its own; the report counts those as "restarted".
 
 ``--production`` runs with the shipped defaults (no shortened task time limit or visibility timeout: recovery
 must come from worker liveness, megaflow_site/liveness.py), every episode in a real container, and its own
-faults, each on its own run: ``kill-every-20s`` (kill -9 a random worker of each service every 20 s, restarted
+faults, each on its own run, with two workers of each model and env queue (``--workers-per-pool``), as a
+deployment runs several: ``kill-every-20s`` (kill -9 a random worker of each service every 20 s, restarted
 at once), ``kill-all`` (SIGKILL every worker at once, restarted 30 s later), ``redis-save`` / ``redis-nosave``
 (``SHUTDOWN`` / ``SHUTDOWN NOSAVE`` of a broker without an append-only file: the second comes back empty),
 ``restart-docker``, and ``none`` (the fault-free time the others are compared with).
@@ -342,13 +343,13 @@ def supervise(workers) -> list[str]:
     """What systemd or Kubernetes does in a deployment: start a new worker in place of each one that exited, all
     at once, and keep trying while a new one cannot start (its preflight refuses an unreachable broker)."""
     with WORKERS_LOCK:
-        exited = [(queue, worker) for queue, worker in workers.by_queue.items() if worker.process.poll() is not None]
-        started = [workers.start(worker.spec) for _, worker in exited]
+        exited = [worker for worker in workers.everyone if worker.process.poll() is not None]
+        started = [workers.replace(worker) for worker in exited]
         try:
             workers.wait_ready(started)
         except RuntimeError:
             pass  # e.g. the broker is down and a worker refused to start: tried again next time
-    return [f"{queue} (exit {worker.process.returncode})" for queue, worker in exited]
+    return [f"{worker.node} (exit {worker.process.returncode})" for worker in exited]
 
 
 def one_worker_at_a_time(stop: threading.Event, queues: list[str], act, label: str) -> list[str]:
@@ -425,17 +426,17 @@ def kill_every_20s(stack: Stack, stop: threading.Event) -> list[str]:
     """Every 20 s, kill -9 a random worker of each service; the supervisor (and ``kill``) start new ones."""
     done = []
     while not stop.wait(20.0):
-        by_service: dict[str, list[str]] = {}
-        for queue in stack.workers.by_queue:
-            by_service.setdefault(queue.split(".")[0], []).append(queue)
-        victims = [random.choice(queues) for queues in by_service.values()]
-        stack.clock.fault()
         with WORKERS_LOCK:
-            for queue in victims:
-                stack.workers.by_queue[queue].process.kill()
-            for queue in victims:
-                stack.workers.by_queue[queue].process.wait()
-        done.append(f"kill -9 {', '.join(victims)}")
+            by_service: dict[str, list] = {}
+            for worker in stack.workers.everyone:
+                by_service.setdefault(worker.spec.service, []).append(worker)
+            victims = [random.choice(workers) for workers in by_service.values()]
+            stack.clock.fault()
+            for worker in victims:
+                worker.process.kill()
+            for worker in victims:
+                worker.process.wait()
+        done.append(f"kill -9 {', '.join(worker.node for worker in victims)}")
     return done
 
 
@@ -460,13 +461,14 @@ def kill_all(stack: Stack, stop: threading.Event) -> list[str]:
         return []
     with WORKERS_LOCK:
         killed_at = time.monotonic()
-        for worker in stack.workers.by_queue.values():
+        everyone = stack.workers.everyone
+        for worker in everyone:
             worker.process.kill()
-        for worker in stack.workers.by_queue.values():
+        for worker in everyone:
             worker.process.wait()
         stack.clock.fault_after_kill(killed_at)
         time.sleep(max(0.0, killed_at + 30 - time.monotonic()))
-    return [f"SIGKILL of {len(stack.workers.by_queue)} workers, restarted 30 s later"]
+    return [f"SIGKILL of {len(everyone)} workers, restarted 30 s later"]
 
 
 def redis_shutdown(save: bool):
@@ -625,6 +627,8 @@ def main() -> None:
     parser.add_argument("--episodes", type=int, help="per fault (default 200; 100 with --production)")
     parser.add_argument("--concurrency", type=int, help="live episodes (default 50; 32 with --production)")
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--workers-per-pool", type=int, help="workers of each model and env queue (default 1; 2 "
+                        "with --production)")  # fmt: skip
     parser.add_argument("--timeout", type=float, default=600, help="seconds a run may take before it is judged")
     parser.add_argument("--redis-port", type=int, default=CHAOS_REDIS_PORT)
     parser.add_argument("--output", default="chaos-results.json")
@@ -633,6 +637,7 @@ def main() -> None:
     args.faults = args.faults or ",".join(catalogue)
     args.episodes = args.episodes or (100 if args.production else 200)
     args.concurrency = args.concurrency or (32 if args.production else 50)
+    args.workers_per_pool = args.workers_per_pool or (2 if args.production else 1)
     faults = args.faults.split(",")
     if unknown := set(faults) - set(catalogue):
         parser.error(f"unknown fault(s): {', '.join(sorted(unknown))}")
@@ -655,7 +660,7 @@ def main() -> None:
     from django.conf import settings
     from django.core.management import call_command
 
-    from megaflow_site.topology import all_worker_specs
+    from megaflow_site.topology import Service, all_worker_specs
     from tests.support.databases import ensure_database
     from tests.support.worker_processes import CeleryWorkers
 
@@ -677,7 +682,11 @@ def main() -> None:
             docker.ensure_image(settings.MEGAFLOW_BASE_IMAGE)
             workers.queue_env["env.docker"] = {"MEGAFLOW_ENV_BACKEND": "docker", "DOCKER_HOST": docker.host}
         stack = Stack(workers, broker, model_proxy, docker)
-        workers.wait_ready([workers.start(spec) for spec in all_worker_specs()])
+        started = [workers.start(spec) for spec in all_worker_specs()]
+        # A service of one worker is wholly down after each of kill-every-20s's kills: a deployment runs several.
+        started += [workers.start(spec, index) for spec in all_worker_specs() if spec.service is not Service.AGENT
+                    for index in range(2, args.workers_per_pool + 1)]  # fmt: skip
+        workers.wait_ready(started)
         for fault in faults:
             try:
                 rows.append(run_under(fault, stack, args))

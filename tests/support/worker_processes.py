@@ -27,6 +27,7 @@ class WorkerProcess:
     node: str
     process: subprocess.Popen
     log: Path
+    index: int = 1  # > 1: another worker of the same queue, beside the first
 
 
 class CeleryWorkers:
@@ -66,7 +67,7 @@ class CeleryWorkers:
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
         )
-        worker = WorkerProcess(spec, node, process, log)
+        worker = WorkerProcess(spec, node, process, log, index)
         if index > 1:
             self.extra.append(worker)
         else:
@@ -79,6 +80,16 @@ class CeleryWorkers:
                 "--schedule", str(schedule)]  # fmt: skip
         log = (self.log_dir / "beat.log").open("wb")
         self.beat = subprocess.Popen(argv, cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT)
+
+    @property
+    def everyone(self) -> list[WorkerProcess]:
+        return [*self.by_queue.values(), *self.extra]
+
+    def replace(self, worker: WorkerProcess) -> WorkerProcess:
+        """Start a new worker in the place of ``worker`` (which exited): same queue, same node name."""
+        if worker in self.extra:
+            self.extra.remove(worker)
+        return self.start(worker.spec, worker.index)
 
     def wait_ready(self, workers: list[WorkerProcess]) -> None:
         deadline = time.monotonic() + WORKER_START_TIMEOUT_S
@@ -131,7 +142,7 @@ class CeleryWorkers:
         if self.beat is not None:
             self.beat.terminate()
             self.beat.wait(20)
-        everyone = [*self.by_queue.values(), *self.extra]
+        everyone = self.everyone
         for worker in everyone:
             if worker.process.poll() is None:
                 worker.process.send_signal(signal.SIGTERM)
