@@ -368,9 +368,10 @@ UNACKED_KEY, UNACKED_INDEX_KEY = "unacked", "unacked_index"
 
 def orphaned(fleet: Fleet, redis_client: redis.Redis | None = None) -> dict[int, list[str]]:
     """The messages that a worker took off its queue and that nobody alive holds, by the episode they name (→ their
-    delivery tags: an episode re-driven before may have several): taken before every living worker's last beat (a living taker would have said it holds them),
-    and held by none. Their taker died with them: a kill -9 between a worker's last beat and its taking a message
-    is seen here, and nowhere else, until the visibility timeout gives the message back an hour later."""
+    delivery tags: an episode re-driven before may have several): taken before every living worker's last beat
+    (a living taker would have said it holds them), and held by none. Their taker died with them: a kill -9
+    between a worker's last beat and its taking a message is seen here, and nowhere else, until the visibility
+    timeout gives the message back an hour later."""
     redis_client = redis_client or client()
     if not fleet.alive:
         return {}  # nobody to compare with: the deaths themselves say what was lost
