@@ -3,8 +3,9 @@ stampede the Docker daemon.
 
 Two limits, both checked before a container is created:
 - a cap on containers in the *starting* state (``MEGAFLOW_START_CONCURRENCY``): a semaphore held in a Redis
-  sorted set, one member per holder, scored by when its lease expires, so a worker killed mid-start frees
-  its slot after ``SLOT_LEASE_S`` instead of leaking it;
+  sorted set, one member per holder (named by its worker incarnation), scored by when its lease expires, so
+  a worker killed mid-start frees its slot as soon as the watchdog knows it dead (``release_slots_of``), and
+  after ``SLOT_LEASE_S`` at the latest, instead of leaking it;
 - a creation rate (``MEGAFLOW_START_RATE``), a moving window kept in Redis by the ``limits`` library.
 
 A thread that finds either limit reached sleeps a jittered, growing interval and tries again. Waiting here,
@@ -26,19 +27,23 @@ from limits.storage import RedisStorage
 from limits.strategies import MovingWindowRateLimiter
 
 from envs.backend import SandboxError
+from megaflow_site import liveness
 from orchestrator.hot_state import redis_client
 
 SLOTS_KEY = "megaflow:env:starting"
+SEMAPHORES_KEY = "megaflow:semaphores"  # every semaphore's key, so that a dead worker's slots can be found
 SLOT_LEASE_S = 120
 MAX_WAIT_S = 300
 _BACKOFF_BASE_S = 0.02
 _BACKOFF_CAP_S = 1.0
 
-# KEYS[1] slots zset; ARGV: now, capacity, lease expiry, token. Returns 1 when the slot was taken.
+# KEYS[1] slots zset, KEYS[2] the set of semaphores; ARGV: now, capacity, lease expiry, token. Returns 1 when
+# the slot was taken.
 _ACQUIRE = """
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
 if redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[2]) then
   redis.call('ZADD', KEYS[1], ARGV[3], ARGV[4])
+  redis.call('SADD', KEYS[2], KEYS[1])
   return 1
 end
 return 0
@@ -91,15 +96,35 @@ def start_gate():
 def semaphore_slot(key: str, capacity: int, what: str, max_wait_s: float = MAX_WAIT_S, lease_s: float = SLOT_LEASE_S):
     """Hold one of ``capacity`` slots of the Redis semaphore ``key`` (a lease of ``lease_s``, so a killed holder
     frees it), waiting with jittered back-off up to ``max_wait_s``; envs/images.py bounds pulls with it."""
-    token = uuid.uuid4().hex
+    token = f"{liveness.incarnation()} {uuid.uuid4().hex}"  # whose it is: release_slots_of frees a dead one's
     script = _acquire_script()
 
     def take_slot() -> bool:
         now = time.time()
-        return bool(script(keys=[key], args=[now, capacity, now + lease_s, token]))
+        return bool(script(keys=[key, SEMAPHORES_KEY], args=[now, capacity, now + lease_s, token]))
 
     _wait_until(take_slot, what, time.monotonic() + max_wait_s, max_wait_s)
     try:
         yield
     finally:
         redis_client().zrem(key, token)
+
+
+def release_slots_of(incarnations: set[str]) -> int:
+    """Free every slot, of every semaphore, that the given (dead) worker incarnations hold: a worker killed inside
+    a start or a pull would hold its slot for the whole lease, and with every slot so held no sandbox starts
+    until the leases run out. Returns how many were freed."""
+    if not incarnations:
+        return 0
+    redis = redis_client()
+    freed = 0
+    for key in redis.smembers(SEMAPHORES_KEY):
+        theirs = [token for token in redis.zrange(key, 0, -1) if _holder(token) in incarnations]
+        if theirs:
+            freed += redis.zrem(key, *theirs)
+    return freed
+
+
+def _holder(token: str | bytes) -> str:
+    token = token.decode() if isinstance(token, bytes) else token
+    return token.split(" ", 1)[0]

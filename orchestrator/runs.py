@@ -16,6 +16,7 @@ from django.utils import timezone
 from redis.exceptions import LockError
 
 from agents.agent import drives_itself
+from envs import startup_control
 from megaflow_site import liveness
 from megaflow_site.topology import FRAMEWORK_QUEUE, Service, service_of_task
 from orchestrator import transitions
@@ -169,8 +170,10 @@ def watchdog() -> list[int]:
     episodes re-driven."""
     fleet = liveness.read_fleet()
     events = liveness.observe(fleet)
+    dead = {event.worker for event in events if event.worker}
+    startup_control.release_slots_of(dead)  # the start and pull slots the dead held: nobody else starts otherwise
     # Only a death orphans a taken message; while none is recent there is nothing to look for in the broker.
-    orphans = liveness.orphaned(fleet) if any(event.worker for event in events) else {}
+    orphans = liveness.orphaned(fleet) if dead else {}
     redriven = redrive_lost(fleet, events, orphans=set(orphans))
     # Every orphaned message of an episode re-driven goes: left, each would re-drive it again.
     liveness.forget(tag for episode_id in redriven for tag in orphans.get(episode_id, ()))

@@ -7,6 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from envs import startup_control
+from megaflow_site import liveness
 
 
 @pytest.fixture(autouse=True)
@@ -72,3 +73,17 @@ def test_a_slot_held_by_a_dead_worker_expires(settings, broker):
     broker.zadd(startup_control.SLOTS_KEY, {"crashed-worker": time.time() - 1})
     most, _ = run_through_gate(1, hold_s=0)
     assert most == 1
+
+
+def test_the_slots_of_a_dead_worker_are_freed_as_soon_as_it_is_known_dead(settings, broker):
+    settings.MEGAFLOW_START_CONCURRENCY = 2
+    with startup_control.start_gate():
+        with startup_control.semaphore_slot("megaflow:env:pulling-test", 1, "a pull slot"):
+            dead = liveness.incarnation()
+            assert startup_control.release_slots_of({"somebody-else#1"}) == 0
+            assert startup_control.starting_now() == 1
+            assert startup_control.release_slots_of({dead}) == 2, "its start slot and its pull slot"
+            assert startup_control.starting_now() == 0
+            assert broker.zcard("megaflow:env:pulling-test") == 0
+    assert startup_control.release_slots_of(set()) == 0
+    broker.delete("megaflow:env:pulling-test", startup_control.SEMAPHORES_KEY)
