@@ -119,12 +119,7 @@ def release_slots_of(incarnations: set[str]) -> int:
     redis = redis_client()
     freed = 0
     for key in redis.smembers(SEMAPHORES_KEY):
-        theirs = [token for token in redis.zrange(key, 0, -1) if _holder(token) in incarnations]
+        theirs = [token for token in redis.zrange(key, 0, -1) if token.split(" ", 1)[0] in incarnations]
         if theirs:
             freed += redis.zrem(key, *theirs)
     return freed
-
-
-def _holder(token: str | bytes) -> str:
-    token = token.decode() if isinstance(token, bytes) else token
-    return token.split(" ", 1)[0]

@@ -152,14 +152,12 @@ class Process:
     def of(cls, pid: int | str = "self") -> Process | None:
         """The process ``pid`` as this process sees it; None if there is none (or /proc cannot tell)."""
         try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
             namespace = os.readlink("/proc/self/ns/pid")
             boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
         except OSError:
             return None
-        # The command name (field 2) may hold spaces and parentheses: the fields after it follow its last ")".
-        fields = stat[stat.rindex(")") + 2 :].split()
-        return cls(boot, namespace, int(stat.split(" ", 1)[0]), int(fields[19]))
+        started = _start_time(pid)
+        return None if started is None else cls(boot, namespace, int(Path(f"/proc/{pid}").resolve().name), started)
 
     def to_json(self) -> dict:
         return {"boot": self.boot, "pid_namespace": self.pid_namespace, "pid": self.pid, "started": self.started}
@@ -169,8 +167,17 @@ class Process:
         pid namespace can be checked; any other may be alive, for all this one can tell."""
         if (self.boot, self.pid_namespace) != (here.boot, here.pid_namespace):
             return False
-        now = Process.of(self.pid)
-        return now is None or now.started != self.started
+        return _start_time(self.pid) != self.started
+
+
+def _start_time(pid: int | str) -> int | None:
+    """When process ``pid`` started, in clock ticks since boot (field 22 of /proc/<pid>/stat); None if none runs."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # The command name (field 2) may hold spaces and parentheses: the fields after it follow its last ")".
+    return int(stat[stat.rindex(")") + 2 :].split()[19])
 
 
 @functools.cache
@@ -373,8 +380,7 @@ def orphaned(fleet: Fleet, redis_client: redis.Redis | None = None) -> dict[int,
     between a worker's last beat and its taking a message is seen here, and nowhere else, until the visibility
     timeout gives the message back an hour later."""
     redis_client = redis_client or client()
-    if not fleet.alive:
-        return {}  # nobody to compare with: the deaths themselves say what was lost
+    # Nobody alive: nothing to compare with (the cutoff is before any take), and the deaths say what was lost.
     beats = [float(fleet.registered[name].get("beat_at", 0)) for name in fleet.alive if name in fleet.registered]
     cutoff = min(beats, default=0) - heartbeat_s()  # a margin for clocks apart and a beat under way
     tags = redis_client.zrangebyscore(UNACKED_INDEX_KEY, "-inf", cutoff)
