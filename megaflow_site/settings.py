@@ -413,6 +413,15 @@ CELERY_RESULT_BACKEND = None
 CELERY_WORKER_SEND_TASK_EVENTS = False
 CELERY_TASK_SEND_SENT_EVENT = False
 MEGAFLOW_HOT_QUEUE_TASK_EVENTS = env_bool("MEGAFLOW_HOT_QUEUE_TASK_EVENTS", False)
+# How a hot queue's worker carries its in-flight messages, each of which mostly waits (on a model, a sandbox):
+# "threads", an OS thread each (Celery's thread pool, resizable: megaflow_site/worker_pool.py), or "gevent", a
+# greenlet each (Celery's gevent pool: switching among thousands of waiting greenlets costs a fraction of what
+# handing the GIL among thousands of threads does; psycopg 3, redis-py and the docker SDK cooperate once Celery
+# has monkey-patched the process). The agent queues always run threads. agents/README.md, "Where a step's time goes".
+MEGAFLOW_HOT_QUEUE_POOL = env_str("MEGAFLOW_HOT_QUEUE_POOL", "threads")
+if MEGAFLOW_HOT_QUEUE_POOL not in {"threads", "gevent"}:
+    raise ConfigError(f"MEGAFLOW_HOT_QUEUE_POOL={MEGAFLOW_HOT_QUEUE_POOL!r} is not a pool",
+                      "set MEGAFLOW_HOT_QUEUE_POOL to threads or gevent")  # fmt: skip
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 
 # Periodic work (celery beat, started by `make up`): each pool's reaper and warm-pool top-up.

@@ -154,7 +154,13 @@ class WorkerSpec:
             "--loglevel", loglevel,
             "--without-mingle", "--without-gossip",
             *(["--task-events"] if self.sends_task_events else []),
+            *(["--pool", "gevent"] if self.cooperative else []),
         ]  # fmt: skip
+
+    @property
+    def cooperative(self) -> bool:
+        """Whether the worker runs a greenlet per message rather than a thread (settings: the hot queues' pool)."""
+        return self.service is not Service.AGENT and settings.MEGAFLOW_HOT_QUEUE_POOL == "gevent"
 
     @property
     def sends_task_events(self) -> bool:

@@ -38,7 +38,6 @@ from datetime import datetime, timedelta
 from celery import current_app
 from django.conf import settings
 from django.db import IntegrityError
-from django.db.models import F
 from django.utils import timezone
 
 from agents.agent import Agent, CommandResult, FrameworkAgent, TaskView, Turn, drives_itself, run_agent, submitted
@@ -48,7 +47,7 @@ from megaflow_site import liveness
 from modelserving import service as model_service
 from modelserving.backend import GenerationRequest, SamplingParams
 from modelserving.token_prompts import PreviousTurn
-from orchestrator import costs, staleness, transitions
+from orchestrator import costs, hot_sql, staleness, transitions
 from orchestrator.db import release_connection
 from orchestrator.models import Episode, Run, Step, Task
 
@@ -113,9 +112,11 @@ class Live:
         return cached_task(self.task_id)
 
 
+LIVE_FIELDS = tuple(field.name for field in dataclasses.fields(Live))
+
+
 def read_live(episode_id: int) -> Live | None:
-    fields = [field.name for field in dataclasses.fields(Live)]
-    row = Episode.objects.filter(pk=episode_id).values_list(*fields).first()
+    row = hot_sql.episode_row(episode_id, LIVE_FIELDS)
     return None if row is None else Live(*row)
 
 
@@ -123,6 +124,8 @@ def _current(episode_id: int, attempt: int | None, hold: bool = True) -> Live | 
     """The episode, if this message still concerns it: not deleted, not finished (a finished one's sandbox is
     released here), and of the message's attempt (an older one's message is a straggler). ``hold``: this process
     now holds it (a start holds it by its claim instead)."""
+    if hold and (row := transitions.hold_returning(episode_id, attempt, LIVE_FIELDS)):
+        return Live(*row)  # the common case, in one statement
     episode = read_live(episode_id)
     if episode is None:
         return None  # deleted with its run
@@ -132,9 +135,7 @@ def _current(episode_id: int, attempt: int | None, hold: bool = True) -> Live | 
     if attempt is not None and attempt != episode.attempt:
         logger.info("episode %s: dropped a message of attempt %s (now %s)", episode_id, attempt, episode.attempt)
         return None
-    if hold:
-        transitions.hold(episode_id, episode.attempt)
-    return episode
+    return episode  # not live yet (queued): nothing to hold
 
 
 def release(episode: Live, container_id: str | None = None) -> None:
@@ -297,7 +298,9 @@ def episode_step(
         observation = agent.observation(CommandResult(result.output, result.exit_code, result.note))
     completed_at = timezone.now()
     # Only while the claim is still this delivery's: a claim taken over (its holder was judged dead) is not.
-    recorded = Step.objects.filter(pk=row.pk, created_at=row.created_at, completed_at__isnull=True).update(
+    recorded = hot_sql.record_step(
+        row.pk,
+        row.created_at,
         action=action.command or "",
         observation=observation,
         exit_code=None if result is None else result.exit_code,
@@ -310,17 +313,12 @@ def episode_step(
     if not recorded:
         logger.warning("episode %s: step %s was taken over while its command ran; result dropped", episode_id, step)
         return
-    counted = Episode.objects.filter(pk=episode_id, status=Episode.Status.RUNNING, attempt=episode.attempt).update(
-        step_count=step + 1,
-        prompt_tokens=F("prompt_tokens") + prompt_tokens,
-        completion_tokens=F("completion_tokens") + completion_tokens,
-        updated_at=completed_at,
-        # The step's cost rides on the UPDATE it makes anyway (orchestrator/costs.py).
-        cost_prompt_tokens=F("cost_prompt_tokens") + prompt_tokens,
-        cost_completion_tokens=F("cost_completion_tokens") + completion_tokens,
-        model_s=F("model_s") + model_latency_s,
-        env_worker_s=F("env_worker_s") + (time.monotonic() - began),
-    )
+    # The step's cost rides on the UPDATE it makes anyway (orchestrator/costs.py).
+    counted = hot_sql.count_step(
+        episode_id, episode.attempt, Episode.Status.RUNNING, steps=step + 1, prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens, model_s=model_latency_s, env_worker_s=time.monotonic() - began,
+        now=completed_at,
+    )  # fmt: skip
     if not counted:
         release(episode)  # the episode moved on while the command ran (cancelled, or retried)
         return
@@ -345,7 +343,9 @@ def _claim_step(episode_id: int, step: int, reply: str, turn: dict | None = None
     try:
         # Autocommit: the INSERT is its own transaction, and the unique (episode, index) picks one delivery. The
         # turn's tokens go in the same INSERT: durable with the claim, so a re-driven step keeps them.
-        return Step.objects.create(episode_id=episode_id, index=step, model_output=reply, **fields)
+        now = timezone.now()
+        pk = hot_sql.insert_step(now, episode_id=episode_id, index=step, model_output=reply, **fields)
+        return Step(pk=pk, episode_id=episode_id, index=step, model_output=reply, created_at=now, **fields)
     except IntegrityError:
         pass
     row = Step.objects.get(episode_id=episode_id, index=step)
@@ -448,11 +448,7 @@ def episode_turn(episode_id: int, step: int, model: str, attempt: int | None = N
     if episode is None:
         return
     # One query for both the history and the redelivery check.
-    steps = list(
-        Step.objects.filter(episode_id=episode_id, index__lte=step)
-        .order_by("index")
-        .values_list("index", "model_output", "observation", "completed_at")
-    )
+    steps = hot_sql.history(episode_id, step)
     if steps and steps[-1][0] == step:
         return  # a redelivered turn whose step is already claimed
     run, task = episode.run, episode.task
@@ -551,8 +547,7 @@ def _previous_turn(episode: Live, step: int, model: str, agent: Agent, view: Tas
     if cached := _turns.get((episode.id, episode.attempt), step - 1, last.reply):
         return cached
     ids: list[int] | None = []
-    rows = Step.objects.filter(episode_id=episode.id, index__lt=step).order_by("index")
-    for prefix_len, appended, completion in rows.values_list("prompt_prefix_len", "prompt_ids", "completion_ids"):
+    for prefix_len, appended, completion in hot_sql.prompt_ids(episode.id, step):
         if appended is None or completion is None:
             ids = None  # a turn without ids (the model changed backend?): the next prompt is rendered whole
             break

@@ -51,6 +51,7 @@ from django.db.models import Case, Exists, F, OuterRef, Q, When
 from django.utils import timezone
 
 from megaflow_site import liveness
+from orchestrator import hot_sql
 from orchestrator.models import Episode, ModelVersion, Run, Step
 
 logger = logging.getLogger("megaflow.transitions")
@@ -198,6 +199,13 @@ def hold(episode_id: int, attempt: int) -> bool:
             holder=liveness.incarnation(), worker=liveness.node(), updated_at=now
         )
     )
+
+
+def hold_returning(episode_id: int, attempt: int | None, names: tuple[str, ...]) -> tuple | None:
+    """``hold`` as a hop's first statement: a live episode of ``attempt`` (None: its current one) is now held by
+    this process, and its ``names`` columns come back; None when it is not live or of another attempt."""
+    return hot_sql.hold_returning(episode_id, attempt, LIVE, liveness.incarnation(), liveness.node(), timezone.now(),
+                                  names)  # fmt: skip
 
 
 def open_session(episode_id: int, attempt: int, session_key: str) -> bool:

@@ -1,0 +1,150 @@
+"""The statements of a step, written out once instead of compiled by the ORM on every call.
+
+A step runs about eight statements, each trivial for PostgreSQL; compiling them through Django's ORM cost more
+CPU in the workers than running them did (a ``.first()`` alone spends half its time building an ORDER BY). So
+the hot path sends fixed SQL through Django's own connection (the same pool, transactions and error classes:
+a unique violation is still ``django.db.IntegrityError``); the statements that list many columns build their
+text from the models' fields, once per process. Everything off the hot path keeps the ORM. docs:
+agents/README.md, "Where a step's time goes".
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+
+from django.db import connection
+
+from orchestrator.models import Episode, Step
+
+
+def _columns(model, names) -> list[str]:
+    return [model._meta.get_field(name).column for name in names]
+
+
+@functools.cache
+def _episode_select(names: tuple[str, ...]) -> str:
+    return f"SELECT {', '.join(_columns(Episode, names))} FROM {Episode._meta.db_table} WHERE id = %s"
+
+
+@functools.cache
+def _hold_update(names: tuple[str, ...]) -> str:
+    return (
+        f"UPDATE {Episode._meta.db_table} SET holder = %s, worker = %s, updated_at = %s"
+        f" WHERE id = %s AND status = ANY(%s) AND attempt = COALESCE(%s, attempt)"
+        f" RETURNING {', '.join(_columns(Episode, names))}"
+    )
+
+
+def episode_row(episode_id: int, names: tuple[str, ...]) -> tuple | None:
+    """The episode's ``names`` columns (Episode field names), or None if it is gone."""
+    with connection.cursor() as cursor:
+        cursor.execute(_episode_select(names), [episode_id])
+        return cursor.fetchone()
+
+
+def hold_returning(episode_id: int, attempt: int | None, live: frozenset[str], holder: str, worker: str, now,
+                   names: tuple[str, ...]) -> tuple | None:  # fmt: skip
+    """Mark a live episode of ``attempt`` (any attempt if None) as held by ``holder`` and moved now, and return its
+    ``names`` columns as they are after that; None when it is not live or of another attempt."""
+    with connection.cursor() as cursor:
+        cursor.execute(_hold_update(names), [holder, worker, now, episode_id, sorted(live), attempt])
+        return cursor.fetchone()
+
+
+def history(episode_id: int, through: int) -> list[tuple[int, str, str, object]]:
+    """(index, model_output, observation, completed_at) of the episode's steps up to ``through``, in order."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"SELECT index, model_output, observation, completed_at FROM {Step._meta.db_table}"
+            " WHERE episode_id = %s AND index <= %s ORDER BY index",
+            [episode_id, through],
+        )
+        return cursor.fetchall()
+
+
+def prompt_ids(episode_id: int, before: int) -> list[tuple[int | None, list | None, list | None]]:
+    """(prompt_prefix_len, prompt_ids, completion_ids) of the steps before ``before``, in order."""
+    with connection.cursor() as cursor:
+        # ::text: Django's connection hands jsonb back as text, for the field's own decoder; these are plain lists.
+        cursor.execute(
+            f"SELECT prompt_prefix_len, prompt_ids::text, completion_ids::text FROM {Step._meta.db_table}"
+            " WHERE episode_id = %s AND index < %s ORDER BY index",
+            [episode_id, before],
+        )
+        return [(prefix, _json(appended), _json(completion)) for prefix, appended, completion in cursor.fetchall()]
+
+
+def _json(text: str | None):
+    return None if text is None else json.loads(text)
+
+
+@functools.cache
+def _step_fields():
+    return [field for field in Step._meta.concrete_fields if not field.primary_key]
+
+
+@functools.cache
+def _step_insert() -> str:
+    fields = _step_fields()
+    return (
+        f"INSERT INTO {Step._meta.db_table} ({', '.join(field.column for field in fields)})"
+        f" VALUES ({', '.join(['%s'] * len(fields))}) RETURNING id"
+    )
+
+
+def insert_step(now, **values) -> int:
+    """Insert a Step row (Step field names → values; every other field takes its default, ``created_at`` is
+    ``now``) and return its id. Raises IntegrityError when the episode already has a step of that index."""
+    params = []
+    for field in _step_fields():
+        if field.name == "created_at":
+            value = now
+        elif field.attname in values:
+            value = values[field.attname]
+        elif field.name in values:
+            value = values[field.name]
+        else:
+            value = field.get_default()
+        params.append(field.get_db_prep_save(value, connection))
+    with connection.cursor() as cursor:
+        cursor.execute(_step_insert(), params)
+        return cursor.fetchone()[0]
+
+
+@functools.cache
+def _step_result_update() -> str:
+    columns = _columns(Step, RESULT_FIELDS)
+    return (
+        f"UPDATE {Step._meta.db_table} SET {', '.join(f'{column} = %s' for column in columns)}"
+        " WHERE id = %s AND created_at = %s AND completed_at IS NULL"
+    )
+
+
+RESULT_FIELDS = ("action", "observation", "exit_code", "model_latency_s", "env_latency_s", "prompt_tokens",
+                 "completion_tokens", "completed_at")  # fmt: skip
+
+
+def record_step(step_id: int, claimed_at, **result) -> bool:
+    """Write a step's result (``RESULT_FIELDS``) while its claim is still the one made at ``claimed_at`` and it
+    has none yet: False when the claim was taken over."""
+    with connection.cursor() as cursor:
+        cursor.execute(_step_result_update(), [*(result[name] for name in RESULT_FIELDS), step_id, claimed_at])
+        return cursor.rowcount == 1
+
+
+def count_step(episode_id: int, attempt: int, running: str, steps: int, prompt_tokens: int, completion_tokens: int,
+               model_s: float, env_worker_s: float, now) -> bool:  # fmt: skip
+    """A running episode of ``attempt`` has ``steps`` steps now, and the step's tokens and seconds added to its
+    counts and its cost (orchestrator/costs.py); False when it moved on (cancelled, retried)."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"UPDATE {Episode._meta.db_table} SET step_count = %s, prompt_tokens = prompt_tokens + %s,"
+            " completion_tokens = completion_tokens + %s, cost_prompt_tokens = cost_prompt_tokens + %s,"
+            " cost_completion_tokens = cost_completion_tokens + %s, model_s = model_s + %s,"
+            " env_worker_s = env_worker_s + %s, updated_at = %s"
+            " WHERE id = %s AND status = %s AND attempt = %s",
+            [steps, prompt_tokens, completion_tokens, prompt_tokens, completion_tokens, model_s, env_worker_s, now,
+             episode_id, running, attempt],
+        )  # fmt: skip
+        return cursor.rowcount == 1
