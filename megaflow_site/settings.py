@@ -390,6 +390,9 @@ CELERY_BROKER_TRANSPORT_OPTIONS = {
     # Without it a publish waits forever on a Redis that vanished without closing the connection.
     "socket_timeout": 30,
     "health_check_interval": 25,
+    # A worker's broker connections, opened as needed: on the gevent pool every greenlet acks its own message, and
+    # with kombu's default of 10 the acks of a burst of finished tasks fail ("Too many connections").
+    "max_connections": 1024,
 }
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_TASK_SERIALIZER = "json"

@@ -56,7 +56,18 @@ logger = logging.getLogger("megaflow.episodes")
 
 def send(task_name: str, **kwargs) -> None:
     """Publish the next hop; the router (megaflow_site/topology.py) picks its queue from its name and kwargs."""
-    current_app.send_task(task_name, kwargs=kwargs)
+    current_app.send_task(task_name, kwargs=kwargs, argsrepr="()", kwargsrepr=brief_repr(kwargs))
+
+
+def brief_repr(kwargs: dict) -> str:
+    """What Flower and the logs show of a message's kwargs: its small values, and ``...`` for the rest. Celery's own
+    repr walks every value, and a turn's thousands of token ids made it a fifth of the publish."""
+    shown = {key: value if _small(value) else ... for key, value in kwargs.items()}
+    return repr(shown)
+
+
+def _small(value) -> bool:
+    return value is None or isinstance(value, (bool, int, float)) or (isinstance(value, str) and len(value) <= 80)
 
 
 # --- what a hop reads ----------------------------------------------------------------------------------------
