@@ -56,7 +56,9 @@ logger = logging.getLogger("megaflow.episodes")
 
 def send(task_name: str, **kwargs) -> None:
     """Publish the next hop; the router (megaflow_site/topology.py) picks its queue from its name and kwargs."""
-    current_app.send_task(task_name, kwargs=kwargs, argsrepr="()", kwargsrepr=brief_repr(kwargs))
+    # ignore_result: no result backend is asked about the message (the app has none; looking it up costs a backend
+    # object per greenlet on the gevent pool).
+    current_app.send_task(task_name, kwargs=kwargs, argsrepr="()", kwargsrepr=brief_repr(kwargs), ignore_result=True)
 
 
 def brief_repr(kwargs: dict) -> str:
