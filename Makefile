@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export MEGAFLOW_VENV := $(abspath $(VENV))
 
-.PHONY: help bootstrap up down status demo test lint workers bench bench-env bench-model chaos sim-autoscale \
+.PHONY: help bootstrap up down status demo test lint workers bench bench-10k bench-env bench-model chaos sim-autoscale \
 	bench-autoscale push-images bench-images bench-frameworks
 
 help:
@@ -14,6 +14,7 @@ help:
 	@echo "make status  show the local stack"
 	@echo "make workers print the worker command of every queue"
 	@echo "make bench   orchestration overhead per step vs raw asyncio and naive Celery (writes bench-results.json)"
+	@echo "make bench-10k  10,000 concurrent episodes, latency-bound (sim model 20 s, sim env 5 s, 4 steps; bench-results.json under \"10000\")"
 	@echo "make chaos   runs of 200 episodes under injected faults; every episode must end (writes chaos-results.json)"
 	@echo "make bench-frameworks  framework episodes at once (mini-swe-agent) vs the bash agent (writes bench-frameworks-results.json)"
 	@echo "make bench-env  Environment Service vs the raw docker SDK (writes bench-env-results.json)"
@@ -49,6 +50,10 @@ test: lint
 
 bench: bootstrap
 	@$(PY) -m tests.bench.orchestration $(BENCH_ARGS)
+
+bench-10k: bootstrap
+	@$(PY) -m tests.bench.orchestration --levels 10000 --model-latency 20 --env-latency 5 --steps 4 --timeout 1200 \
+		$(BENCH_ARGS)
 
 bench-frameworks: bootstrap
 	@$(PY) -m tests.bench.frameworks $(BENCH_FRAMEWORKS_ARGS)

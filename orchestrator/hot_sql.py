@@ -12,14 +12,51 @@ from __future__ import annotations
 
 import functools
 import json
+from datetime import UTC, datetime
 
 from django.db import connection
 
 from orchestrator.models import Episode, Step
 
+# Portable SQL: PostgreSQL, and SQLite for the embedded default. Values cross as the ORM would send and read them:
+# datetimes through the backend's own adaptation (SQLite keeps them as naive UTC text), JSON as text.
+
 
 def _columns(model, names) -> list[str]:
-    return [model._meta.get_field(name).column for name in names]
+    return [connection.ops.quote_name(model._meta.get_field(name).column) for name in names]
+
+
+def _moment(value: datetime | None):
+    return connection.ops.adapt_datetimefield_value(value)
+
+
+def _read_moment(value):
+    """A datetime column as read: aware from PostgreSQL, naive UTC (or text) from SQLite."""
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value)
+    if isinstance(value, datetime) and value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    return value
+
+
+def _json(value):
+    """A JSON column as read: text on both backends (Django's connection leaves jsonb undecoded for its fields)."""
+    return json.loads(value) if isinstance(value, str | bytes) else value
+
+
+@functools.cache
+def _readers(model, names: tuple[str, ...]) -> tuple:
+    """Per column of ``names``: how its value is read back, or None to take it as it comes."""
+    kinds = [model._meta.get_field(name).get_internal_type() for name in names]
+    return tuple(_read_moment if kind == "DateTimeField" else _json if kind == "JSONField" else None for kind in kinds)
+
+
+def _row(model, names: tuple[str, ...], row: tuple | None) -> tuple | None:
+    if row is None:
+        return None
+    return tuple(
+        value if read is None else read(value) for read, value in zip(_readers(model, names), row, strict=True)
+    )
 
 
 @functools.cache
@@ -28,10 +65,10 @@ def _episode_select(names: tuple[str, ...]) -> str:
 
 
 @functools.cache
-def _hold_update(names: tuple[str, ...]) -> str:
+def _hold_update(names: tuple[str, ...], live: int) -> str:
     return (
         f"UPDATE {Episode._meta.db_table} SET holder = %s, worker = %s, updated_at = %s"
-        f" WHERE id = %s AND status = ANY(%s) AND attempt = COALESCE(%s, attempt)"
+        f" WHERE id = %s AND status IN ({', '.join(['%s'] * live)}) AND attempt = COALESCE(%s, attempt)"
         f" RETURNING {', '.join(_columns(Episode, names))}"
     )
 
@@ -40,7 +77,7 @@ def episode_row(episode_id: int, names: tuple[str, ...]) -> tuple | None:
     """The episode's ``names`` columns (Episode field names), or None if it is gone."""
     with connection.cursor() as cursor:
         cursor.execute(_episode_select(names), [episode_id])
-        return cursor.fetchone()
+        return _row(Episode, names, cursor.fetchone())
 
 
 def hold_returning(episode_id: int, attempt: int | None, live: frozenset[str], holder: str, worker: str, now,
@@ -48,35 +85,38 @@ def hold_returning(episode_id: int, attempt: int | None, live: frozenset[str], h
     """Mark a live episode of ``attempt`` (any attempt if None) as held by ``holder`` and moved now, and return its
     ``names`` columns as they are after that; None when it is not live or of another attempt."""
     with connection.cursor() as cursor:
-        cursor.execute(_hold_update(names), [holder, worker, now, episode_id, sorted(live), attempt])
-        return cursor.fetchone()
+        cursor.execute(
+            _hold_update(names, len(live)), [holder, worker, _moment(now), episode_id, *sorted(live), attempt]
+        )
+        return _row(Episode, names, cursor.fetchone())
 
 
-def history(episode_id: int, through: int) -> list[tuple[int, str, str, object]]:
+HISTORY = ("index", "model_output", "observation", "completed_at")
+
+
+def history(episode_id: int, through: int) -> list[tuple[int, str, str, datetime | None]]:
     """(index, model_output, observation, completed_at) of the episode's steps up to ``through``, in order."""
     with connection.cursor() as cursor:
         cursor.execute(
-            f"SELECT index, model_output, observation, completed_at FROM {Step._meta.db_table}"
-            " WHERE episode_id = %s AND index <= %s ORDER BY index",
+            f"SELECT {', '.join(_columns(Step, HISTORY))} FROM {Step._meta.db_table}"
+            ' WHERE episode_id = %s AND "index" <= %s ORDER BY "index"',
             [episode_id, through],
         )
-        return cursor.fetchall()
+        return [_row(Step, HISTORY, row) for row in cursor.fetchall()]
+
+
+PROMPT_IDS = ("prompt_prefix_len", "prompt_ids", "completion_ids")
 
 
 def prompt_ids(episode_id: int, before: int) -> list[tuple[int | None, list | None, list | None]]:
     """(prompt_prefix_len, prompt_ids, completion_ids) of the steps before ``before``, in order."""
     with connection.cursor() as cursor:
-        # ::text: Django's connection hands jsonb back as text, for the field's own decoder; these are plain lists.
         cursor.execute(
-            f"SELECT prompt_prefix_len, prompt_ids::text, completion_ids::text FROM {Step._meta.db_table}"
-            " WHERE episode_id = %s AND index < %s ORDER BY index",
+            f"SELECT {', '.join(_columns(Step, PROMPT_IDS))} FROM {Step._meta.db_table}"
+            ' WHERE episode_id = %s AND "index" < %s ORDER BY "index"',
             [episode_id, before],
         )
-        return [(prefix, _json(appended), _json(completion)) for prefix, appended, completion in cursor.fetchall()]
-
-
-def _json(text: str | None):
-    return None if text is None else json.loads(text)
+        return [_row(Step, PROMPT_IDS, row) for row in cursor.fetchall()]
 
 
 @functools.cache
@@ -88,7 +128,7 @@ def _step_fields():
 def _step_insert() -> str:
     fields = _step_fields()
     return (
-        f"INSERT INTO {Step._meta.db_table} ({', '.join(field.column for field in fields)})"
+        f"INSERT INTO {Step._meta.db_table} ({', '.join(_columns(Step, [field.name for field in fields]))})"
         f" VALUES ({', '.join(['%s'] * len(fields))}) RETURNING id"
     )
 
@@ -129,7 +169,9 @@ def record_step(step_id: int, claimed_at, **result) -> bool:
     """Write a step's result (``RESULT_FIELDS``) while its claim is still the one made at ``claimed_at`` and it
     has none yet: False when the claim was taken over."""
     with connection.cursor() as cursor:
-        cursor.execute(_step_result_update(), [*(result[name] for name in RESULT_FIELDS), step_id, claimed_at])
+        values = [_moment(value) if isinstance(value, datetime) else value
+                  for value in (*(result[name] for name in RESULT_FIELDS), step_id, claimed_at)]  # fmt: skip
+        cursor.execute(_step_result_update(), values)
         return cursor.rowcount == 1
 
 
@@ -144,7 +186,7 @@ def count_step(episode_id: int, attempt: int, running: str, steps: int, prompt_t
             " cost_completion_tokens = cost_completion_tokens + %s, model_s = model_s + %s,"
             " env_worker_s = env_worker_s + %s, updated_at = %s"
             " WHERE id = %s AND status = %s AND attempt = %s",
-            [steps, prompt_tokens, completion_tokens, prompt_tokens, completion_tokens, model_s, env_worker_s, now,
-             episode_id, running, attempt],
+            [steps, prompt_tokens, completion_tokens, prompt_tokens, completion_tokens, model_s, env_worker_s,
+             _moment(now), episode_id, running, attempt],
         )  # fmt: skip
         return cursor.rowcount == 1

@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from tests.bench.procstat import CpuProfile, parent, with_descendants
+from tests.bench.procstat import CpuProfile, group_status, parent, with_descendants
 from tests.support.databases import ensure_database
 
 REPO = Path(__file__).resolve().parents[2]
@@ -138,6 +138,7 @@ def run_orchestrated(level: int, args, log_dir: Path) -> dict:
     started = [workers.start(spec, index) for spec, index in specs]
     workers.wait_ready(started)
     profile = stack_profile(started)
+    peak = PeakMemory(profile.kinds)
     completed_steps = Step.objects.filter(episode__run=run, completed_at__isnull=False)
     window: dict = {}  # the steady state: from 10% of the run's steps completed to 90%
     try:
@@ -161,11 +162,13 @@ def run_orchestrated(level: int, args, log_dir: Path) -> dict:
                     break
                 if run.status in Run.TERMINAL:
                     break
+                peak.sample()
                 time.sleep(0.5)
             while run.status not in Run.TERMINAL and time.monotonic() < deadline:
                 run.refresh_from_db()
                 done = run.episodes.filter(status__in=Episode.TERMINAL).count()
                 bar.update(done - bar.n)
+                peak.sample()
                 time.sleep(0.5)
         finished = (run.finished_at.timestamp() if run.finished_at else time.time()) - began
     finally:
@@ -199,6 +202,9 @@ def run_orchestrated(level: int, args, log_dir: Path) -> dict:
         "overhead_p99_ms": ms(percentile(overheads, 0.99)),
         "worker_processes": len(specs),
         "bytes_per_step": step_table_bytes / max(1, len(steps)),
+        "peak_rss_mib": peak.total_mib,
+        "peak_rss_mib_by_kind": peak.by_kind,
+        "hot_queue_pool": os.environ.get("MEGAFLOW_HOT_QUEUE_POOL", "threads"),
         **cpu_per_step(window),
     }
 
@@ -241,6 +247,22 @@ def stack_profile(workers) -> CpuProfile:
         "postgres server": postgres(bench_database=False),
         "redis-server": lambda: [redis_pid],
     })  # fmt: skip
+
+
+class PeakMemory:
+    """The largest RSS the whole stack reached (sampled every few seconds), and each kind's share at that moment."""
+
+    def __init__(self, kinds: dict, every_s: float = 2.0):
+        self.kinds, self.every_s, self.last = kinds, every_s, 0.0
+        self.total_mib, self.by_kind = 0.0, {}
+
+    def sample(self) -> None:
+        if time.monotonic() - self.last < self.every_s:
+            return
+        self.last = time.monotonic()
+        now = {kind: group_status(pids())["rss_mib"] for kind, pids in self.kinds.items()}
+        if sum(now.values()) > self.total_mib:
+            self.total_mib, self.by_kind = sum(now.values()), now
 
 
 def cpu_per_step(window: dict) -> dict:
@@ -343,7 +365,8 @@ def shown(milliseconds: float | None) -> str:
 
 def print_table(rows: list[dict]) -> None:
     header = (f"{'concurrency':>11}  {'episodes/s':>10}  {'steps/s':>8}  {'raw':>8}  {'naive':>7}  "
-              f"{'vs raw':>6}  {'vs naive':>8}  {'ovh p50':>8}  {'ovh p99':>8}  {'raw p99':>8}  status")  # fmt: skip
+              f"{'vs raw':>6}  {'vs naive':>8}  {'ovh p50':>8}  {'ovh p99':>8}  {'raw p99':>8}  {'peak MiB':>8}  "
+              "status")  # fmt: skip
     print(header)
     print("-" * len(header))
     for row in rows:
@@ -351,7 +374,8 @@ def print_table(rows: list[dict]) -> None:
             f"{row['concurrency']:>11}  {row['episodes_per_s']:>10.1f}  {row['steps_per_s']:>8.1f}  "
             f"{row['raw']['steps_per_s']:>8.1f}  {row['naive']['steps_per_s']:>7.2f}  {row['ratio_vs_raw']:>6.2f}  "
             f"{row['ratio_vs_naive']:>8.1f}  {shown(row['overhead_p50_ms'])}  {shown(row['overhead_p99_ms'])}  "
-            f"{shown(row['raw']['overhead_p99_ms'])}  {'completed' if row['completed'] else 'NOT COMPLETED'}"
+            f"{shown(row['raw']['overhead_p99_ms'])}  {row['peak_rss_mib']:>8.0f}  "
+            f"{'completed' if row['completed'] else 'NOT COMPLETED'}"
         )
 
 
@@ -420,15 +444,19 @@ def main() -> None:
         )
         print_table(rows[-1:])
         print_cpu(rows[-1:])
-    results = {
+    setup = {
         "model_latency_s": args.model_latency,
         "env_latency_s": args.env_latency,
         "steps_per_episode": args.steps,
         "sandbox_execs": {"prepare": prepare_execs, "evaluate": evaluate_execs},
         "cpus": os.cpu_count(),
-        "levels": rows,
     }
-    Path(args.output).write_text(json.dumps(results, indent=2, default=str) + "\n")
+    # Each level's figures under its own key ("1000", "10000"), so make bench and make bench-10k share the file; the
+    # last run's levels and setup stay at the top.
+    output = Path(args.output)
+    results = json.loads(output.read_text()) if output.exists() else {}
+    results.update({**setup, "levels": rows}, **{str(row["concurrency"]): {**setup, **row} for row in rows})
+    output.write_text(json.dumps(results, indent=2, default=str) + "\n")
     print()
     print_table(rows)
     print_cpu(rows)
