@@ -153,11 +153,11 @@ def run_orchestrated(level: int, args, log_dir: Path) -> dict:
                 stepped = completed_steps.count()
                 if "steps_at_start" not in window and stepped >= STEADY_FROM * episodes * args.steps:
                     profile.begin()
-                    window.update(steps_at_start=stepped, began=time.monotonic())
+                    window.update(steps_at_start=stepped, began=time.monotonic(), carried_from=carried())
                 elif "steps_at_start" in window and (
                     stepped >= STEADY_TO * episodes * args.steps or run.status in Run.TERMINAL
                 ):
-                    window.update(cpu_s=profile.end(), steps=stepped - window["steps_at_start"],
+                    window.update(cpu_s=profile.end(), carried_to=carried(), steps=stepped - window["steps_at_start"],
                                   seconds=time.monotonic() - window["began"])  # fmt: skip
                     break
                 if run.status in Run.TERMINAL:
@@ -265,14 +265,43 @@ class PeakMemory:
             self.total_mib, self.by_kind = sum(now.values()), now
 
 
+def carried() -> dict[str, float]:
+    """Counters of what the broker and the database carried until now: Redis commands and bytes in and out (the
+    whole server), and the bench database's transactions (a statement each, in autocommit), rows written and
+    read, and WAL bytes (the whole server)."""
+    import redis
+    from django.conf import settings
+    from django.db import connection
+
+    stats = redis.Redis.from_url(settings.REDIS_URL).info("stats")
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT xact_commit + xact_rollback, tup_inserted, tup_updated, tup_fetched,"
+            " pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0') FROM pg_stat_database WHERE datname = current_database()"
+        )
+        transactions, inserted, updated, fetched, wal = cursor.fetchone()
+    return {
+        "redis_commands": stats["total_commands_processed"],
+        "redis_bytes_in": stats["total_net_input_bytes"],
+        "redis_bytes_out": stats["total_net_output_bytes"],
+        "pg_transactions": transactions,
+        "pg_rows_written": inserted + updated,
+        "pg_rows_read": fetched,
+        "pg_wal_bytes": float(wal),
+    }
+
+
 def cpu_per_step(window: dict) -> dict:
-    """The steady state's CPU per step by process kind (ms), and the window it was measured over."""
+    """The steady state's CPU per step by process kind (ms), what Redis and PostgreSQL carried per step, and the
+    window it was measured over."""
     if not window.get("steps"):
-        return {"cpu_per_step_ms": None, "cpu_window": None}
+        return {"cpu_per_step_ms": None, "carried_per_step": None, "cpu_window": None}
     per_step = {kind: seconds * 1000 / window["steps"] for kind, seconds in window["cpu_s"].items()}
     per_step["total"] = sum(per_step.values())
+    start, end = window["carried_from"], window["carried_to"]
     return {
         "cpu_per_step_ms": per_step,
+        "carried_per_step": {key: (end[key] - start[key]) / window["steps"] for key in start},
         "cpu_window": {"steps": window["steps"], "seconds": window["seconds"], "cpu_s": window["cpu_s"],
                        "from": STEADY_FROM, "to": STEADY_TO},
     }  # fmt: skip
@@ -391,6 +420,10 @@ def print_cpu(rows: list[dict]) -> None:
         print(f"{kind:>18}  " + "  ".join(f"{row['cpu_per_step_ms'][kind]:>10.2f}" for row in rows))
     window = [f"{row['cpu_window']['steps']:>5} {row['cpu_window']['seconds']:>3.0f}s" for row in rows]
     print(f"{'(window steps, s)':>18}  " + "  ".join(window))
+    print()
+    print("Carried per step, steady state (Redis and WAL: the whole server; PostgreSQL counters: the bench database)")
+    for key in rows[0]["carried_per_step"]:
+        print(f"{key:>18}  " + "  ".join(f"{row['carried_per_step'][key]:>10.1f}" for row in rows))
 
 
 def main() -> None:
