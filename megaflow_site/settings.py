@@ -418,9 +418,11 @@ CELERY_TASK_SEND_SENT_EVENT = False
 MEGAFLOW_HOT_QUEUE_TASK_EVENTS = env_bool("MEGAFLOW_HOT_QUEUE_TASK_EVENTS", False)
 # How a hot queue's worker carries its in-flight messages, each of which mostly waits (on a model, a sandbox):
 # "threads", an OS thread each (Celery's thread pool, resizable: megaflow_site/worker_pool.py), or "gevent", a
-# greenlet each (Celery's gevent pool: switching among thousands of waiting greenlets costs a fraction of what
-# handing the GIL among thousands of threads does; psycopg 3, redis-py and the docker SDK cooperate once Celery
-# has monkey-patched the process). The agent queues always run threads. agents/README.md, "Where a step's time goes".
+# greenlet each (Celery's gevent pool: switching among thousands of waiting greenlets costs less than handing the
+# GIL among thousands of threads; psycopg 3 and redis-py cooperate once Celery has monkey-patched the process).
+# gevent applies only where the queue's backend is known to run on greenlets (sim and replay models, the sim env
+# backend: megaflow_site/topology.py); the agent queues always run threads. agents/README.md, "Where a step's time
+# goes".
 MEGAFLOW_HOT_QUEUE_POOL = env_str("MEGAFLOW_HOT_QUEUE_POOL", "threads")
 if MEGAFLOW_HOT_QUEUE_POOL not in {"threads", "gevent"}:
     raise ConfigError(f"MEGAFLOW_HOT_QUEUE_POOL={MEGAFLOW_HOT_QUEUE_POOL!r} is not a pool",

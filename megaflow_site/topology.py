@@ -30,6 +30,12 @@ import django
 from django.conf import settings
 from kombu import Queue
 
+from modelserving.backend import COOPERATIVE_BACKENDS, model_config
+
+# Env backends that may run on greenlets (MEGAFLOW_HOT_QUEUE_POOL=gevent). Not docker yet: on greenlets the long-lived
+# shell's reads of the attach stream let the stream's frame headers (NUL bytes) into observations.
+COOPERATIVE_ENV_BACKENDS = frozenset({"sim"})
+
 AGENT_QUEUE = "agent"
 # The Agent Service's second queue: tasks that block for a whole episode (a framework's own loop,
 # orchestrator/framework_loop.py), kept off the threads the control plane needs.
@@ -159,8 +165,13 @@ class WorkerSpec:
 
     @property
     def cooperative(self) -> bool:
-        """Whether the worker runs a greenlet per message rather than a thread (settings: the hot queues' pool)."""
-        return self.service is not Service.AGENT and settings.MEGAFLOW_HOT_QUEUE_POOL == "gevent"
+        """Whether the worker runs a greenlet per message rather than a thread: the hot queues' pool (settings),
+        where the queue's backend may run on greenlets."""
+        if self.service is Service.AGENT or settings.MEGAFLOW_HOT_QUEUE_POOL != "gevent":
+            return False
+        if self.service is Service.MODEL:
+            return model_config(self.key or default_key(self.service))["backend"] in COOPERATIVE_BACKENDS
+        return settings.MEGAFLOW_ENV_BACKEND in COOPERATIVE_ENV_BACKENDS
 
     @property
     def sends_task_events(self) -> bool:

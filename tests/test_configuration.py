@@ -27,6 +27,19 @@ def test_celery_task_defaults_give_at_least_once_delivery_with_json_only():
     assert conf.task_create_missing_queues is False
 
 
+def test_the_gevent_pool_goes_only_to_queues_whose_backend_runs_on_greenlets(settings):
+    settings.MEGAFLOW_HOT_QUEUE_POOL = "gevent"
+    settings.MEGAFLOW_ENV_BACKEND = "sim"
+    greenlets = {spec.queue for spec in [WorkerSpec(Service.MODEL, "sim"), WorkerSpec(Service.MODEL, "replay"),
+                                         WorkerSpec(Service.MODEL, "tiny"), WorkerSpec(Service.ENV, "default"),
+                                         WorkerSpec(Service.AGENT)] if "gevent" in spec.argv()}  # fmt: skip
+    assert greenlets == {"model.sim", "model.replay", "env.default"}  # tiny is served over HTTP on an asyncio loop
+    settings.MEGAFLOW_ENV_BACKEND = "docker"
+    assert "gevent" not in WorkerSpec(Service.ENV, "default").argv()
+    settings.MEGAFLOW_HOT_QUEUE_POOL = "threads"
+    assert "gevent" not in WorkerSpec(Service.MODEL, "sim").argv()
+
+
 def test_hard_time_limit_sits_well_below_the_visibility_timeout():
     visibility = app.conf.broker_transport_options["visibility_timeout"]
     assert app.conf.task_soft_time_limit < app.conf.task_time_limit <= visibility // 2
