@@ -30,10 +30,12 @@ import django
 from django.conf import settings
 from kombu import Queue
 
-from modelserving.backend import COOPERATIVE_BACKENDS, model_config
-
-# Env backends that may run on greenlets (MEGAFLOW_HOT_QUEUE_POOL=gevent). Not docker yet: on greenlets the long-lived
-# shell's reads of the attach stream let the stream's frame headers (NUL bytes) into observations.
+# Backends that may run on greenlets (MEGAFLOW_HOT_QUEUE_POOL=gevent): their calls block only on sockets and sleeps.
+# Not the openai or vllm model backends: their HTTP runs on an asyncio loop, which on greenlets shares the worker's
+# one OS thread, so Django takes every task for async code and refuses its queries. Not hf: a forward pass holds
+# the interpreter, and with it every greenlet and the heartbeat. Not docker yet: on greenlets the long-lived shell's
+# reads of the attach stream let the stream's frame headers (NUL bytes) into observations.
+COOPERATIVE_MODEL_BACKENDS = frozenset({"sim", "replay"})
 COOPERATIVE_ENV_BACKENDS = frozenset({"sim"})
 
 AGENT_QUEUE = "agent"
@@ -170,7 +172,11 @@ class WorkerSpec:
         if self.service is Service.AGENT or settings.MEGAFLOW_HOT_QUEUE_POOL != "gevent":
             return False
         if self.service is Service.MODEL:
-            return model_config(self.key or default_key(self.service))["backend"] in COOPERATIVE_BACKENDS
+            # The backend is the model's configured one, else the backend of its name (modelserving.backend's
+            # model_config; anything else is openai, not cooperative).
+            model = self.key or default_key(self.service)
+            backend = settings.MEGAFLOW_MODEL_CONFIG.get(model, {}).get("backend", model)
+            return backend in COOPERATIVE_MODEL_BACKENDS
         return settings.MEGAFLOW_ENV_BACKEND in COOPERATIVE_ENV_BACKENDS
 
     @property

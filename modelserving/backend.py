@@ -185,12 +185,6 @@ class ModelBackend(abc.ABC):
         """Release connections and subprocesses."""
 
 
-# Backends that may run on greenlets (MEGAFLOW_HOT_QUEUE_POOL=gevent): their calls block only on sockets and sleeps.
-# Not openai or vllm: their HTTP runs on an asyncio loop, which on greenlets shares the worker's one OS thread, so
-# Django sees every task as running inside that loop and refuses its queries; not hf: a forward pass holds the
-# interpreter, and with it every greenlet and the heartbeat.
-COOPERATIVE_BACKENDS = frozenset({"sim", "replay"})
-
 _registry = BackendRegistry("modelserving", Path(__file__).parent)
 register_backend = _registry.register
 available_backends = _registry.names
