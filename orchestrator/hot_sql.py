@@ -91,32 +91,33 @@ def hold_returning(episode_id: int, attempt: int | None, live: frozenset[str], h
         return _row(Episode, names, cursor.fetchone())
 
 
+@functools.cache
+def _steps_select(names: tuple[str, ...], through: str) -> str:
+    """The ``names`` columns of an episode's steps up to an index (``through``: the comparison, ``<=`` or ``<``)."""
+    return (
+        f"SELECT {', '.join(_columns(Step, names))} FROM {Step._meta.db_table}"
+        f' WHERE episode_id = %s AND "index" {through} %s ORDER BY "index"'
+    )
+
+
+def _steps(episode_id: int, names: tuple[str, ...], through: str, index: int) -> list[tuple]:
+    with connection.cursor() as cursor:
+        cursor.execute(_steps_select(names, through), [episode_id, index])
+        return [_row(Step, names, row) for row in cursor.fetchall()]
+
+
 HISTORY = ("index", "model_output", "observation", "completed_at")
+PROMPT_IDS = ("prompt_prefix_len", "prompt_ids", "completion_ids")
 
 
 def history(episode_id: int, through: int) -> list[tuple[int, str, str, datetime | None]]:
     """(index, model_output, observation, completed_at) of the episode's steps up to ``through``, in order."""
-    with connection.cursor() as cursor:
-        cursor.execute(
-            f"SELECT {', '.join(_columns(Step, HISTORY))} FROM {Step._meta.db_table}"
-            ' WHERE episode_id = %s AND "index" <= %s ORDER BY "index"',
-            [episode_id, through],
-        )
-        return [_row(Step, HISTORY, row) for row in cursor.fetchall()]
-
-
-PROMPT_IDS = ("prompt_prefix_len", "prompt_ids", "completion_ids")
+    return _steps(episode_id, HISTORY, "<=", through)
 
 
 def prompt_ids(episode_id: int, before: int) -> list[tuple[int | None, list | None, list | None]]:
     """(prompt_prefix_len, prompt_ids, completion_ids) of the steps before ``before``, in order."""
-    with connection.cursor() as cursor:
-        cursor.execute(
-            f"SELECT {', '.join(_columns(Step, PROMPT_IDS))} FROM {Step._meta.db_table}"
-            ' WHERE episode_id = %s AND "index" < %s ORDER BY "index"',
-            [episode_id, before],
-        )
-        return [_row(Step, PROMPT_IDS, row) for row in cursor.fetchall()]
+    return _steps(episode_id, PROMPT_IDS, "<", before)
 
 
 @functools.cache
