@@ -43,7 +43,7 @@ import threading
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import redis
@@ -56,6 +56,7 @@ ALIVE_KEY = "megaflow:alive:"  # + incarnation: {"held": [episode ids]}, expires
 REGISTRY_KEY = "megaflow:workers"  # incarnation → {"node", "queues", "beat_at"}
 BROKER_KEY = "megaflow:broker"  # {"epoch": written once per broker life, "run_id": the redis-server's}
 EVENTS_KEY = "megaflow:recovery-events"  # sorted set of Event, scored by when it happened
+DROPPED_KEY = "megaflow:dropped-hops"  # episode id → Drop: its hop ended in an error nothing recorded
 
 _node = f"{socket.gethostname()}:{os.getpid()}"
 _token = secrets.token_hex(4)
@@ -451,3 +452,49 @@ def broker_events(redis_client: redis.Redis, now: float) -> list[Event]:
         redis_client.hset(BROKER_KEY, "run_id", run_id)
         return [Event(started, "the broker restarted", settle_s=settings.MEGAFLOW_WORKER_DEAD_S)]
     return []
+
+
+# --- hops that ended in an error -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Drop:
+    """The last hop of an episode's ``attempt`` (None: the message named none) that ended in ``error`` at ``at``
+    (a UNIX time); ``times``: how many of that attempt's hops did."""
+
+    at: float
+    task: str
+    error: str
+    attempt: int | None
+    times: int = 1
+
+    def lost(self, attempt: int, updated_at: float) -> bool:
+        """Whether the episode (of ``attempt``, last moved at ``updated_at``) waits on the hop that failed:
+        nothing moved it since."""
+        return self.attempt in (None, attempt) and updated_at <= self.at
+
+
+def drop(episode_id: int, attempt: int | None, task: str, error: BaseException, redis_client=None) -> None:
+    """Record that a hop of the episode ended in ``error`` (its message is acknowledged; nothing else would move
+    the episode before the last resort). A broker that is away loses the record: the last resort remains."""
+    redis_client = redis_client or client()
+    try:
+        # Read, then write: one episode has one hop in flight, so two drops of it do not race.
+        earlier = redis_client.hget(DROPPED_KEY, str(episode_id))
+        times = 1
+        if earlier and (previous := Drop(**json.loads(earlier))).attempt == attempt:
+            times = previous.times + 1
+        record = Drop(time.time(), task, f"{type(error).__name__}: {error}"[:1000], attempt, times)
+        redis_client.hset(DROPPED_KEY, str(episode_id), json.dumps(asdict(record)))
+    except redis.RedisError as failure:
+        logger.error("episode %s: could not record that %s failed (%s): %s", episode_id, task, error, failure)
+
+
+def drops(redis_client=None) -> dict[int, Drop]:
+    entries = (redis_client or client()).hgetall(DROPPED_KEY)
+    return {int(episode_id): Drop(**json.loads(text)) for episode_id, text in entries.items()}
+
+
+def forget_drops(episode_ids: Iterable[int], redis_client=None) -> None:
+    if episode_ids := [str(episode_id) for episode_id in episode_ids]:
+        (redis_client or client()).hdel(DROPPED_KEY, *episode_ids)

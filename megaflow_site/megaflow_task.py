@@ -10,7 +10,8 @@ The one decorator (as Sentry wraps every task once) gives each task:
   leaving its episode to the watchdog. Tasks are idempotent, so running one again is always safe;
 - **who holds what**: while a task that names an ``episode_id`` runs, its worker's heartbeat says it holds that
   episode (megaflow_site/liveness.py), so the watchdog leaves long work alone and re-drives what a dead worker
-  held;
+  held; one that ends in an error (its message acknowledged, the episode held by nobody) is recorded as a drop,
+  which the watchdog re-drives at its next look;
 - **telemetry**: queue wait (from the send time the publisher stamps on every message) and run time, in
   Prometheus histograms labelled by task and queue. The queue wait is also left on
   ``task.request.megaflow_queue_wait_s`` for task code (the probe relay reports it per hop).
@@ -95,11 +96,16 @@ def megaflow_task(name: str, *, bind: bool = False, **options):
         def run(self, *args, **kwargs):
             _record_queue_wait(self)
             started, state = time.perf_counter(), "FAILURE"
+            episode_id = kwargs.get("episode_id")
             try:
-                with liveness.holding(kwargs.get("episode_id")):
+                with liveness.holding(episode_id):
                     result = body(self, *args, **kwargs) if bind else body(*args, **kwargs)
                 state = "SUCCESS"
                 return result
+            except Exception as error:
+                if episode_id is not None:  # the watchdog re-drives the episode, or gives its attempt up
+                    liveness.drop(episode_id, kwargs.get("attempt"), name, error)
+                raise
             finally:
                 _record_run_time(self, started, state)
 

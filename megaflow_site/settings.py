@@ -288,6 +288,9 @@ MEGAFLOW_RETRY_BACKOFF_S = env_int("MEGAFLOW_RETRY_BACKOFF_S", 10)
 MEGAFLOW_WORKER_DEAD_S = env_float("MEGAFLOW_WORKER_DEAD_S", 30.0)
 MEGAFLOW_WORKER_HEARTBEAT_S = env_float("MEGAFLOW_WORKER_HEARTBEAT_S", MEGAFLOW_WORKER_DEAD_S / 6)
 MEGAFLOW_WATCHDOG_INTERVAL_S = env_float("MEGAFLOW_WATCHDOG_INTERVAL_S", 5.0)
+# A hop that ends in an error nothing recorded is re-driven by the watchdog; after this many such errors in one
+# attempt, the attempt fails (and is retried while the run's max_attempts allow) with the error as its reason.
+MEGAFLOW_HOP_ERRORS_MAX = env_int("MEGAFLOW_HOP_ERRORS_MAX", 3)
 if not 0 < MEGAFLOW_WORKER_HEARTBEAT_S <= MEGAFLOW_WORKER_DEAD_S / 3:
     raise ConfigError(
         f"MEGAFLOW_WORKER_HEARTBEAT_S={MEGAFLOW_WORKER_HEARTBEAT_S} must be positive and at most a third of "
@@ -333,6 +336,12 @@ except ValueError:
     raise ConfigError(
         f"MEGAFLOW_START_RATE={MEGAFLOW_START_RATE!r} is not a rate", "write it as N/second or N/minute"
     ) from None
+# The admission ramp (orchestrator/runs.py): at most this many episodes starting (admitted, sandbox not yet up)
+# at once; each start that completes lets the next ones in. A burst of 10,000 then goes in at the rate sandboxes
+# come up, instead of parking every start hop on the env workers at once.
+MEGAFLOW_MAX_STARTING = env_int("MEGAFLOW_MAX_STARTING", 8 * MEGAFLOW_START_CONCURRENCY)
+if MEGAFLOW_MAX_STARTING < 1:
+    raise ConfigError(f"MEGAFLOW_MAX_STARTING={MEGAFLOW_MAX_STARTING} admits nothing", "set it to 1 or more")
 # Persistent (warm) pools: POOL=SIZE pairs; a pool not listed runs ephemeral containers.
 MEGAFLOW_WARM_POOL_SIZES = env_sizes("MEGAFLOW_WARM_POOL_SIZES")
 MEGAFLOW_WARM_IDLE_TTL_S = env_int("MEGAFLOW_WARM_IDLE_TTL_S", 900)

@@ -5,6 +5,12 @@ import functools
 import redis
 from django.conf import settings
 
+# Set while admission holds queued episodes back for the starting cap (orchestrator/runs.py): each start that
+# completes then asks for the next pass (orchestrator/episode_loop.py). An admitter that died with it set leaves
+# starts asking for a minute at most.
+RAMPING_KEY = "megaflow:admission:ramping"
+RAMPING_TTL_S = 60
+
 
 @functools.cache
 def redis_client() -> redis.Redis:

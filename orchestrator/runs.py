@@ -11,7 +11,7 @@ from datetime import UTC, datetime, timedelta
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models import Exists, OuterRef, Q
+from django.db.models import Count, Exists, OuterRef, Q
 from django.utils import timezone
 from redis.exceptions import LockError
 
@@ -23,7 +23,7 @@ from orchestrator import transitions
 from orchestrator.api.serializers import RunSerializer
 from orchestrator.autoscale import admission_limit
 from orchestrator.episode_loop import agent_of_run, send
-from orchestrator.hot_state import redis_client
+from orchestrator.hot_state import RAMPING_KEY, RAMPING_TTL_S, redis_client
 from orchestrator.models import Episode, Run, Step
 from orchestrator.placement import Placer
 from orchestrator.staleness import admissible
@@ -85,11 +85,12 @@ ADMIT_AGAIN = "megaflow:admission:again"  # set by a caller that found the lock 
 
 def admit() -> list[int]:
     """Start queued episodes while their run and the whole fleet have room (``Run.max_concurrent_episodes``,
-    ``MEGAFLOW_MAX_LIVE_EPISODES``, the autoscaler's admission limit) and the model version the run asks for
-    serves, or one at most ``Run.max_staleness`` versions newer (orchestrator/staleness.py). One admitter at a
-    time (a Redis lock), oldest runs first. A caller that finds the lock taken does not wait for it: it asks the
-    holder for one more pass and returns, so that no worker thread queues behind an admitter (nor, for the
-    lock's whole timeout, behind one killed inside it). Returns the episodes this call admitted."""
+    ``MEGAFLOW_MAX_LIVE_EPISODES``, the autoscaler's admission limit), no more than ``MEGAFLOW_MAX_STARTING``
+    start at once (the ramp: each start that completes asks for the next pass), and the model version the run
+    asks for serves, or one at most ``Run.max_staleness`` versions newer (orchestrator/staleness.py). One
+    admitter at a time (a Redis lock), oldest runs first. A caller that finds the lock taken does not wait for
+    it: it asks the holder for one more pass and returns, so that no worker thread queues behind an admitter
+    (nor, for the lock's whole timeout, behind one killed inside it). Returns the episodes this call admitted."""
     client = redis_client()
     # An admitter killed inside the lock holds it no longer than the dead-worker window (admitting takes ms); the
     # beat's admit every few seconds then goes on.
@@ -117,33 +118,56 @@ def _admit_once() -> list[tuple[int, int, str, str]]:
     ceiling = settings.MEGAFLOW_MAX_LIVE_EPISODES
     if (throttle := admission_limit()) is not None:  # the autoscaler's, while the latency SLO is breached
         ceiling = min(ceiling, throttle)
-    room = ceiling - Episode.objects.filter(status__in=LIVE).count()
+    counts = Episode.objects.filter(status__in=LIVE).aggregate(
+        live=Count("pk"), starting=Count("pk", filter=Q(status=Episode.Status.STARTING))
+    )
+    room = ceiling - counts["live"]
+    # The ramp: no more episodes starting at once than the fleet starts well. Each start that completes lets the
+    # next ones in (``start_completed``), so a burst of 10,000 goes in at the rate sandboxes come up.
+    starting_room = settings.MEGAFLOW_MAX_STARTING - counts["starting"]
     placers: dict[str, Placer] = {}  # per pool: the env host each episode goes to (orchestrator/placement.py)
+    ramping = False
     for run in Run.objects.filter(status=Run.Status.RUNNING).order_by("created_at"):
         if room <= 0:
             break
         if not admissible(run):
             continue  # its episodes start once the version it asks for (or one within max_staleness) serves
         run_room = run.max_concurrent_episodes - run.episodes.filter(status__in=LIVE).count()
-        queued = run.episodes.filter(status=Episode.Status.QUEUED).order_by("pk")
-        ready = [(episode.pk, episode.attempt, episode.task.image)
-                 for episode in queued.select_related("task").only("pk", "attempt", "updated_at", "task__image")
-                 if _backed_off(episode)]  # fmt: skip
+        want = max(0, min(room, run_room))
+        ready = _ready(run, want)
+        ramping |= min(want, len(ready)) > starting_room  # the ramp, not the room, holds some back
         placer = placers.setdefault(run.env_pool, Placer(run.env_pool))
-        for episode_id, attempt, image in ready[: max(0, min(room, run_room))]:
+        for episode_id, attempt, image in ready[: max(0, min(want, starting_room))]:
             host = placer.place(image)
             if transitions.admit(episode_id, attempt, env_host=host):
                 admitted.append((episode_id, attempt, run.env_pool, host))
                 room -= 1
+                starting_room -= 1
+    if ramping:
+        redis_client().set(RAMPING_KEY, 1, ex=RAMPING_TTL_S)
+    else:
+        redis_client().delete(RAMPING_KEY)
     return admitted
 
 
-def _backed_off(episode: Episode) -> bool:
+def _ready(run: Run, limit: int) -> list[tuple[int, int, str]]:
+    """The first ``limit`` queued episodes of the run that may start now (episode, attempt, image), oldest first:
+    first attempts, and retried ones whose back-off passed. Only as many rows as could be admitted are read."""
+    queued = run.episodes.filter(status=Episode.Status.QUEUED).order_by("pk")
+    fresh = list(queued.filter(attempt__lte=1).values_list("pk", "attempt", "task__image")[:limit])
+    retried = [(pk, attempt, image)
+               for pk, attempt, image, updated_at in queued.filter(attempt__gt=1).values_list(
+                   "pk", "attempt", "task__image", "updated_at")
+               if _backed_off(attempt, updated_at)]  # fmt: skip
+    return sorted(fresh + retried)[:limit]
+
+
+def _backed_off(attempt: int, updated_at: datetime) -> bool:
     """A retried episode waits MEGAFLOW_RETRY_BACKOFF_S, doubling with each attempt, before it is admitted."""
-    if episode.attempt <= 1:
+    if attempt <= 1:
         return True
-    wait = settings.MEGAFLOW_RETRY_BACKOFF_S * 2 ** (episode.attempt - 2)
-    return timezone.now() - episode.updated_at >= timedelta(seconds=wait)
+    wait = settings.MEGAFLOW_RETRY_BACKOFF_S * 2 ** (attempt - 2)
+    return timezone.now() - updated_at >= timedelta(seconds=wait)
 
 
 def episode_done(episode_id: int) -> None:
@@ -174,11 +198,20 @@ def watchdog() -> list[int]:
     startup_control.release_slots_of(dead)  # the start and pull slots the dead held: nobody else starts otherwise
     # Only a death orphans a taken message; while none is recent there is nothing to look for in the broker.
     orphans = liveness.orphaned(fleet) if dead else {}
-    redriven = redrive_lost(fleet, events, orphans=set(orphans))
+    dropped = liveness.drops()
+    redriven = redrive_lost(fleet, events, orphans=set(orphans), dropped=dropped)
     # Every orphaned message of an episode re-driven goes: left, each would re-drive it again.
     liveness.forget(tag for episode_id in redriven for tag in orphans.get(episode_id, ()))
+    liveness.forget_drops(_settled_drops(dropped))
     close_finished_runs()
     return redriven
+
+
+def _settled_drops(dropped: dict[int, liveness.Drop]) -> list[int]:
+    """The drops that say nothing any more: their episode ended, or went on to another attempt (whose count of
+    errors starts again). A live one's stays, counting its attempt's errors, after it was re-driven."""
+    current = dict(Episode.objects.filter(pk__in=list(dropped), status__in=LIVE).values_list("pk", "attempt"))
+    return [pk for pk, drop in dropped.items() if current.get(pk) is None or drop.attempt not in (None, current[pk])]
 
 
 def close_finished_runs() -> list[int]:
@@ -192,14 +225,20 @@ def close_finished_runs() -> list[int]:
     return closed
 
 
-def redrive_lost(fleet: liveness.Fleet, events: list[liveness.Event], now=None, orphans=frozenset()) -> list[int]:
+def redrive_lost(
+    fleet: liveness.Fleet, events: list[liveness.Event], now=None, orphans=frozenset(), dropped=None
+) -> list[int]:
     """The watchdog's decision and act, given what it knows of the fleet and what happened (DB only: tests pass
     both). A live episode is lost when no living worker holds it (by its heartbeat), it has not moved for two
     heartbeats, and either a worker that died took its pending hop with it (``Event.lost_with_worker``, or its
-    message is among the ``orphans``, taken by a worker nobody alive is: ``liveness.orphaned``), or it has not
+    message is among the ``orphans``, taken by a worker nobody alive is: ``liveness.orphaned``), or its last hop
+    ended in an error and nothing moved it since (``dropped``: episode → ``liveness.Drop``), or it has not
     moved since a broker event that may have lost its next hop's message (once the event settled), or it
     stalled past ``stalled_after_s``. Every hop is idempotent and fenced, so re-publishing the one the database
-    implies is always safe; an unfinished step's claim is expired so that the re-driven step takes it over now."""
+    implies is always safe; an unfinished step's claim is expired so that the re-driven step takes it over now.
+    An attempt whose hops ended in errors ``MEGAFLOW_HOP_ERRORS_MAX`` times is failed with the error instead
+    (retried while the run's ``max_attempts`` allow)."""
+    dropped = dropped or {}
     now = now or timezone.now()
     events = [event for event in events if event.settled(now.timestamp())]
     deaths = [event for event in events if event.worker]
@@ -208,8 +247,8 @@ def redrive_lost(fleet: liveness.Fleet, events: list[liveness.Event], now=None, 
     lost = Q(updated_at__lt=now - timedelta(seconds=stalled_after_s()))
     for death in deaths:
         lost |= Q(holder=death.worker) | Q(pk__in=death.held)
-    if orphans:
-        lost |= Q(pk__in=orphans)
+    if orphans or dropped:
+        lost |= Q(pk__in={*orphans, *dropped})
     if broker_events:
         lost |= Q(updated_at__lt=_moment(max(event.at for event in broker_events)))
     candidates = (
@@ -223,13 +262,18 @@ def redrive_lost(fleet: liveness.Fleet, events: list[liveness.Event], now=None, 
     for pk, status, attempt, holder, updated_at, pool, model, host, run_id in candidates:
         if fleet.holds(pk):
             continue  # a living worker runs its hop, however long it takes
+        drop = dropped.get(pk)
+        drop = drop if drop and drop.lost(attempt, updated_at.timestamp()) else None  # None: it moved since
+        if drop and drop.times >= settings.MEGAFLOW_HOP_ERRORS_MAX:
+            _give_up(pk, attempt, drop, pool, host)
+            continue
         last = Step.objects.filter(episode_id=pk).order_by("-index").values_list("index", "model_output",
                                                                                  "completed_at").first()  # fmt: skip
         if status != Episode.Status.STARTING and drives_itself(agent_of_run(run_id)):
             name, message = _next_framework_hop(status, pool, pk, attempt, host)
         else:
             name, message = _next_hop(status, last, pool, model, pk, attempt, host)
-        why = _why_lost(pk, holder, updated_at, events, _queue_of(name, message), now, orphans)
+        why = _why_lost(pk, holder, updated_at, events, _queue_of(name, message), now, orphans, drop)
         if why is None or not transitions.redrive(pk, attempt, updated_at):
             continue
         if name == "envs.episode_step" and last[2] is None:
@@ -279,9 +323,25 @@ def _next_framework_hop(status: str, pool: str, episode_id: int, attempt: int, h
     return "agents.framework_episode", {"episode_id": episode_id, "attempt": attempt}
 
 
-def _why_lost(episode_id, holder, updated_at, events, queue, now, orphans=frozenset()) -> str | None:
+def _give_up(episode_id: int, attempt: int, drop: liveness.Drop, pool: str, host: str) -> None:
+    """The attempt's hops keep ending in an error: it fails with that error (a fresh attempt follows while the
+    run allows), and its sandbox is released."""
+    reason = f"{drop.task} ended in an error {drop.times} times; the last: {drop.error}"
+    container_id = Episode.objects.filter(pk=episode_id).values_list("container_id", flat=True).first()
+    outcome = transitions.fail_or_retry(episode_id, reason, retryable=True, attempt=attempt)
+    logger.warning("episode %s given up: %s (%s)", episode_id, reason, outcome)
+    if outcome is transitions.Outcome.UNCHANGED:
+        return
+    if container_id:
+        send("envs.stop_sandbox", pool=pool, container_id=container_id, episode_id=episode_id, host=host)
+    send("orchestrator.episode_done", episode_id=episode_id)
+
+
+def _why_lost(episode_id, holder, updated_at, events, queue, now, orphans=frozenset(), drop=None) -> str | None:
     if episode_id in orphans:
         return "a worker that is gone took its hop's message"
+    if drop:
+        return f"{drop.task} ended in an error ({drop.times} of {settings.MEGAFLOW_HOP_ERRORS_MAX}): {drop.error}"
     for event in events:
         if event.lost_with_worker(episode_id, holder, updated_at.timestamp()):
             return f"{event.why} and took its hop with it"

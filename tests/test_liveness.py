@@ -25,6 +25,7 @@ from envs import service as env_service
 from envs.backend import get_backend
 from megaflow_site import liveness
 from megaflow_site.celery import app
+from modelserving import service as model_service
 from orchestrator import episode_loop, framework_loop, runs, sessions, tasks, transitions
 from orchestrator.models import Dataset, Episode, Run, Step, Task
 
@@ -346,6 +347,55 @@ def test_a_broker_that_lost_its_data_re_drives_every_live_episode_nobody_holds(r
     assert runs.redrive_lost(fleet, [lost], now=after(2 * settings.MEGAFLOW_WORKER_HEARTBEAT_S + 1)) == []
 
 
+def test_a_hop_that_ended_in_an_error_is_re_driven_and_an_attempt_whose_hops_keep_failing_is_given_up(
+    run, sent, broker, monkeypatch
+):
+    """A hop raised (here the model service; in the 10,000-episode bench, starts that waited out their database
+    retries): Celery acknowledges its message and its living worker holds the episode no more, so neither a
+    death nor the broker would ever re-drive it. The task decorator records the drop; the watchdog re-drives the
+    episode at its next look, and after ``MEGAFLOW_HOP_ERRORS_MAX`` errors fails the attempt with the error."""
+    monkeypatch.setattr(liveness, "client", lambda: broker)
+    episode = started(run, sent)  # its first turn is on its way to model.sim
+    name, turn = "modelserving.episode_turn", {"episode_id": episode.pk, "step": 0, "model": "sim", "attempt": 1}
+
+    def broken(model, requests):
+        raise RuntimeError("the tokenizer broke")
+
+    monkeypatch.setattr(model_service, "generate", broken)
+    idle = liveness.Fleet(alive={liveness.incarnation(): frozenset()})  # the worker lives on
+    assert settings.MEGAFLOW_HOP_ERRORS_MAX == 3
+
+    def the_turn_fails(times: int) -> liveness.Drop:
+        assert tasks.episode_turn.apply(kwargs=turn).failed()
+        [(episode_id, drop)] = liveness.drops().items()
+        assert (episode_id, drop.task, drop.attempt, drop.times) == (episode.pk, name, 1, times)
+        assert drop.error == "RuntimeError: the tokenizer broke"
+        return drop
+
+    quiet = 2 * settings.MEGAFLOW_WORKER_HEARTBEAT_S + 1
+    the_turn_fails(1)
+    assert runs.redrive_lost(idle, [], now=after(quiet)) == [], "without the drop, only the last resort would"
+    assert runs.redrive_lost(idle, [], now=after(quiet), dropped=liveness.drops()) == [episode.pk]
+    assert sent == [("modelserving.episode_turn", turn)] and Episode.objects.get(pk=episode.pk).status == E.RUNNING
+    sent.clear()
+    assert runs.redrive_lost(idle, [], now=after(quiet), dropped=liveness.drops()) == [], "it moved since: once"
+
+    the_turn_fails(2)
+    busy = liveness.Fleet(alive={liveness.incarnation(): frozenset({episode.pk})})
+    assert runs.redrive_lost(busy, [], now=after(quiet), dropped=liveness.drops()) == [], "a hop of it runs"
+    assert runs.redrive_lost(idle, [], now=after(quiet), dropped=liveness.drops()) == [episode.pk]
+    sent.clear()
+    assert runs._settled_drops(liveness.drops()) == [], "the attempt is live: its count stays"
+
+    the_turn_fails(3)
+    assert runs.redrive_lost(idle, [], now=after(quiet), dropped=liveness.drops()) == []
+    episode.refresh_from_db()
+    assert (episode.status, episode.attempt) == (E.QUEUED, 2), "a fresh attempt (max_attempts is 2)"
+    assert "ended in an error 3 times; the last: RuntimeError: the tokenizer broke" in episode.failure_reason
+    assert sorted(name for name, _ in sent) == ["envs.stop_sandbox", "orchestrator.episode_done"]
+    assert runs._settled_drops(liveness.drops()) == [episode.pk], "that attempt is over: its drop goes"
+
+
 def test_admission_keeps_moving_past_the_dead_worker_window(run, sent):
     """A run at its concurrency limit whose live episode was held by a worker that died: within the dead-worker
     window it is re-driven, finishes, and the next episode gets the slot."""
@@ -361,6 +411,31 @@ def test_admission_keeps_moving_past_the_dead_worker_window(run, sent):
     assert Episode.objects.get(pk=stuck.pk).status == E.SUCCEEDED
     assert "orchestrator.episode_done" in delivered and "envs.episode_start" in delivered
     assert Episode.objects.get(pk=waiting.pk).status in transitions.LIVE | {E.SUCCEEDED}
+
+
+def test_admission_ramps_at_the_rate_sandboxes_come_up(run, sent, settings):
+    """A burst is not admitted at once (10,000 start hops parked on the env workers starved their database pools
+    until starts gave up): no more than MEGAFLOW_MAX_STARTING start at a time, and each start that completes
+    asks for the next pass at once, not at the beat's."""
+    settings.MEGAFLOW_MAX_STARTING = 2
+    queued = [Episode.objects.create(run=run, task=run.tasks.get(), sample_index=index) for index in range(5)]
+    client = liveness.client()
+    client.delete(runs.RAMPING_KEY)
+    assert runs.admit() == [queued[0].pk, queued[1].pk] and client.exists(runs.RAMPING_KEY)
+    starts = [message for name, message in sent if name == "envs.episode_start"]
+    sent.clear()
+    assert runs.admit() == [], "two are starting"
+
+    episode_loop.episode_start(starts[0]["episode_id"], "default", attempt=1)
+    assert sorted(name for name, _ in sent) == ["modelserving.episode_turn", "orchestrator.admit"]
+    sent.clear()
+    assert runs.admit() == [queued[2].pk], "one sandbox came up: one more goes in"
+    for episode in queued[1:3]:
+        episode_loop.episode_start(episode.pk, "default", attempt=1)
+    assert runs.admit() == [queued[3].pk, queued[4].pk] and not client.exists(runs.RAMPING_KEY), "none held back"
+    sent.clear()
+    episode_loop.episode_start(queued[3].pk, "default", attempt=1)
+    assert [name for name, _ in sent] == ["modelserving.episode_turn"], "no ramp: no extra pass"
 
 
 def test_an_admitter_killed_inside_the_lock_keeps_no_caller_waiting(run, sent, monkeypatch):
