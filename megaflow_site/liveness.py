@@ -49,6 +49,9 @@ from pathlib import Path
 import redis
 from celery import signals
 from django.conf import settings
+from kombu.transport.redis import PRIORITY_STEPS, Channel
+
+PRIORITY_SEP = Channel.sep  # kombu's queue name + sep + priority step names a queue's lower-priority lists
 
 logger = logging.getLogger("megaflow.liveness")
 
@@ -498,3 +501,56 @@ def drops(redis_client=None) -> dict[int, Drop]:
 def forget_drops(episode_ids: Iterable[int], redis_client=None) -> None:
     if episode_ids := [str(episode_id) for episode_id in episode_ids]:
         (redis_client or client()).hdel(DROPPED_KEY, *episode_ids)
+
+
+# --- messages that vanished between the broker and a worker ----------------------------------------------------
+
+VANISHING_KEY = "megaflow:vanishing"  # episode id → {"seen_at", "updated_at"}: its next hop's queues were empty
+
+
+def empty_queues(queues: Iterable[str], redis_client: redis.Redis | None = None) -> set[str]:
+    """Those of ``queues`` with no message waiting, in any of the priority lists kombu keeps for a queue."""
+    queues = sorted(set(queues))
+    lists = [[queue, *(f"{queue}{PRIORITY_SEP}{step}" for step in PRIORITY_STEPS if step)] for queue in queues]
+    pipe = (redis_client or client()).pipeline(transaction=False)
+    for names in lists:
+        for name in names:
+            pipe.llen(name)
+    lengths = iter(pipe.execute())
+    return {queue for queue, names in zip(queues, lists, strict=True) if sum(next(lengths) for _ in names) == 0}
+
+
+def vanished(
+    waiting: dict[int, tuple[float, frozenset[str]]], now: float, redis_client: redis.Redis | None = None
+) -> dict[int, float]:
+    """The episodes whose next hop's message vanished in the broker's one gap: kombu's Redis transport takes a
+    message off its list (BRPOP) and only then records it as unacknowledged, so a worker killed in between (under
+    load, the reply can wait in its socket for a second or two) loses it without a trace. Nothing else sees it.
+
+    ``waiting``: the live episodes that no living worker holds and that have not moved for two heartbeats, each
+    with when it last moved (a UNIX time) and the queues its next hop would wait in. An episode whose queues
+    were all empty at one look has no message queued: its last hop published it before that look, or its holder
+    would still say it holds it. If at least two heartbeats later nobody holds it and it has not moved, no living
+    worker took that message (a taker says so in its next beat, and moves the episode when its hop begins) and
+    no dead one did (``orphaned`` finds those in the unacknowledged set): it is gone. Returns those episodes, each
+    with when its queues were seen empty. What each look saw is kept in Redis for the next."""
+    redis_client = redis_client or client()
+    seen = {int(pk): json.loads(text) for pk, text in redis_client.hgetall(VANISHING_KEY).items()}
+    queues = set().union(*(queues for _, queues in waiting.values())) if waiting else set()
+    empty = empty_queues(queues, redis_client) if queues else set()
+    found: dict[int, float] = {}
+    keep: dict[int, dict] = {}
+    for pk, (updated_at, episode_queues) in waiting.items():
+        earlier = seen.get(pk)
+        if earlier and earlier["updated_at"] == updated_at:  # unmoved since its queues were seen empty
+            keep[pk] = earlier
+            if now - earlier["seen_at"] >= 2 * heartbeat_s():
+                found[pk] = earlier["seen_at"]
+        elif episode_queues <= empty:
+            keep[pk] = {"seen_at": now, "updated_at": updated_at}
+    pipe = redis_client.pipeline()  # what no longer waits (moved, held, ended) goes
+    pipe.delete(VANISHING_KEY)
+    if keep:
+        pipe.hset(VANISHING_KEY, mapping={str(pk): json.dumps(entry) for pk, entry in keep.items()})
+    pipe.execute()
+    return found

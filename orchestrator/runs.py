@@ -7,6 +7,7 @@ from megaflow_site/liveness.py.
 from __future__ import annotations
 
 import logging
+import time
 from datetime import UTC, datetime, timedelta
 
 from django.conf import settings
@@ -18,7 +19,7 @@ from redis.exceptions import LockError
 from agents.agent import drives_itself
 from envs import startup_control
 from megaflow_site import liveness
-from megaflow_site.topology import FRAMEWORK_QUEUE, Service, service_of_task
+from megaflow_site.topology import FRAMEWORK_QUEUE, Service, host_queue_name, queue_name, service_of_task
 from orchestrator import transitions
 from orchestrator.api.serializers import RunSerializer
 from orchestrator.autoscale import admission_limit
@@ -199,12 +200,41 @@ def watchdog() -> list[int]:
     # Only a death orphans a taken message; while none is recent there is nothing to look for in the broker.
     orphans = liveness.orphaned(fleet) if dead else {}
     dropped = liveness.drops()
-    redriven = redrive_lost(fleet, events, orphans=set(orphans), dropped=dropped)
+    vanished = liveness.vanished(_waiting(fleet), time.time())
+    redriven = redrive_lost(fleet, events, orphans=set(orphans), dropped=dropped, vanished=vanished)
     # Every orphaned message of an episode re-driven goes: left, each would re-drive it again.
     liveness.forget(tag for episode_id in redriven for tag in orphans.get(episode_id, ()))
     liveness.forget_drops(_settled_drops(dropped))
     close_finished_runs()
     return redriven
+
+
+def _waiting(fleet: liveness.Fleet, now=None) -> dict[int, tuple[float, frozenset[str]]]:
+    """The live episodes that no living worker holds and that have not moved for two heartbeats, each with when it
+    last moved and every queue its next hop may wait in (``liveness.vanished``). The database does not tell a
+    turn's reply on its way to the env queue from the next turn on its way to the model queue: both count."""
+    quiet = (now or timezone.now()) - timedelta(seconds=2 * settings.MEGAFLOW_WORKER_HEARTBEAT_S)
+    claimed = Step.objects.filter(episode_id=OuterRef("pk"), completed_at__isnull=True)
+    rows = (
+        Episode.objects.filter(status__in=LIVE, updated_at__lt=quiet)
+        .annotate(claimed=Exists(claimed))
+        .values_list("pk", "status", "updated_at", "env_host", "run_id", "run__env_pool", "run__model_name", "claimed")
+    )
+    waiting = {}
+    for pk, status, updated_at, host, run_id, pool, model, claimed_step in rows:
+        if fleet.holds(pk):
+            continue
+        env = {queue_name(Service.ENV, pool)}
+        if host in settings.MEGAFLOW_ENV_HOSTS:  # as the router sends it (megaflow_site/topology.py)
+            env.add(host_queue_name(pool, host))
+        if status == Episode.Status.RUNNING and drives_itself(agent_of_run(run_id)):
+            queues = {FRAMEWORK_QUEUE}
+        elif status == Episode.Status.RUNNING and not claimed_step:
+            queues = env | {queue_name(Service.MODEL, model)}
+        else:
+            queues = env  # a start, a claimed step, an evaluation
+        waiting[pk] = (updated_at.timestamp(), frozenset(queues))
+    return waiting
 
 
 def _settled_drops(dropped: dict[int, liveness.Drop]) -> list[int]:
@@ -226,19 +256,21 @@ def close_finished_runs() -> list[int]:
 
 
 def redrive_lost(
-    fleet: liveness.Fleet, events: list[liveness.Event], now=None, orphans=frozenset(), dropped=None
+    fleet: liveness.Fleet, events: list[liveness.Event], now=None, orphans=frozenset(), dropped=None, vanished=None
 ) -> list[int]:
     """The watchdog's decision and act, given what it knows of the fleet and what happened (DB only: tests pass
     both). A live episode is lost when no living worker holds it (by its heartbeat), it has not moved for two
     heartbeats, and either a worker that died took its pending hop with it (``Event.lost_with_worker``, or its
     message is among the ``orphans``, taken by a worker nobody alive is: ``liveness.orphaned``), or its last hop
-    ended in an error and nothing moved it since (``dropped``: episode → ``liveness.Drop``), or it has not
+    ended in an error and nothing moved it since (``dropped``: episode → ``liveness.Drop``), or its next hop's
+    message vanished between the broker and a worker killed while taking it (``vanished``: episode → when its
+    queues were seen empty, ``liveness.vanished``), or it has not
     moved since a broker event that may have lost its next hop's message (once the event settled), or it
     stalled past ``stalled_after_s``. Every hop is idempotent and fenced, so re-publishing the one the database
     implies is always safe; an unfinished step's claim is expired so that the re-driven step takes it over now.
     An attempt whose hops ended in errors ``MEGAFLOW_HOP_ERRORS_MAX`` times is failed with the error instead
     (retried while the run's ``max_attempts`` allow)."""
-    dropped = dropped or {}
+    dropped, vanished = dropped or {}, vanished or {}
     now = now or timezone.now()
     events = [event for event in events if event.settled(now.timestamp())]
     deaths = [event for event in events if event.worker]
@@ -247,8 +279,8 @@ def redrive_lost(
     lost = Q(updated_at__lt=now - timedelta(seconds=stalled_after_s()))
     for death in deaths:
         lost |= Q(holder=death.worker) | Q(pk__in=death.held)
-    if orphans or dropped:
-        lost |= Q(pk__in={*orphans, *dropped})
+    if orphans or dropped or vanished:
+        lost |= Q(pk__in={*orphans, *dropped, *vanished})
     if broker_events:
         lost |= Q(updated_at__lt=_moment(max(event.at for event in broker_events)))
     candidates = (
@@ -273,7 +305,8 @@ def redrive_lost(
             name, message = _next_framework_hop(status, pool, pk, attempt, host)
         else:
             name, message = _next_hop(status, last, pool, model, pk, attempt, host)
-        why = _why_lost(pk, holder, updated_at, events, _queue_of(name, message), now, orphans, drop)
+        why = _why_lost(pk, holder, updated_at, events, _queue_of(name, message), now, orphans, drop,
+                        vanished.get(pk))  # fmt: skip
         if why is None or not transitions.redrive(pk, attempt, updated_at):
             continue
         if name == "envs.episode_step" and last[2] is None:
@@ -337,11 +370,16 @@ def _give_up(episode_id: int, attempt: int, drop: liveness.Drop, pool: str, host
     send("orchestrator.episode_done", episode_id=episode_id)
 
 
-def _why_lost(episode_id, holder, updated_at, events, queue, now, orphans=frozenset(), drop=None) -> str | None:
+def _why_lost(
+    episode_id, holder, updated_at, events, queue, now, orphans=frozenset(), drop=None, empty_since=None
+) -> str | None:
     if episode_id in orphans:
         return "a worker that is gone took its hop's message"
     if drop:
         return f"{drop.task} ended in an error ({drop.times} of {settings.MEGAFLOW_HOP_ERRORS_MAX}): {drop.error}"
+    if empty_since is not None and updated_at.timestamp() < empty_since:
+        return (f"its next hop's message vanished: its queues were empty at {_moment(empty_since):%H:%M:%S} and no "
+                "living worker took it")  # fmt: skip
     for event in events:
         if event.lost_with_worker(episode_id, holder, updated_at.timestamp()):
             return f"{event.why} and took its hop with it"

@@ -396,6 +396,37 @@ def test_a_hop_that_ended_in_an_error_is_re_driven_and_an_attempt_whose_hops_kee
     assert runs._settled_drops(liveness.drops()) == [episode.pk], "that attempt is over: its drop goes"
 
 
+def test_a_message_that_vanished_with_a_worker_killed_while_taking_it_re_drives_its_episode(
+    run, sent, broker, monkeypatch
+):
+    """kombu's Redis transport pops a message (BRPOP) and only then records it as unacknowledged; a worker killed
+    in between loses it, in no queue and not unacknowledged (production chaos, kill -9 every 20 s: two episodes of
+    100 stuck in ``running`` for good). The watchdog sees its queues empty at one look and, two heartbeats later,
+    the episode still unmoved and held by nobody: the message is gone, and the episode is re-driven."""
+    monkeypatch.setattr(liveness, "client", lambda: broker)
+    episode = started(run, sent)  # its first turn was published to model.sim
+    held_by(episode, DEAD, updated_at=timezone.now() - timedelta(seconds=60))
+    idle = liveness.Fleet(alive={ALIVE: frozenset()})
+    waiting = runs._waiting(idle)
+    assert waiting == {episode.pk: (waiting[episode.pk][0], frozenset({"model.sim", "env.default"}))}
+    assert runs._waiting(liveness.Fleet(alive={ALIVE: frozenset({episode.pk})})) == {}, "held: not waiting"
+
+    broker.lpush("model.sim", "the turn")  # queued: it waits its turn, however long
+    now, two_beats = time.time(), 2 * settings.MEGAFLOW_WORKER_HEARTBEAT_S
+    assert liveness.vanished(runs._waiting(idle), now) == {} and not broker.exists(liveness.VANISHING_KEY)
+    assert liveness.vanished(runs._waiting(idle), now + two_beats) == {}
+    assert broker.brpop("model.sim") == ("model.sim", "the turn")  # taken by a worker killed before it recorded it
+    assert liveness.vanished(runs._waiting(idle), now + two_beats + 1) == {}, "seen empty once: a taker may be alive"
+    assert liveness.vanished(runs._waiting(idle), now + 2 * two_beats) == {}
+    found = liveness.vanished(runs._waiting(idle), now + 3 * two_beats + 1)
+    assert found == {episode.pk: now + two_beats + 1}
+
+    assert runs.redrive_lost(idle, [], now=after(1), vanished=found) == [episode.pk]
+    assert sent == [("modelserving.episode_turn", {"episode_id": episode.pk, "step": 0, "model": "sim", "attempt": 1})]
+    assert liveness.vanished(runs._waiting(idle), now + 4 * two_beats) == {}, "it moved: what was seen goes"
+    assert not broker.exists(liveness.VANISHING_KEY)
+
+
 def test_admission_keeps_moving_past_the_dead_worker_window(run, sent):
     """A run at its concurrency limit whose live episode was held by a worker that died: within the dead-worker
     window it is re-driven, finishes, and the next episode gets the slot."""
