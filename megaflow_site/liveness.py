@@ -27,6 +27,13 @@ worker went silent (what it held at its last beat, and the hops it began after i
 published sits in a queue and is not), the broker restarted (publishes in flight may be lost) or lost its data
 (every queued message is lost: no epoch key) — and re-drives from the database the live episodes no living
 worker holds that were lost.
+
+Two losses no event tells. A hop can end in an error nobody recorded on the episode (a bug, a database away for
+longer than the task's retries): its message is acknowledged, and the episode is held by nobody.
+``@megaflow_task`` records it as a ``Drop``; the watchdog re-drives the episode at its next look, or fails the
+attempt with the error as its reason once ``MEGAFLOW_HOP_ERRORS_MAX`` of its hops did. And a message can vanish
+between the broker and a worker killed while taking it (``vanished``): seen from its queues being empty while
+the episode, held by nobody, does not move.
 """
 
 from __future__ import annotations
