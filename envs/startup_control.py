@@ -3,9 +3,11 @@ stampede the Docker daemon.
 
 Two limits, both checked before a container is created:
 - a cap on containers in the *starting* state (``MEGAFLOW_START_CONCURRENCY``): a semaphore held in a Redis
-  sorted set, one member per holder (named by its worker incarnation), scored by when its lease expires, so
-  a worker killed mid-start frees its slot as soon as the watchdog knows it dead (``release_slots_of``), and
-  after ``SLOT_LEASE_S`` at the latest, instead of leaking it;
+  sorted set, one member per holder (named by its worker incarnation), scored by when its lease expires. The
+  lease is short (``MEGAFLOW_WORKER_DEAD_S``) and the holder's heartbeat renews it while the slot is held, so a
+  worker killed mid-start frees its slot as soon as the watchdog knows it dead (``release_slots_of``), and a slot
+  whose release failed (the broker was away: it came back from its snapshot with the slot in it) frees itself
+  within one lease, instead of holding a start slot for minutes;
 - a creation rate (``MEGAFLOW_START_RATE``), a moving window kept in Redis by the ``limits`` library.
 
 A thread that finds either limit reached sleeps a jittered, growing interval and tries again. Waiting here,
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import random
+import threading
 import time
 import uuid
 from contextlib import contextmanager
@@ -32,7 +35,9 @@ from orchestrator.hot_state import redis_client
 
 SLOTS_KEY = "megaflow:env:starting"
 SEMAPHORES_KEY = "megaflow:semaphores"  # every semaphore's key, so that a dead worker's slots can be found
-SLOT_LEASE_S = 120
+# The slots this process holds (token → key, lease seconds), renewed by its heartbeat (``renew_slots``).
+_holding: dict[str, tuple[str, float]] = {}
+_holding_lock = threading.Lock()
 MAX_WAIT_S = 300
 _BACKOFF_BASE_S = 0.02
 _BACKOFF_CAP_S = 1.0
@@ -93,10 +98,12 @@ def start_gate():
 
 
 @contextmanager
-def semaphore_slot(key: str, capacity: int, what: str, max_wait_s: float = MAX_WAIT_S, lease_s: float = SLOT_LEASE_S):
-    """Hold one of ``capacity`` slots of the Redis semaphore ``key`` (a lease of ``lease_s``, so a killed holder
-    frees it), waiting with jittered back-off up to ``max_wait_s``; envs/images.py bounds pulls with it."""
+def semaphore_slot(key: str, capacity: int, what: str, max_wait_s: float = MAX_WAIT_S, lease_s: float | None = None):
+    """Hold one of ``capacity`` slots of the Redis semaphore ``key`` (a lease of ``lease_s``, by default the
+    dead-worker window, renewed by this process's heartbeat while held), waiting with jittered back-off up to
+    ``max_wait_s``; envs/images.py bounds pulls with it."""
     token = f"{liveness.incarnation()} {uuid.uuid4().hex}"  # whose it is: release_slots_of frees a dead one's
+    lease_s = lease_s or settings.MEGAFLOW_WORKER_DEAD_S
     script = _acquire_script()
 
     def take_slot() -> bool:
@@ -104,10 +111,28 @@ def semaphore_slot(key: str, capacity: int, what: str, max_wait_s: float = MAX_W
         return bool(script(keys=[key, SEMAPHORES_KEY], args=[now, capacity, now + lease_s, token]))
 
     _wait_until(take_slot, what, time.monotonic() + max_wait_s, max_wait_s)
+    with _holding_lock:
+        _holding[token] = (key, lease_s)
     try:
         yield
     finally:
+        with _holding_lock:
+            del _holding[token]  # renewed no more: should the release below fail, the lease runs out
         redis_client().zrem(key, token)
+
+
+@liveness.every_beat
+def renew_slots(client) -> int:
+    """Extend the lease of every slot this process holds (its heartbeat calls this). Returns how many."""
+    with _holding_lock:
+        held = list(_holding.items())
+    if not held:
+        return 0
+    now, pipe = time.time(), client.pipeline(transaction=False)
+    for token, (key, lease_s) in held:
+        pipe.zadd(key, {token: now + lease_s}, xx=True)  # xx: a slot freed meanwhile stays free
+    pipe.execute()
+    return len(held)
 
 
 def release_slots_of(incarnations: set[str]) -> int:

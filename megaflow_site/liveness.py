@@ -200,9 +200,19 @@ def this_process() -> Process | None:
     return _this_process(os.getpid())  # keyed by pid: a forked child is another process
 
 
+_beat_hooks: list = []
+
+
+def every_beat(hook):
+    """Have ``hook(redis_client)`` run at every heartbeat of this process (after the beat itself): what must live
+    no longer than its holder, a lease renewed while held (envs/startup_control.py's slots)."""
+    _beat_hooks.append(hook)
+    return hook
+
+
 def beat(queues: Iterable[str] = (), redis_client: redis.Redis | None = None) -> None:
     """One heartbeat of this process: alive for ``MEGAFLOW_WORKER_DEAD_S`` more seconds, holding what it holds;
-    and the incarnations it can see are dead buried (``bury``)."""
+    the incarnations it can see are dead buried (``bury``); and the ``every_beat`` hooks run."""
     redis_client = redis_client or client()
     me = incarnation()
     holding_now = held()
@@ -216,6 +226,8 @@ def beat(queues: Iterable[str] = (), redis_client: redis.Redis | None = None) ->
     pipe.hgetall(REGISTRY_KEY)
     registered = pipe.execute()[-1]
     bury(registered, redis_client)
+    for hook in _beat_hooks:
+        hook(redis_client)
 
 
 def bury(registered: dict[str, str], redis_client: redis.Redis) -> list[str]:

@@ -87,3 +87,33 @@ def test_the_slots_of_a_dead_worker_are_freed_as_soon_as_it_is_known_dead(settin
             assert broker.zcard("megaflow:env:pulling-test") == 0
     assert startup_control.release_slots_of(set()) == 0
     broker.delete("megaflow:env:pulling-test", startup_control.SEMAPHORES_KEY)
+
+
+def test_a_slot_lives_while_its_holder_beats_and_one_whose_release_failed_runs_out(settings, broker, monkeypatch):
+    """A slot's lease is the dead-worker window, renewed by its holder's heartbeat: a long start keeps its slot, and
+    a slot whose release failed (production chaos, Redis SHUTDOWN SAVE: the starts under way could not give their
+    slots back, the snapshot kept them, and no container started for the two minutes of the old lease) is free
+    again within one lease."""
+    settings.MEGAFLOW_START_CONCURRENCY = 1
+    assert startup_control.renew_slots in liveness._beat_hooks
+    lease = settings.MEGAFLOW_WORKER_DEAD_S
+    with startup_control.start_gate():
+        [(token, expiry)] = broker.zrange(startup_control.SLOTS_KEY, 0, -1, withscores=True)
+        assert time.time() < expiry <= time.time() + lease
+        broker.zadd(startup_control.SLOTS_KEY, {token: time.time() + 1})  # the lease nearly ran out
+        assert startup_control.renew_slots(broker) == 1
+        assert broker.zscore(startup_control.SLOTS_KEY, token) > time.time() + lease - 5, "renewed by the beat"
+
+    def broker_away(*args):
+        raise ConnectionError("the broker is away")
+
+    monkeypatch.setattr(startup_control.redis_client(), "zrem", broker_away)
+    with pytest.raises(ConnectionError), startup_control.start_gate():
+        pass
+    monkeypatch.undo()
+    [(token, _)] = broker.zrange(startup_control.SLOTS_KEY, 0, -1, withscores=True)
+    assert startup_control.renew_slots(broker) == 0, "a slot let go of is renewed no more"
+    broker.zadd(startup_control.SLOTS_KEY, {token: time.time() - 1})  # one lease later
+    settings.MEGAFLOW_START_RATE = "1000/second"
+    most, _ = run_through_gate(1, hold_s=0)
+    assert most == 1 and startup_control.starting_now() == 0
