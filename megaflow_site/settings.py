@@ -338,8 +338,10 @@ except ValueError:
     ) from None
 # The admission ramp (orchestrator/runs.py): at most this many episodes starting (admitted, sandbox not yet up)
 # at once; each start that completes lets the next ones in. A burst of 10,000 then goes in at the rate sandboxes
-# come up, instead of parking every start hop on the env workers at once.
-MEGAFLOW_MAX_STARTING = env_int("MEGAFLOW_MAX_STARTING", 8 * MEGAFLOW_START_CONCURRENCY)
+# come up, instead of parking every start hop on the env workers at once (their database pools ran dry and the
+# starts gave up). Start hops queue behind step hops on the env queue, so a low cap starves admission: at 64, the
+# 10,000-episode bench never had more than ~1,300 live (make bench-10k, agents/README.md).
+MEGAFLOW_MAX_STARTING = env_int("MEGAFLOW_MAX_STARTING", 512)
 if MEGAFLOW_MAX_STARTING < 1:
     raise ConfigError(f"MEGAFLOW_MAX_STARTING={MEGAFLOW_MAX_STARTING} admits nothing", "set it to 1 or more")
 # Persistent (warm) pools: POOL=SIZE pairs; a pool not listed runs ephemeral containers.

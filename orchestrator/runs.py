@@ -135,10 +135,11 @@ def _admit_once() -> list[tuple[int, int, str, str]]:
             continue  # its episodes start once the version it asks for (or one within max_staleness) serves
         run_room = run.max_concurrent_episodes - run.episodes.filter(status__in=LIVE).count()
         want = max(0, min(room, run_room))
-        ready = _ready(run, want)
-        ramping |= min(want, len(ready)) > starting_room  # the ramp, not the room, holds some back
+        take = min(want, max(0, starting_room))
+        ready = _ready(run, take + 1)  # one more than is taken: whether the ramp holds any back
+        ramping |= len(ready) > take and take < want
         placer = placers.setdefault(run.env_pool, Placer(run.env_pool))
-        for episode_id, attempt, image in ready[: max(0, min(want, starting_room))]:
+        for episode_id, attempt, image in ready[:take]:
             host = placer.place(image)
             if transitions.admit(episode_id, attempt, env_host=host):
                 admitted.append((episode_id, attempt, run.env_pool, host))
