@@ -540,7 +540,7 @@ def empty_queues(queues: Iterable[str], redis_client: redis.Redis | None = None)
 
 
 def vanished(
-    waiting: dict[int, tuple[float, frozenset[str]]], now: float, redis_client: redis.Redis | None = None
+    waiting: dict[int, tuple[float, frozenset[str]]], now: float | None = None, redis_client: redis.Redis | None = None
 ) -> dict[int, float]:
     """The episodes whose next hop's message vanished in the broker's one gap: kombu's Redis transport takes a
     message off its list (BRPOP) and only then records it as unacknowledged, so a worker killed in between (under
@@ -554,6 +554,7 @@ def vanished(
     no dead one did (``orphaned`` finds those in the unacknowledged set): it is gone. Returns those episodes, each
     with when its queues were seen empty. What each look saw is kept in Redis for the next."""
     redis_client = redis_client or client()
+    now = time.time() if now is None else now
     seen = {int(pk): json.loads(text) for pk, text in redis_client.hgetall(VANISHING_KEY).items()}
     queues = set().union(*(queues for _, queues in waiting.values())) if waiting else set()
     empty = empty_queues(queues, redis_client) if queues else set()

@@ -7,7 +7,6 @@ from megaflow_site/liveness.py.
 from __future__ import annotations
 
 import logging
-import time
 from datetime import UTC, datetime, timedelta
 
 from django.conf import settings
@@ -23,7 +22,7 @@ from megaflow_site.topology import FRAMEWORK_QUEUE, Service, host_queue_name, qu
 from orchestrator import transitions
 from orchestrator.api.serializers import RunSerializer
 from orchestrator.autoscale import admission_limit
-from orchestrator.episode_loop import agent_of_run, send
+from orchestrator.episode_loop import agent_of_run, finished, read_live, release, send
 from orchestrator.hot_state import RAMPING_KEY, RAMPING_TTL_S, redis_client
 from orchestrator.models import Episode, Run, Step
 from orchestrator.placement import Placer
@@ -123,8 +122,9 @@ def _admit_once() -> list[tuple[int, int, str, str]]:
         live=Count("pk"), starting=Count("pk", filter=Q(status=Episode.Status.STARTING))
     )
     room = ceiling - counts["live"]
-    # The ramp: no more episodes starting at once than the fleet starts well. Each start that completes lets the
-    # next ones in (``start_completed``), so a burst of 10,000 goes in at the rate sandboxes come up.
+    # The ramp: no more episodes starting at once than the fleet starts well. While it holds episodes back, each
+    # start that completes asks for the next pass (episode_loop's start), so a burst of 10,000 goes in at the rate
+    # sandboxes come up.
     starting_room = settings.MEGAFLOW_MAX_STARTING - counts["starting"]
     placers: dict[str, Placer] = {}  # per pool: the env host each episode goes to (orchestrator/placement.py)
     ramping = False
@@ -201,7 +201,7 @@ def watchdog() -> list[int]:
     # Only a death orphans a taken message; while none is recent there is nothing to look for in the broker.
     orphans = liveness.orphaned(fleet) if dead else {}
     dropped = liveness.drops()
-    vanished = liveness.vanished(_waiting(fleet), time.time())
+    vanished = liveness.vanished(_waiting(fleet))
     redriven = redrive_lost(fleet, events, orphans=set(orphans), dropped=dropped, vanished=vanished)
     # Every orphaned message of an episode re-driven goes: left, each would re-drive it again.
     liveness.forget(tag for episode_id in redriven for tag in orphans.get(episode_id, ()))
@@ -298,7 +298,7 @@ def redrive_lost(
         drop = dropped.get(pk)
         drop = drop if drop and drop.lost(attempt, updated_at.timestamp()) else None  # None: it moved since
         if drop and drop.times >= settings.MEGAFLOW_HOP_ERRORS_MAX:
-            _give_up(pk, attempt, drop, pool, host)
+            _give_up(pk, attempt, drop)
             continue
         last = Step.objects.filter(episode_id=pk).order_by("-index").values_list("index", "model_output",
                                                                                  "completed_at").first()  # fmt: skip
@@ -357,18 +357,16 @@ def _next_framework_hop(status: str, pool: str, episode_id: int, attempt: int, h
     return "agents.framework_episode", {"episode_id": episode_id, "attempt": attempt}
 
 
-def _give_up(episode_id: int, attempt: int, drop: liveness.Drop, pool: str, host: str) -> None:
+def _give_up(episode_id: int, attempt: int, drop: liveness.Drop) -> None:
     """The attempt's hops keep ending in an error: it fails with that error (a fresh attempt follows while the
     run allows), and its sandbox is released."""
     reason = f"{drop.task} ended in an error {drop.times} times; the last: {drop.error}"
-    container_id = Episode.objects.filter(pk=episode_id).values_list("container_id", flat=True).first()
+    episode = read_live(episode_id)  # before the retry clears its sandbox
     outcome = transitions.fail_or_retry(episode_id, reason, retryable=True, attempt=attempt)
     logger.warning("episode %s given up: %s (%s)", episode_id, reason, outcome)
-    if outcome is transitions.Outcome.UNCHANGED:
-        return
-    if container_id:
-        send("envs.stop_sandbox", pool=pool, container_id=container_id, episode_id=episode_id, host=host)
-    send("orchestrator.episode_done", episode_id=episode_id)
+    if outcome is not transitions.Outcome.UNCHANGED:
+        release(episode)
+        finished(episode_id)
 
 
 def _why_lost(
