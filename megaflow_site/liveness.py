@@ -71,9 +71,9 @@ DROPPED_KEY = "megaflow:dropped-hops"  # episode id → Drop: its hop ended in a
 _node = f"{socket.gethostname()}:{os.getpid()}"
 _token = secrets.token_hex(4)
 _held: collections.Counter[int] = collections.Counter()
-# Task id → (episode id, when): messages taken off a queue whose task has not ended. Running tasks are in _held as
+# Task id → (episode ids, when): messages taken off a queue whose task has not ended. Running tasks are in _held as
 # well, so an entry older than a task's hard limit is a message Celery dropped without running it: forgotten.
-_taken: dict[str, tuple[int, float]] = {}
+_taken: dict[str, tuple[tuple[int, ...], float]] = {}
 _held_lock = threading.Lock()
 
 
@@ -115,21 +115,31 @@ def held() -> list[int]:
         too_old = time.monotonic() - settings.CELERY_TASK_TIME_LIMIT
         for task_id in [task_id for task_id, (_, at) in _taken.items() if at < too_old]:
             del _taken[task_id]
-        return sorted(set(_held) | {episode_id for episode_id, _ in _taken.values()})
+        return sorted(set(_held).union(*(episodes for episodes, _ in _taken.values())))
 
 
-def _episode_of(request) -> int | None:
-    kwargs = getattr(request, "kwargs", None)
-    episode_id = kwargs.get("episode_id") if isinstance(kwargs, dict) else None
-    return episode_id if isinstance(episode_id, int) else None
+def episodes_named(kwargs) -> tuple[int, ...]:
+    """The episodes a message's kwargs name: its ``episode_id``, or each of its hops' in a batch
+    (megaflow_site/hop_batches.py)."""
+    if not isinstance(kwargs, dict):
+        return ()
+    if isinstance(hops := kwargs.get("hops"), list):
+        named = (
+            hop[1].get("episode_id")
+            for hop in hops
+            if isinstance(hop, list) and len(hop) > 1 and isinstance(hop[1], dict)
+        )
+    else:
+        named = (kwargs.get("episode_id"),)
+    return tuple(episode_id for episode_id in named if isinstance(episode_id, int))
 
 
 @signals.task_received.connect
 def _took(request=None, **_) -> None:
     """A message naming an episode was taken off a queue: from now until its task ends, a death loses it."""
-    if (episode_id := _episode_of(request)) is not None:
+    if episodes := episodes_named(getattr(request, "kwargs", None)):
         with _held_lock:
-            _taken[request.id] = (episode_id, time.monotonic())
+            _taken[request.id] = (episodes, time.monotonic())
 
 
 @signals.task_postrun.connect
@@ -409,24 +419,22 @@ def orphaned(fleet: Fleet, redis_client: redis.Redis | None = None) -> dict[int,
     tags = redis_client.zrangebyscore(UNACKED_INDEX_KEY, "-inf", cutoff)
     found: dict[int, list[str]] = {}
     for tag, entry in zip(tags, redis_client.hmget(UNACKED_KEY, tags) if tags else [], strict=True):
-        episode_id = _episode_of_message(entry)
-        if episode_id is not None and not fleet.holds(episode_id):
-            found.setdefault(episode_id, []).append(tag)
+        for episode_id in _episodes_of_message(entry):
+            if not fleet.holds(episode_id):
+                found.setdefault(episode_id, []).append(tag)
     return found
 
 
-def _episode_of_message(entry: str | None) -> int | None:
-    """The ``episode_id`` a Celery message (as kombu keeps it in ``unacked``) names, if it names one."""
+def _episodes_of_message(entry: str | None) -> tuple[int, ...]:
+    """The episodes a Celery message (as kombu keeps it in ``unacked``) names, if it names any."""
     try:
         message = json.loads(entry)[0]
         body = message["body"]
         if message.get("properties", {}).get("body_encoding") == "base64":
             body = base64.b64decode(body)
-        kwargs = json.loads(body)[1]
+        return episodes_named(json.loads(body)[1])
     except (TypeError, ValueError, KeyError, IndexError):
-        return None  # not a message of ours (or not JSON): not an episode's hop
-    episode_id = kwargs.get("episode_id") if isinstance(kwargs, dict) else None
-    return episode_id if isinstance(episode_id, int) else None
+        return ()  # not a message of ours (or not JSON): not an episode's hop
 
 
 def forget(tags: Iterable[str], redis_client: redis.Redis | None = None) -> None:

@@ -20,14 +20,18 @@ The one decorator (as Sentry wraps every task once) gives each task:
 from __future__ import annotations
 
 import logging
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor, wait
 
 import tenacity
 from celery import shared_task, signals
+from django.conf import settings
 from django.db import InterfaceError, OperationalError, connection
 from prometheus_client import Histogram
 
 from megaflow_site import liveness
+from megaflow_site.hop_batches import flush_sent
 from megaflow_site.topology import service_of_task
 
 logger = logging.getLogger("megaflow.tasks")
@@ -63,7 +67,8 @@ def _stamp_send_time(headers=None, **_) -> None:
         headers.setdefault(SENT_AT_HEADER, time.time())
 
 
-def _queue_of(task) -> str:
+def queue_of(task) -> str:
+    """The queue the task's message was taken off."""
     return (task.request.delivery_info or {}).get("routing_key") or "unknown"
 
 
@@ -72,16 +77,40 @@ def _record_queue_wait(task) -> None:
     sent_at = request.get(SENT_AT_HEADER) or (request.headers or {}).get(SENT_AT_HEADER)
     request.megaflow_queue_wait_s = max(0.0, time.time() - float(sent_at)) if sent_at else None
     if request.megaflow_queue_wait_s is not None:
-        QUEUE_WAIT.labels(task.name, _queue_of(task)).observe(request.megaflow_queue_wait_s)
+        QUEUE_WAIT.labels(task.name, queue_of(task)).observe(request.megaflow_queue_wait_s)
 
 
-def _record_run_time(task, started: float, state: str) -> None:
-    run_s = time.perf_counter() - started
-    RUN_TIME.labels(task.name, _queue_of(task), state).observe(run_s)
-    logger.debug(
-        "task %s[%s] on %s: waited %s s, ran %.4f s, %s",
-        task.name, task.request.id, _queue_of(task), task.request.megaflow_queue_wait_s, run_s, state,
-    )  # fmt: skip
+# Task name → its body (database retries included): a hop that travels in a batch (orchestrator/hop_batches.py) runs
+# it as its own task would.
+_BODIES: dict = {}
+
+
+def _run_body(name: str, queue: str, call, kwargs: dict):
+    """Run a task's body: its episode held while it runs, an error recorded as the episode's drop, its run time."""
+    started, state = time.perf_counter(), "FAILURE"
+    episode_id = kwargs.get("episode_id")
+    try:
+        with liveness.holding(episode_id):
+            result = call()
+        state = "SUCCESS"
+        return result
+    except Exception as error:
+        if episode_id is not None:  # the watchdog re-drives the episode, or gives its attempt up
+            liveness.drop(episode_id, kwargs.get("attempt"), name, error)
+        raise
+    finally:
+        run_s = time.perf_counter() - started
+        RUN_TIME.labels(name, queue, state).observe(run_s)
+        logger.debug("task %s on %s ran %.4f s, %s", name, queue, run_s, state)
+
+
+def run_hop(name: str, queue: str, kwargs: dict, queued_at: float | None = None):
+    """Run the task ``name``'s body on ``kwargs`` here, as its own message would have (a hop of a batch, taken off
+    ``queue``; ``queued_at``: when its publisher handed it over, for the queue wait)."""
+    if queued_at is not None:
+        QUEUE_WAIT.labels(name, queue).observe(max(0.0, time.time() - queued_at))
+    body = _BODIES[name]
+    return _run_body(name, queue, lambda: body(**kwargs), kwargs)
 
 
 def megaflow_task(name: str, *, bind: bool = False, **options):
@@ -92,24 +121,56 @@ def megaflow_task(name: str, *, bind: bool = False, **options):
 
     def decorate(fn):
         body = retry_on_database_errors(fn)
+        if not bind:
+            _BODIES[name] = body
 
         def run(self, *args, **kwargs):
             _record_queue_wait(self)
-            started, state = time.perf_counter(), "FAILURE"
-            episode_id = kwargs.get("episode_id")
-            try:
-                with liveness.holding(episode_id):
-                    result = body(self, *args, **kwargs) if bind else body(*args, **kwargs)
-                state = "SUCCESS"
-                return result
-            except Exception as error:
-                if episode_id is not None:  # the watchdog re-drives the episode, or gives its attempt up
-                    liveness.drop(episode_id, kwargs.get("attempt"), name, error)
-                raise
-            finally:
-                _record_run_time(self, started, state)
+            call = (lambda: body(self, *args, **kwargs)) if bind else (lambda: body(*args, **kwargs))
+            # What the task published is in the broker before its own message is acknowledged (hop_batches).
+            with flush_sent():
+                return _run_body(self.name, queue_of(self), call, kwargs)
 
         run.__name__, run.__qualname__, run.__doc__ = fn.__name__, fn.__qualname__, fn.__doc__
         return shared_task(name=name, bind=True, typing=False, **options)(run)
 
     return decorate
+
+
+# --- a batch of hops (megaflow_site/hop_batches.py) --------------------------------------------------------------
+
+_executor: ThreadPoolExecutor | None = None
+_executor_lock = threading.Lock()
+
+
+def _hops_executor() -> ThreadPoolExecutor:
+    global _executor
+    with _executor_lock:
+        if _executor is None:
+            _executor = ThreadPoolExecutor(settings.MEGAFLOW_HOP_THREADS, thread_name_prefix="megaflow-hop")
+        return _executor
+
+
+def run_batch(hops: list, queue: str) -> int:
+    """Run a batch's hops ([name, kwargs, queued_at] each, taken off ``queue``) side by side, the first on the
+    calling thread, and return once all have ended: how many ended in an error (each recorded as its episode's
+    drop, as its own task's would be; the others go on)."""
+    first, *rest = hops
+    futures = [_hops_executor().submit(_run_batched, hop, queue, on_own_thread=True) for hop in rest]
+    failed = _run_batched(first, queue)
+    wait(futures)
+    return failed + sum(future.result() for future in futures)
+
+
+def _run_batched(hop: list, queue: str, on_own_thread: bool = False) -> int:
+    name, kwargs, queued_at = hop
+    try:
+        with flush_sent():
+            run_hop(name, queue, kwargs, queued_at)
+        return 0
+    except Exception:
+        logger.exception("hop %s of episode %s failed", name, kwargs.get("episode_id"))
+        return 1
+    finally:
+        if on_own_thread and not connection.in_atomic_block:
+            connection.close()  # as Celery does after each task: a pooled connection goes back to its pool

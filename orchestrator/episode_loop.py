@@ -43,7 +43,7 @@ from django.utils import timezone
 from agents.agent import Agent, CommandResult, FrameworkAgent, TaskView, Turn, drives_itself, run_agent, submitted
 from envs import service as env_service
 from envs.backend import SandboxError
-from megaflow_site import liveness
+from megaflow_site import hop_batches, liveness
 from modelserving import service as model_service
 from modelserving.backend import GenerationRequest, SamplingParams
 from modelserving.token_prompts import PreviousTurn
@@ -56,7 +56,10 @@ logger = logging.getLogger("megaflow.episodes")
 
 
 def send(task_name: str, **kwargs) -> None:
-    """Publish the next hop; the router (megaflow_site/topology.py) picks its queue from its name and kwargs."""
+    """Publish the next hop; the router (megaflow_site/topology.py) picks its queue from its name and kwargs. The hot
+    hops travel several to a message (megaflow_site/hop_batches.py)."""
+    if hop_batches.send(task_name, kwargs):
+        return
     # ignore_result: no result backend is asked about the message (the app has none; looking it up costs a backend
     # object per greenlet on the gevent pool).
     current_app.send_task(task_name, kwargs=kwargs, argsrepr="()", kwargsrepr=brief_repr(kwargs), ignore_result=True)

@@ -6,7 +6,7 @@ package prefix routes them (``envs.*`` to ``env.<pool>``, ``modelserving.*`` to 
 declared here, beside the loop they drive, while the service packages stay free of the episode lifecycle.
 """
 
-from megaflow_site.megaflow_task import megaflow_task
+from megaflow_site.megaflow_task import megaflow_task, queue_of, run_batch
 from orchestrator import autoscale as autoscaler
 from orchestrator import episode_loop, framework_loop, replies, runs
 
@@ -71,6 +71,19 @@ def episode_step(
 @megaflow_task("modelserving.episode_turn")
 def episode_turn(episode_id: int, step: int, model: str, attempt: int | None = None) -> None:
     episode_loop.episode_turn(episode_id, step, model, attempt)
+
+
+# Several of the hops above in one message (megaflow_site/hop_batches.py): [name, kwargs, queued_at] each.
+
+
+@megaflow_task("envs.hop_batch", bind=True)
+def env_hop_batch(task, hops: list, pool: str, host: str = "") -> int:
+    return run_batch(hops, queue_of(task))
+
+
+@megaflow_task("modelserving.hop_batch", bind=True)
+def model_hop_batch(task, hops: list, model: str) -> int:
+    return run_batch(hops, queue_of(task))
 
 
 # --- framework episodes (queues agent.framework, env.<pool>, model.<model>; orchestrator/framework_loop.py) -----

@@ -103,6 +103,7 @@ def bench_task_fields() -> dict:
 
 def run_orchestrated(level: int, args, log_dir: Path) -> dict:
     import redis
+    from django.conf import settings
     from django.db import connection
     from django.db.models import Count
     from tqdm import tqdm
@@ -131,10 +132,11 @@ def run_orchestrated(level: int, args, log_dir: Path) -> dict:
     run.tasks.set(tasks)
     episodes = (level // task_count) * task_count
 
-    workers = CeleryWorkers({**os.environ}, log_dir, name="bench")
-    # Every in-flight message holds a thread while it waits on the model or the sandbox; a pool's threads are
-    # spread over --processes worker processes, as a deployment would run them.
+    # Every in-flight hop holds a thread while it waits on the model or the sandbox; a pool's threads are spread
+    # over --processes worker processes, as a deployment would run them. A hop that came in a batch runs on one of
+    # the batch threads (megaflow_site/hop_batches.py), as many.
     threads = math.ceil(episodes / args.processes) + 8
+    workers = CeleryWorkers({**os.environ, "MEGAFLOW_HOP_THREADS": str(threads)}, log_dir, name="bench")
     specs = [(WorkerSpec(Service.AGENT), 1)]
     for service, key in ((Service.MODEL, "sim"), (Service.ENV, "default")):
         specs += [(WorkerSpec(service, key, concurrency=threads), index) for index in range(1, args.processes + 1)]
@@ -208,6 +210,7 @@ def run_orchestrated(level: int, args, log_dir: Path) -> dict:
         "peak_rss_mib": peak.total_mib,
         "peak_rss_mib_by_kind": peak.by_kind,
         "hot_queue_pool": os.environ.get("MEGAFLOW_HOT_QUEUE_POOL", "threads"),
+        "hop_batch_window_ms": settings.MEGAFLOW_HOP_BATCH_WINDOW_MS,
         **cpu_per_step(window),
     }
 

@@ -1,0 +1,171 @@
+"""Several hops of the episode loop per Celery message.
+
+A Celery message costs milliseconds of CPU whatever it carries (publish, the broker's list and unacked-hash copies,
+consume, Celery's request and tracer, ack: agents/README.md, "Where a step's time goes"), and a step is two of
+them. So the hot hops (``BATCHED``: a start, a model turn, an env step) travel together: a process hands each one
+to its ``Batcher``, which holds it for at most ``MEGAFLOW_HOP_BATCH_WINDOW_MS`` and then sends everything bound for
+one queue as one message, ``envs.hop_batch`` or ``modelserving.hop_batch`` (orchestrator/tasks.py). The receiving
+worker runs the batch's hops side by side, each as the task it stands for would run (``megaflow_task.run_batch``:
+each holds its episode, records its own error as a drop, retries the database), and the message is acknowledged
+when every hop has ended.
+
+Nothing is weaker than one message per hop:
+
+- **Publishing is durable before the publisher's own message is acknowledged.** A hop's ``send`` only queues it;
+  the task that sent it waits, before it returns (and Celery acknowledges it), until the batch holding it is in the
+  broker (``flush_sent``). A publisher killed inside the window loses its own unacknowledged message with it, which
+  the broker redelivers, as for a publisher killed before it published.
+- **A redelivered batch runs every hop again**, which each hop's claims make harmless (orchestrator/episode_loop.py:
+  the Step row is the claim; a start is claimed; a turn whose step is claimed is dropped).
+- **Liveness sees each episode**: a batch names all its hops' episodes, and a worker that took one holds each of
+  them (megaflow_site/liveness.py reads ``episodes_named``); a batch orphaned by a dead worker re-drives them all.
+
+``MEGAFLOW_HOP_BATCH_WINDOW_MS=0`` sends every hop as its own message, as before.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections import defaultdict
+
+from celery import current_app
+from django.conf import settings
+
+from megaflow_site.topology import HOST_KWARG, ROUTING_KWARG, Service, route_task, service_of_task
+
+logger = logging.getLogger("megaflow.hop_batches")
+
+# The hops that travel in batches: the ones every step and every start pays for. Everything else (the control
+# plane, a sandbox's release, a framework's session) is rare and goes alone.
+BATCHED = frozenset({"envs.episode_start", "envs.episode_step", "modelserving.episode_turn"})
+BATCH_TASK = {Service.ENV: "envs.hop_batch", Service.MODEL: "modelserving.hop_batch"}
+
+
+class Ticket:
+    """One flush: set once the batches it covers are in the broker, with the error that kept one out, if any."""
+
+    def __init__(self):
+        self.sent = threading.Event()
+        self.error: BaseException | None = None
+
+    def wait(self) -> None:
+        self.sent.wait()
+        if self.error is not None:
+            raise self.error
+
+
+class Batcher:
+    """Collects hops per destination queue and sends each destination's as one message per window (at most
+    ``max_hops`` a message), from a thread of its own."""
+
+    def __init__(self, window_s: float, max_hops: int):
+        self.window_s, self.max_hops = window_s, max_hops
+        self.cond = threading.Condition()
+        self.pending: dict[tuple, list] = defaultdict(list)  # (queue, routing kwargs) → [[name, kwargs, queued_at]]
+        self.count = 0
+        self.ticket = Ticket()
+        self.first_at = 0.0
+        self.thread: threading.Thread | None = None
+
+    def add(self, name: str, kwargs: dict) -> Ticket:
+        """Queue one hop; the returned ticket is set once it is in the broker."""
+        service = service_of_task(name)
+        keys = (ROUTING_KWARG[service], HOST_KWARG) if service is Service.ENV else (ROUTING_KWARG[service],)
+        routing = {key: kwargs[key] for key in keys if kwargs.get(key) is not None}
+        queue = route_task(name, (), kwargs, {})["queue"]
+        with self.cond:
+            if self.thread is None or not self.thread.is_alive():
+                self.thread = threading.Thread(target=self._run, name="megaflow-hop-batcher", daemon=True)
+                self.thread.start()
+            if not self.count:
+                self.first_at = time.monotonic()
+            self.pending[(queue, service, tuple(sorted(routing.items())))].append([name, kwargs, time.time()])
+            self.count += 1
+            self.cond.notify()
+            return self.ticket
+
+    def _run(self) -> None:
+        while True:
+            with self.cond:
+                while not self.count:
+                    self.cond.wait()
+                # The window opens with the first hop; a full message goes at once.
+                while self.count < self.max_hops and (left := self.first_at + self.window_s - time.monotonic()) > 0:
+                    self.cond.wait(left)
+                pending, self.pending, self.count = self.pending, defaultdict(list), 0
+                ticket, self.ticket = self.ticket, Ticket()
+            try:
+                for (_, service, routing), hops in pending.items():
+                    for start in range(0, len(hops), self.max_hops):
+                        publish(service, dict(routing), hops[start : start + self.max_hops])
+            except BaseException as error:  # noqa: BLE001 -- each waiting task raises it as its own
+                ticket.error = error
+                logger.warning("a batch of hops could not be published: %s", error)
+            ticket.sent.set()
+
+
+def publish(service: Service, routing: dict, hops: list) -> None:
+    """One message carrying ``hops`` ([name, kwargs, queued_at] each) to the queue ``routing`` names."""
+    kwargs = {"hops": hops, **routing}
+    current_app.send_task(BATCH_TASK[service], kwargs=kwargs, argsrepr="()", kwargsrepr=batch_repr(hops, routing),
+                          ignore_result=True)  # fmt: skip
+
+
+def batch_repr(hops: list, routing: dict) -> str:
+    """What Flower and the logs show of a batch: its routing and each hop's task and episode."""
+    shown = ", ".join(f"{name.split('.', 1)[1]}({kwargs.get('episode_id')})" for name, kwargs, _ in hops)
+    return repr({**routing, "hops": f"[{shown}]"})
+
+
+_batcher: Batcher | None = None
+_batcher_lock = threading.Lock()
+_mine = threading.local()  # the tickets of the hops this thread's task sent, waited for before the task ends
+
+
+def batcher() -> Batcher:
+    global _batcher
+    with _batcher_lock:
+        if _batcher is None:
+            _batcher = Batcher(settings.MEGAFLOW_HOP_BATCH_WINDOW_MS / 1000, settings.MEGAFLOW_HOP_BATCH_MAX)
+        return _batcher
+
+
+def _forget_batcher_in_child() -> None:  # a forked child has the lock and the queue, not the thread
+    global _batcher, _batcher_lock
+    _batcher, _batcher_lock = None, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_batcher_in_child)
+
+
+def send(name: str, kwargs: dict) -> bool:
+    """Hand a hop to this process's batcher, if it travels in batches; False when it must go alone. Inside a
+    task, the task waits for it before it ends (``flush_sent``); anywhere else, this waits now."""
+    if name not in BATCHED or settings.MEGAFLOW_HOP_BATCH_WINDOW_MS <= 0:
+        return False
+    ticket = batcher().add(name, kwargs)
+    tickets = getattr(_mine, "tickets", None)
+    if tickets is None:
+        ticket.wait()
+    elif not tickets or tickets[-1] is not ticket:
+        tickets.append(ticket)
+    return True
+
+
+class flush_sent:
+    """Around a task: on the way out, wait until every hop it sent is in the broker, so that its own message is
+    acknowledged only after what it published (an error publishing fails the task, as a failed publish did)."""
+
+    def __enter__(self):
+        self.outer = getattr(_mine, "tickets", None)
+        _mine.tickets = []
+        return self
+
+    def __exit__(self, kind, error, traceback):
+        tickets, _mine.tickets = _mine.tickets, self.outer
+        for ticket in tickets:
+            ticket.wait()
+        return False

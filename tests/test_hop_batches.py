@@ -1,0 +1,233 @@
+"""Several hops per Celery message (megaflow_site/hop_batches.py): what travels together, what a batch runs, and what
+liveness sees of one. Real Redis (the session's broker database) and the real episode loop on the test database."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import threading
+import time
+from base64 import b64decode
+from types import SimpleNamespace
+
+import kombu
+import pytest
+import redis
+from celery import signals
+from django.conf import settings
+
+from envs.backend import get_backend
+from megaflow_site import hop_batches, liveness
+from megaflow_site.celery import app
+from megaflow_site.topology import route_task
+from orchestrator import episode_loop, tasks, transitions
+from orchestrator.models import Dataset, Episode, Run, Step, Task
+
+E = Episode.Status
+REPLY = "Looking.\n```bash\necho hello\n```"
+
+
+def queued(broker, queue: str) -> list[tuple[str, dict]]:
+    """The Celery messages waiting in ``queue``, oldest first, as (task name, kwargs)."""
+    messages = []
+    for raw in reversed(broker.lrange(queue, 0, -1)):
+        message = json.loads(raw)
+        body = message["body"]
+        if message["properties"].get("body_encoding") == "base64":
+            body = b64decode(body)
+        messages.append((message["headers"]["task"], json.loads(body)[1]))
+    return messages
+
+
+@pytest.fixture
+def fresh_batcher(settings, monkeypatch):
+    """A batcher of this test's own, with a window long enough that hops sent from several threads meet in it."""
+    settings.MEGAFLOW_HOP_BATCH_WINDOW_MS = 300
+    settings.MEGAFLOW_HOP_BATCH_MAX = 64
+    settings.MEGAFLOW_ENV_HOSTS = ["h1"]
+    monkeypatch.setattr(hop_batches, "_batcher", None)
+    yield
+    hop_batches._batcher = None
+
+
+def test_hops_sent_together_travel_as_one_message_per_queue(broker, fresh_batcher):
+    queues = ["env.default", "model.sim"]
+    broker.delete(*queues)
+    sends = [("envs.episode_step", {"episode_id": 10 + n, "step": n, "reply": "r", "pool": "default", "attempt": 1})
+             for n in range(5)]  # fmt: skip
+    sends += [("modelserving.episode_turn", {"episode_id": 30 + n, "step": 1, "model": "sim", "attempt": 1})
+              for n in range(3)]  # fmt: skip
+    sends += [("orchestrator.admit", {})]  # not a hot hop: it goes alone, at once
+
+    def task(name, kwargs):  # as a task does: send, then wait on the way out until it is in the broker
+        with hop_batches.flush_sent():
+            episode_loop.send(name, **kwargs)
+
+    began = time.monotonic()
+    threads = [threading.Thread(target=task, args=send) for send in sends]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert 0.25 < time.monotonic() - began < 5, "each task returned once its window's batch was published"
+
+    [(name, batch)] = queued(broker, "env.default")
+    assert name == "envs.hop_batch" and batch["pool"] == "default"
+    assert sorted((hop[0], hop[1]["episode_id"]) for hop in batch["hops"]) == [
+        ("envs.episode_step", 10 + n) for n in range(5)
+    ]
+    assert all(hop[2] <= time.time() for hop in batch["hops"]), "each hop carries when it was handed over"
+    # A hop bound to an env host goes with that host's (the batch names the host, and the router sends it there).
+    assert route_task("envs.hop_batch", (), {"pool": "default", "host": "h1", "hops": []}, {}) == {
+        "queue": "env.default.h1"
+    }
+    [(name, batch)] = queued(broker, "model.sim")
+    assert (name, batch["model"]) == ("modelserving.hop_batch", "sim")
+    assert sorted(hop[1]["episode_id"] for hop in batch["hops"]) == [30, 31, 32]
+    assert [name for name, _ in queued(broker, "agent")] == ["orchestrator.admit"]
+    broker.delete(*queues, "agent")
+
+
+def test_a_batch_is_cut_at_its_most_hops_and_the_window_off_sends_each_alone(broker, fresh_batcher, settings):
+    settings.MEGAFLOW_HOP_BATCH_MAX = 4
+    broker.delete("model.sim")
+    with hop_batches.flush_sent():
+        for n in range(10):
+            episode_loop.send("modelserving.episode_turn", episode_id=n, step=0, model="sim", attempt=1)
+    assert [len(batch["hops"]) for _, batch in queued(broker, "model.sim")] == [4, 4, 2]
+    broker.delete("model.sim")
+
+    settings.MEGAFLOW_HOP_BATCH_WINDOW_MS = 0
+    episode_loop.send("modelserving.episode_turn", episode_id=1, step=0, model="sim", attempt=1)
+    assert queued(broker, "model.sim") == [
+        ("modelserving.episode_turn", {"episode_id": 1, "step": 0, "model": "sim", "attempt": 1})
+    ]
+    broker.delete("model.sim")
+
+
+def test_a_publish_that_fails_fails_the_task_that_sent_it(fresh_batcher, monkeypatch):
+    def refused(*args, **kwargs):
+        raise ConnectionError("the broker is away")
+
+    monkeypatch.setattr(hop_batches, "publish", refused)
+    with pytest.raises(ConnectionError, match="the broker is away"):
+        with hop_batches.flush_sent():
+            episode_loop.send("modelserving.episode_turn", episode_id=1, step=0, model="sim", attempt=1)
+
+
+# --- a batch at its receiver ------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def sent(monkeypatch, settings):
+    settings.MEGAFLOW_ENV_BACKEND = "sim"
+    settings.MEGAFLOW_SIM_EXEC_LATENCY_S = 0.3
+    settings.MEGAFLOW_WARM_POOL_SIZES = {}
+    get_backend.cache_clear()
+    for cache in (episode_loop.cached_run, episode_loop.cached_task, episode_loop.agent_of_run):
+        cache.cache_clear()
+    messages: list[tuple[str, dict]] = []
+    monkeypatch.setattr(episode_loop, "send", lambda name, **kwargs: messages.append((name, kwargs)))
+    yield messages
+    get_backend.cache_clear()
+
+
+def running_episodes(sent, count: int) -> list[Episode]:
+    dataset = Dataset.objects.create(name="batches")
+    task = Task.objects.create(dataset=dataset, instance_id="t-1", problem_statement="Fix it.", test_command="true",
+                               fail_to_pass=["test_it"], spec_sha256="0" * 64)  # fmt: skip
+    run = Run.objects.create(dataset=dataset, model_name="sim", env_pool="default", status=Run.Status.RUNNING,
+                             max_steps=5, max_attempts=2, samples_per_task=count)  # fmt: skip
+    run.tasks.add(task)
+    episodes = []
+    for sample in range(count):
+        episode = Episode.objects.create(run=run, task=task, sample_index=sample, status=E.QUEUED)
+        assert transitions.admit(episode.pk, 1)
+        episode_loop.episode_start(episode.pk, "default", attempt=1)
+        episodes.append(Episode.objects.get(pk=episode.pk))
+    sent.clear()
+    return episodes
+
+
+def step_hop(episode: Episode) -> list:
+    kwargs = {"episode_id": episode.pk, "step": 0, "reply": REPLY, "pool": "default", "attempt": 1}
+    return ["envs.episode_step", kwargs, time.time()]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_batch_runs_its_hops_side_by_side_once_each_and_a_redelivery_changes_nothing(sent):
+    episodes = running_episodes(sent, 4)
+    batch = {"hops": [step_hop(episode) for episode in episodes], "pool": "default"}
+    began = time.monotonic()
+    assert tasks.env_hop_batch.apply(kwargs=batch).get() == 0
+    assert time.monotonic() - began < 4 * 0.3, "the four 0.3 s commands ran side by side"
+    for episode in episodes:
+        [step] = Step.objects.filter(episode=episode)
+        assert (step.index, step.action, step.completed_at is not None) == (0, "echo hello", True)
+    assert sorted((name, kwargs["episode_id"], kwargs["step"]) for name, kwargs in sent) == [
+        ("modelserving.episode_turn", episode.pk, 1) for episode in episodes
+    ]
+    sent.clear()
+
+    # The broker gives the whole batch back (its worker died before the ack): every hop finds its claim.
+    assert tasks.env_hop_batch.apply(kwargs=batch).get() == 0
+    assert Step.objects.filter(episode__in=episodes).count() == 4
+    assert sorted(kwargs["episode_id"] for _, kwargs in sent) == sorted(e.pk for e in episodes), (
+        "a redelivery before the next turn re-publishes it, and runs no command again"
+    )
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_hop_that_fails_in_a_batch_is_its_episodes_drop_alone(sent, monkeypatch, broker):
+    episodes = running_episodes(sent, 2)
+    broken, fine = episodes
+    real_step = episode_loop.episode_step
+
+    def step(episode_id, *args, **kwargs):
+        if episode_id == broken.pk:
+            raise RuntimeError("a bug in one hop")
+        return real_step(episode_id, *args, **kwargs)
+
+    monkeypatch.setattr(episode_loop, "episode_step", step)
+    liveness.forget_drops([broken.pk, fine.pk])
+    batch = {"hops": [step_hop(broken), step_hop(fine)], "pool": "default"}
+    assert tasks.env_hop_batch.apply(kwargs=batch).get() == 1
+    assert Step.objects.filter(episode=fine).count() == 1 and not Step.objects.filter(episode=broken).exists()
+    drops = liveness.drops()
+    assert broken.pk in drops and fine.pk not in drops
+    assert "a bug in one hop" in drops[broken.pk].error
+    liveness.forget_drops([broken.pk])
+
+
+# --- what liveness sees of a batch ------------------------------------------------------------------------------
+
+
+def test_a_batch_taken_off_its_queue_holds_every_episode_it_names():
+    taken = SimpleNamespace(id="batch-1", kwargs={"hops": [step_hop(SimpleNamespace(pk=pk)) for pk in (5, 6)]})
+    signals.task_received.send(sender=None, request=taken)
+    assert liveness.held() == [5, 6]
+    signals.task_postrun.send(sender=None, task_id="batch-1")
+    assert liveness.held() == []
+
+
+def test_a_batch_taken_by_a_worker_that_then_died_orphans_each_of_its_episodes():
+    """As tests/test_liveness.py's single hop, for a batch: a real publish, a real take that is never acknowledged."""
+    base, _, number = settings.REDIS_URL.rpartition("/")
+    url = f"{base}/{int(number) - 1}"  # the liveness tests' database: empty before and after
+    broker = redis.Redis.from_url(url, decode_responses=True)
+    broker.flushdb()
+    taker = kombu.Connection(url)
+    queue = taker.SimpleQueue("env.orphaned-batches")
+    hops = [step_hop(SimpleNamespace(pk=pk)) for pk in (77, 78)]
+    with app.connection_for_write(url) as publisher:
+        app.send_task("envs.hop_batch", kwargs={"hops": hops, "pool": "default"}, queue=queue.queue,
+                      connection=publisher)  # fmt: skip
+    tag = queue.get(timeout=5).delivery_tag
+    liveness.beat(["env.orphaned-batches"], broker)
+    fleet = liveness.read_fleet(broker)
+    later = {**fleet.registered[liveness.incarnation()], "beat_at": time.time() + 2 * liveness.heartbeat_s()}
+    fleet = dataclasses.replace(fleet, registered={liveness.incarnation(): later})
+    assert liveness.orphaned(fleet, broker) == {77: [tag], 78: [tag]}
+    liveness.forget([tag], broker)
+    taker.release()
+    broker.flushdb()
