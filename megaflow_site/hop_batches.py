@@ -33,6 +33,7 @@ from collections import defaultdict
 
 from celery import current_app
 from django.conf import settings
+from django.db import connection
 
 from megaflow_site.topology import HOST_KWARG, ROUTING_KWARG, Service, route_task, service_of_task
 
@@ -166,6 +167,8 @@ class flush_sent:
 
     def __exit__(self, kind, error, traceback):
         tickets, _mine.tickets = _mine.tickets, self.outer
+        if tickets and not connection.in_atomic_block:
+            connection.close()  # a pooled connection goes back while this waits (orchestrator/db.py)
         for ticket in tickets:
             ticket.wait()
         return False

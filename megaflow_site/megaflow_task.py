@@ -156,13 +156,13 @@ def run_batch(hops: list, queue: str) -> int:
     calling thread, and return once all have ended: how many ended in an error (each recorded as its episode's
     drop, as its own task's would be; the others go on)."""
     first, *rest = hops
-    futures = [_hops_executor().submit(_run_batched, hop, queue, on_own_thread=True) for hop in rest]
+    futures = [_hops_executor().submit(_run_batched, hop, queue) for hop in rest]
     failed = _run_batched(first, queue)
     wait(futures)
     return failed + sum(future.result() for future in futures)
 
 
-def _run_batched(hop: list, queue: str, on_own_thread: bool = False) -> int:
+def _run_batched(hop: list, queue: str) -> int:
     name, kwargs, queued_at = hop
     try:
         with flush_sent():
@@ -172,5 +172,7 @@ def _run_batched(hop: list, queue: str, on_own_thread: bool = False) -> int:
         logger.exception("hop %s of episode %s failed", name, kwargs.get("episode_id"))
         return 1
     finally:
-        if on_own_thread and not connection.in_atomic_block:
-            connection.close()  # as Celery does after each task: a pooled connection goes back to its pool
+        # As Celery does after each task: the pooled connection goes back, and the thread that ran the first hop
+        # waits for the others without one (else a few batches waiting on their hops hold the whole pool).
+        if not connection.in_atomic_block:
+            connection.close()
