@@ -316,28 +316,28 @@ def episode_step(
             return
         observation = agent.observation(CommandResult(result.output, result.exit_code, result.note))
     completed_at = timezone.now()
-    # Only while the claim is still this delivery's: a claim taken over (its holder was judged dead) is not.
-    recorded = hot_sql.record_step(
+    # The result only while the claim is still this delivery's (a claim taken over, its holder judged dead, is not);
+    # the count, and the step's cost with it (orchestrator/costs.py), only on the episode of this attempt, running.
+    recorded, counted = hot_sql.record_and_count_step(
         row.pk,
         row.created_at,
-        action=action.command or "",
-        observation=observation,
-        exit_code=None if result is None else result.exit_code,
-        model_latency_s=model_latency_s,
-        env_latency_s=None if result is None else result.duration_s,
-        prompt_tokens=prompt_tokens,
-        completion_tokens=completion_tokens,
-        completed_at=completed_at,
-    )
+        dict(
+            action=action.command or "",
+            observation=observation,
+            exit_code=None if result is None else result.exit_code,
+            model_latency_s=model_latency_s,
+            env_latency_s=None if result is None else result.duration_s,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            completed_at=completed_at,
+        ),
+        episode_id=episode_id, attempt=episode.attempt, running=Episode.Status.RUNNING, steps=step + 1,
+        prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, model_s=model_latency_s,
+        env_worker_s=time.monotonic() - began, now=completed_at,
+    )  # fmt: skip
     if not recorded:
         logger.warning("episode %s: step %s was taken over while its command ran; result dropped", episode_id, step)
         return
-    # The step's cost rides on the UPDATE it makes anyway (orchestrator/costs.py).
-    counted = hot_sql.count_step(
-        episode_id, episode.attempt, Episode.Status.RUNNING, steps=step + 1, prompt_tokens=prompt_tokens,
-        completion_tokens=completion_tokens, model_s=model_latency_s, env_worker_s=time.monotonic() - began,
-        now=completed_at,
-    )  # fmt: skip
     if not counted:
         release(episode)  # the episode moved on while the command ran (cancelled, or retried)
         return

@@ -170,10 +170,28 @@ def record_step(step_id: int, claimed_at, **result) -> bool:
     """Write a step's result (``RESULT_FIELDS``) while its claim is still the one made at ``claimed_at`` and it
     has none yet: False when the claim was taken over."""
     with connection.cursor() as cursor:
-        values = [_moment(value) if isinstance(value, datetime) else value
-                  for value in (*(result[name] for name in RESULT_FIELDS), step_id, claimed_at)]  # fmt: skip
-        cursor.execute(_step_result_update(), values)
+        cursor.execute(_step_result_update(), _result_values(step_id, claimed_at, result))
         return cursor.rowcount == 1
+
+
+def _result_values(step_id: int, claimed_at, result: dict) -> list:
+    return [_moment(value) if isinstance(value, datetime) else value
+            for value in (*(result[name] for name in RESULT_FIELDS), step_id, claimed_at)]  # fmt: skip
+
+
+_COUNT_UPDATE = (
+    f"UPDATE {Episode._meta.db_table} SET step_count = %s, prompt_tokens = prompt_tokens + %s,"
+    " completion_tokens = completion_tokens + %s, cost_prompt_tokens = cost_prompt_tokens + %s,"
+    " cost_completion_tokens = cost_completion_tokens + %s, model_s = model_s + %s,"
+    " env_worker_s = env_worker_s + %s, updated_at = %s"
+    " WHERE id = %s AND status = %s AND attempt = %s"
+)
+
+
+def _count_values(episode_id: int, attempt: int, running: str, steps: int, prompt_tokens: int, completion_tokens: int,
+                  model_s: float, env_worker_s: float, now) -> list:  # fmt: skip
+    return [steps, prompt_tokens, completion_tokens, prompt_tokens, completion_tokens, model_s, env_worker_s,
+            _moment(now), episode_id, running, attempt]  # fmt: skip
 
 
 def count_step(episode_id: int, attempt: int, running: str, steps: int, prompt_tokens: int, completion_tokens: int,
@@ -181,13 +199,28 @@ def count_step(episode_id: int, attempt: int, running: str, steps: int, prompt_t
     """A running episode of ``attempt`` has ``steps`` steps now, and the step's tokens and seconds added to its
     counts and its cost (orchestrator/costs.py); False when it moved on (cancelled, retried)."""
     with connection.cursor() as cursor:
-        cursor.execute(
-            f"UPDATE {Episode._meta.db_table} SET step_count = %s, prompt_tokens = prompt_tokens + %s,"
-            " completion_tokens = completion_tokens + %s, cost_prompt_tokens = cost_prompt_tokens + %s,"
-            " cost_completion_tokens = cost_completion_tokens + %s, model_s = model_s + %s,"
-            " env_worker_s = env_worker_s + %s, updated_at = %s"
-            " WHERE id = %s AND status = %s AND attempt = %s",
-            [steps, prompt_tokens, completion_tokens, prompt_tokens, completion_tokens, model_s, env_worker_s,
-             _moment(now), episode_id, running, attempt],
-        )  # fmt: skip
+        cursor.execute(_COUNT_UPDATE, _count_values(episode_id, attempt, running, steps, prompt_tokens,
+                                                    completion_tokens, model_s, env_worker_s, now))  # fmt: skip
         return cursor.rowcount == 1
+
+
+@functools.cache
+def _record_and_count() -> str:
+    # One statement, one transaction: the count only where the result was recorded (PostgreSQL's data-modifying WITH).
+    return (
+        f"WITH recorded AS ({_step_result_update()} RETURNING 1),"
+        f" counted AS ({_COUNT_UPDATE} AND EXISTS (SELECT 1 FROM recorded) RETURNING 1)"
+        " SELECT (SELECT count(*) FROM recorded), (SELECT count(*) FROM counted)"
+    )
+
+
+def record_and_count_step(step_id: int, claimed_at, result: dict, **count) -> tuple[bool, bool]:
+    """``record_step`` then, only if it recorded, ``count_step``: whether each happened. On PostgreSQL in one
+    statement (a step's hot path pays one round trip and one commit less); on SQLite as the two."""
+    if connection.vendor != "postgresql":
+        recorded = record_step(step_id, claimed_at, **result)
+        return recorded, recorded and count_step(**count)
+    with connection.cursor() as cursor:
+        cursor.execute(_record_and_count(), [*_result_values(step_id, claimed_at, result), *_count_values(**count)])
+        recorded, counted = cursor.fetchone()
+        return recorded == 1, counted == 1
