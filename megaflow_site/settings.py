@@ -342,6 +342,9 @@ except ValueError:
 # starts gave up). Start hops queue behind step hops on the env queue, so a low cap starves admission: at 64, the
 # 10,000-episode bench never had more than ~1,300 live (make bench-10k, agents/README.md).
 MEGAFLOW_MAX_STARTING = env_int("MEGAFLOW_MAX_STARTING", 512)
+# Admission passes at most this often while it is asked again and again (every completed start, every finished
+# episode): each pass reads the fleet's live counts (orchestrator/runs.py).
+MEGAFLOW_ADMIT_INTERVAL_S = env_float("MEGAFLOW_ADMIT_INTERVAL_S", 0.25)
 if MEGAFLOW_MAX_STARTING < 1:
     raise ConfigError(f"MEGAFLOW_MAX_STARTING={MEGAFLOW_MAX_STARTING} admits nothing", "set it to 1 or more")
 # Persistent (warm) pools: POOL=SIZE pairs; a pool not listed runs ephemeral containers.

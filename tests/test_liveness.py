@@ -494,6 +494,28 @@ def test_an_admitter_killed_inside_the_lock_keeps_no_caller_waiting(run, sent, m
     assert not client.exists(runs.ADMIT_AGAIN) and not client.exists(runs.ADMISSION_LOCK)
 
 
+def test_admission_asked_again_and_again_passes_at_most_every_interval(run, sent, monkeypatch, settings):
+    """Every completed start and every finished episode asks for a pass; at 10,000 episodes one pass each was most of
+    PostgreSQL's work. The holder covers what is asked meanwhile with one pass per MEGAFLOW_ADMIT_INTERVAL_S."""
+    settings.MEGAFLOW_ADMIT_INTERVAL_S = 0.3
+    for sample in range(1, 4):
+        Episode.objects.create(run=run, task=run.tasks.get(), sample_index=sample, status=E.QUEUED)
+    passes, real_pass = [], runs._admit_once
+
+    def five_callers_ask_during_the_first_two_passes():
+        passes.append(time.monotonic())
+        if len(passes) <= 2:
+            assert [runs.admit() for _ in range(5)] == [[]] * 5, "each caller only asks, and returns at once"
+        return real_pass()
+
+    monkeypatch.setattr(runs, "_admit_once", five_callers_ask_during_the_first_two_passes)
+    assert len(runs.admit()) == 3
+    assert len(passes) == 3, "ten callers during two passes: one more pass each time, not one per caller"
+    assert all(later - earlier >= 0.29 for earlier, later in zip(passes, passes[1:], strict=False))
+    client = liveness.client()
+    assert not client.exists(runs.ADMIT_AGAIN) and not client.exists(runs.ADMISSION_LOCK)
+
+
 def test_an_orphaned_message_re_drives_its_episode(run, sent):
     """Published by a living worker and taken by one that died before its next beat: neither the death (it did not
     hold it at its last beat) nor the holder tells; ``liveness.orphaned`` does, from the broker."""
