@@ -49,7 +49,7 @@ from modelserving.backend import GenerationRequest, SamplingParams
 from modelserving.token_prompts import PreviousTurn
 from orchestrator import costs, hot_sql, staleness, transitions
 from orchestrator.db import release_connection
-from orchestrator.hot_state import RAMPING_KEY, redis_client
+from orchestrator.hot_state import RAMPING_KEY, ask_for_admission, redis_client
 from orchestrator.models import Episode, Run, Step, Task
 
 logger = logging.getLogger("megaflow.episodes")
@@ -270,8 +270,10 @@ def _start(episode_id: int, pool: str, attempt: int | None, began: float) -> boo
         release_here(episode_id, sandbox.container_id, pool)  # cancelled, or another start took the episode over
         return
     first_hop(dataclasses.replace(episode, container_id=sandbox.container_id))
-    if redis_client().exists(RAMPING_KEY):
-        send("orchestrator.admit")  # admission ramps at the rate sandboxes come up: the next ones go in now
+    # Admission ramps at the rate sandboxes come up: the next ones go in now. One message while a pass is asked for
+    # (a burst of starts completing sent thousands, each an agent-queue task).
+    if redis_client().exists(RAMPING_KEY) and ask_for_admission():
+        send("orchestrator.admit")
 
 
 def episode_step(

@@ -10,6 +10,16 @@ from django.conf import settings
 # starts asking for a minute at most.
 RAMPING_KEY = "megaflow:admission:ramping"
 RAMPING_TTL_S = 60
+# Set while an admission pass is asked for and not yet begun: by a caller that found the admission lock taken (its
+# holder passes once more), or by a start that completed and sent ``orchestrator.admit`` (``ask_for_admission``).
+ADMIT_AGAIN = "megaflow:admission:again"
+
+
+def ask_for_admission() -> bool:
+    """Ask for an admission pass: True when none was asked for yet (the caller sends ``orchestrator.admit``),
+    False when one is already (the lock's holder, or an admit message on its way, covers this one too). The ask
+    lapses after a minute, so that an admit message lost with its worker stops nobody asking (beat admits too)."""
+    return bool(redis_client().set(ADMIT_AGAIN, 1, nx=True, ex=RAMPING_TTL_S))
 
 
 @functools.cache

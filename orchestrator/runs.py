@@ -24,7 +24,7 @@ from orchestrator import transitions
 from orchestrator.api.serializers import RunSerializer
 from orchestrator.autoscale import admission_limit
 from orchestrator.episode_loop import agent_of_run, finished, read_live, release, send
-from orchestrator.hot_state import RAMPING_KEY, RAMPING_TTL_S, redis_client
+from orchestrator.hot_state import ADMIT_AGAIN, RAMPING_KEY, RAMPING_TTL_S, redis_client
 from orchestrator.models import Episode, Run, Step
 from orchestrator.placement import Placer
 from orchestrator.staleness import admissible
@@ -81,7 +81,6 @@ def start_run(run_id: int) -> int:
 
 
 ADMISSION_LOCK = "megaflow:admission"
-ADMIT_AGAIN = "megaflow:admission:again"  # set by a caller that found the lock taken: its holder passes once more
 
 
 def admit() -> list[int]:

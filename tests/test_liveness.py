@@ -26,7 +26,7 @@ from envs.backend import get_backend
 from megaflow_site import liveness
 from megaflow_site.celery import app
 from modelserving import service as model_service
-from orchestrator import episode_loop, framework_loop, runs, sessions, tasks, transitions
+from orchestrator import episode_loop, framework_loop, hot_state, runs, sessions, tasks, transitions
 from orchestrator.models import Dataset, Episode, Run, Step, Task
 
 # Transactional: a step's claim is an INSERT that may hit the unique index, as between two deliveries.
@@ -451,7 +451,7 @@ def test_admission_ramps_at_the_rate_sandboxes_come_up(run, sent, settings):
     settings.MEGAFLOW_MAX_STARTING = 2
     queued = [Episode.objects.create(run=run, task=run.tasks.get(), sample_index=index) for index in range(5)]
     client = liveness.client()
-    client.delete(runs.RAMPING_KEY)
+    client.delete(runs.RAMPING_KEY, runs.ADMIT_AGAIN)
     assert runs.admit() == [queued[0].pk, queued[1].pk] and client.exists(runs.RAMPING_KEY)
     starts = [message for name, message in sent if name == "envs.episode_start"]
     sent.clear()
@@ -459,6 +459,7 @@ def test_admission_ramps_at_the_rate_sandboxes_come_up(run, sent, settings):
 
     episode_loop.episode_start(starts[0]["episode_id"], "default", attempt=1)
     assert sorted(name for name, _ in sent) == ["modelserving.episode_turn", "orchestrator.admit"]
+    assert not hot_state.ask_for_admission(), "a pass is asked for: the next start to complete sends nothing more"
     sent.clear()
     assert runs.admit() == [queued[2].pk], "one sandbox came up: one more goes in"
     for episode in queued[1:3]:
