@@ -9,16 +9,21 @@ from pathlib import Path
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
-def proc_status(pid: int) -> dict:
-    """RSS (MiB), threads and CPU seconds of one process, from /proc; zeros when it is gone."""
+def proc_status(pid: int, pss: bool = False) -> dict:
+    """RSS (MiB), threads and CPU seconds of one process, from /proc; zeros when it is gone. ``pss``: its PSS too
+    (MiB): shared pages divided among the processes that map them, so that a group's sum counts PostgreSQL's shared
+    buffers once, not once per backend as RSS does."""
     try:
         status = Path(f"/proc/{pid}/status").read_text()
         stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        rollup = Path(f"/proc/{pid}/smaps_rollup").read_text() if pss else ""
     except OSError:
-        return {"rss_mib": 0.0, "threads": 0, "cpu_s": 0.0}
+        return {"rss_mib": 0.0, "pss_mib": 0.0, "threads": 0, "cpu_s": 0.0}
     fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+    proportional = dict(line.split(":", 1) for line in rollup.splitlines() if line.startswith("Pss:"))
     return {
         "rss_mib": int(fields.get("VmRSS", "0 kB").split()[0]) / 1024,
+        "pss_mib": int(proportional.get("Pss", "0 kB").split()[0]) / 1024,
         "threads": int(fields["Threads"]),
         "cpu_s": (int(stat[11]) + int(stat[12])) / CLOCK_TICKS,  # utime + stime
     }
@@ -40,9 +45,9 @@ def with_descendants(pid: int) -> list[int]:
     return pids
 
 
-def group_status(pids: list[int]) -> dict:
-    each = [proc_status(pid) for pid in pids]
-    return {key: sum(status[key] for status in each) for key in ("rss_mib", "threads", "cpu_s")}
+def group_status(pids: list[int], pss: bool = False) -> dict:
+    each = [proc_status(pid, pss) for pid in pids]
+    return {key: sum(status[key] for status in each) for key in ("rss_mib", "pss_mib", "threads", "cpu_s")}
 
 
 def parent(pid: int) -> int | None:
