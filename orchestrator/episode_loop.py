@@ -465,11 +465,13 @@ def evaluate(episode: Live) -> None:
 def episode_turn(episode_id: int, step: int, model: str, attempt: int | None = None) -> None:
     """Build the agent's prompt from the trajectory so far (as ids, token in, token out, where the backend has a
     tokenizer), generate, and publish the env step with what the model saw and produced."""
-    episode = _current(episode_id, attempt)
-    if episode is None:
+    # The common case is one round trip: the hold, and the history that is also the redelivery check.
+    if held := transitions.hold_returning_with_history(episode_id, attempt, LIVE_FIELDS, step):
+        episode, steps = Live(*held[0]), held[1]
+    elif (episode := _current(episode_id, attempt)) is None:
         return
-    # One query for both the history and the redelivery check.
-    steps = hot_sql.history(episode_id, step)
+    else:
+        steps = hot_sql.history(episode_id, step)
     if steps and steps[-1][0] == step:
         return  # a redelivered turn whose step is already claimed
     run, task = episode.run, episode.task

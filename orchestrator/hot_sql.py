@@ -92,6 +92,34 @@ def hold_returning(episode_id: int, attempt: int | None, live: frozenset[str], h
 
 
 @functools.cache
+def _hold_with_history(names: tuple[str, ...], live: int) -> str:
+    # The episode's columns on every row, one row per step up to the turn's (one row of NULL steps when it has none).
+    step = Step._meta.db_table
+    columns = ", ".join(f"{step}.{column}" for column in _columns(Step, HISTORY))
+    return (
+        f"WITH held AS ({_hold_update(names, live)}) SELECT held.*, {columns} FROM held"
+        f' LEFT JOIN {step} ON {step}.episode_id = %s AND {step}."index" <= %s ORDER BY {step}."index"'
+    )
+
+
+def hold_returning_with_history(episode_id: int, attempt: int | None, live: frozenset[str], holder: str, worker: str,
+                                now, names: tuple[str, ...], through: int) -> tuple | None:  # fmt: skip
+    """``hold_returning`` and ``history`` in one round trip, on PostgreSQL: the episode's ``names`` columns and its
+    steps up to ``through``; None when it is not live or of another attempt, or on SQLite (ask for each alone)."""
+    if connection.vendor != "postgresql":
+        return None
+    with connection.cursor() as cursor:
+        params = [holder, worker, _moment(now), episode_id, *sorted(live), attempt, episode_id, through]
+        cursor.execute(_hold_with_history(names, len(live)), params)
+        rows = cursor.fetchall()
+    if not rows:
+        return None
+    width = len(names)
+    steps = [_row(Step, HISTORY, row[width:]) for row in rows if row[width] is not None]
+    return _row(Episode, names, rows[0][:width]), steps
+
+
+@functools.cache
 def _steps_select(names: tuple[str, ...], through: str) -> str:
     """The ``names`` columns of an episode's steps up to an index (``through``: the comparison, ``<=`` or ``<``)."""
     return (

@@ -208,6 +208,13 @@ def hold_returning(episode_id: int, attempt: int | None, names: tuple[str, ...])
                                   names)  # fmt: skip
 
 
+def hold_returning_with_history(episode_id: int, attempt: int | None, names: tuple[str, ...], through: int):
+    """``hold_returning`` and the episode's steps up to ``through`` (``hot_sql.history``) in one round trip, where the
+    database can (PostgreSQL): (columns, steps), or None when it cannot or the episode was not held."""
+    return hot_sql.hold_returning_with_history(episode_id, attempt, LIVE, liveness.incarnation(), liveness.node(),
+                                               timezone.now(), names, through)  # fmt: skip
+
+
 def open_session(episode_id: int, attempt: int, session_key: str) -> bool:
     """A running episode of this attempt that has no episode-bound session yet gets one (orchestrator/sessions.py):
     the first delivery of its framework task opens it; a redelivery finds it open (its first holder died)."""
