@@ -289,10 +289,15 @@ def episode_step(
     """Run the action in the model's reply, record the step, and publish what follows. ``turn``: what the model
     saw and produced as tokens (``TURN_FIELDS``), written with the claim."""
     began = time.monotonic()
-    episode = _current(episode_id, attempt)
-    if episode is None:
+    now, values = timezone.now(), {"episode_id": episode_id, "index": step, "model_output": reply, **_turn(turn)}
+    # The common case is one round trip: the hold, and the INSERT that claims the step.
+    if held := transitions.hold_and_claim(episode_id, attempt, LIVE_FIELDS, now, values):
+        episode = Live(*held[0])
+        row = Step(pk=held[1], created_at=now, **values) if held[1] else _claimed_before(episode_id, step)
+    elif (episode := _current(episode_id, attempt)) is None:
         return
-    row = _claim_step(episode_id, step, reply, turn)
+    else:
+        row = _claim_step(episode_id, step, reply, turn)
     if row is None:
         return  # another delivery of this message holds the claim, or the step already ran and moved on
     if row.completed_at:
@@ -357,10 +362,15 @@ TURN_FIELDS = ("model_input", "prompt_prefix_len", "prompt_ids", "completion_ids
                "finish_reason", "sampling", "model_name", "model_version")  # fmt: skip
 
 
+def _turn(turn: dict | None) -> dict:
+    """What of a turn's message its Step row records (``TURN_FIELDS``)."""
+    return {key: value for key, value in (turn or {}).items() if key in TURN_FIELDS and value is not None}
+
+
 def _claim_step(episode_id: int, step: int, reply: str, turn: dict | None = None) -> Step | None:
     """The Step row that makes this delivery the one to run the step, or a completed row whose follow-up must
     be re-published; None when there is nothing for this delivery to do."""
-    fields = {key: value for key, value in (turn or {}).items() if key in TURN_FIELDS and value is not None}
+    fields = _turn(turn)
     try:
         # Autocommit: the INSERT is its own transaction, and the unique (episode, index) picks one delivery. The
         # turn's tokens go in the same INSERT: durable with the claim, so a re-driven step keeps them.
@@ -368,7 +378,12 @@ def _claim_step(episode_id: int, step: int, reply: str, turn: dict | None = None
         pk = hot_sql.insert_step(now, episode_id=episode_id, index=step, model_output=reply, **fields)
         return Step(pk=pk, episode_id=episode_id, index=step, model_output=reply, created_at=now, **fields)
     except IntegrityError:
-        pass
+        return _claimed_before(episode_id, step)
+
+
+def _claimed_before(episode_id: int, step: int) -> Step | None:
+    """The claim of a step that has a row already: a completed row whose follow-up must be re-published, or a stale
+    claim this delivery takes over; None when there is nothing for this delivery to do."""
     row = Step.objects.get(episode_id=episode_id, index=step)
     if row.completed_at:
         # A redelivery of a step that ran: carry on only if nothing after it happened yet.

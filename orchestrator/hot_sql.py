@@ -165,6 +165,39 @@ def _step_insert() -> str:
 def insert_step(now, **values) -> int:
     """Insert a Step row (Step field names → values; every other field takes its default, ``created_at`` is
     ``now``) and return its id. Raises IntegrityError when the episode already has a step of that index."""
+    with connection.cursor() as cursor:
+        cursor.execute(_step_insert(), _step_values(now, values))
+        return cursor.fetchone()[0]
+
+
+@functools.cache
+def _hold_and_claim(names: tuple[str, ...], live: int) -> str:
+    fields = _step_fields()
+    columns, values = ", ".join(_columns(Step, [field.name for field in fields])), ", ".join(["%s"] * len(fields))
+    # Only where the hold happened; a step that has its row already (another delivery's) inserts nothing.
+    return (
+        f"WITH held AS ({_hold_update(names, live)}),"
+        f" claimed AS (INSERT INTO {Step._meta.db_table} ({columns}) SELECT {values}"
+        " WHERE EXISTS (SELECT 1 FROM held) ON CONFLICT DO NOTHING RETURNING id)"
+        " SELECT held.*, (SELECT id FROM claimed) FROM held"
+    )
+
+
+def hold_and_claim(episode_id: int, attempt: int | None, live: frozenset[str], holder: str, worker: str, now,
+                   names: tuple[str, ...], values: dict) -> tuple | None:  # fmt: skip
+    """``hold_returning`` and, only if it held, ``insert_step`` (``values``, claimed at ``now``) in one round trip,
+    on PostgreSQL: (the episode's ``names`` columns, the new step's id or None when the episode has a step of that
+    index already); None when the episode was not held, or on SQLite (ask for each alone)."""
+    if connection.vendor != "postgresql":
+        return None
+    with connection.cursor() as cursor:
+        hold = [holder, worker, _moment(now), episode_id, *sorted(live), attempt]
+        cursor.execute(_hold_and_claim(names, len(live)), [*hold, *_step_values(now, values)])
+        row = cursor.fetchone()
+    return None if row is None else (_row(Episode, names, row[:-1]), row[-1])
+
+
+def _step_values(now, values: dict) -> list:
     params = []
     for field in _step_fields():
         if field.name == "created_at":
@@ -176,9 +209,7 @@ def insert_step(now, **values) -> int:
         else:
             value = field.get_default()
         params.append(field.get_db_prep_save(value, connection))
-    with connection.cursor() as cursor:
-        cursor.execute(_step_insert(), params)
-        return cursor.fetchone()[0]
+    return params
 
 
 @functools.cache

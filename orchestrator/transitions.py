@@ -215,6 +215,14 @@ def hold_returning_with_history(episode_id: int, attempt: int | None, names: tup
                                                timezone.now(), names, through)  # fmt: skip
 
 
+def hold_and_claim(episode_id: int, attempt: int | None, names: tuple[str, ...], now, step: dict) -> tuple | None:
+    """``hold_returning`` and, only if it held, the INSERT of the Step row ``step`` that claims an env step
+    (orchestrator/episode_loop.py) in one round trip, where the database can (PostgreSQL): (columns, the new step's
+    id or None when that step has a row already), or None when it cannot or the episode was not held."""
+    return hot_sql.hold_and_claim(episode_id, attempt, LIVE, liveness.incarnation(), liveness.node(), now, names,
+                                  step)  # fmt: skip
+
+
 def open_session(episode_id: int, attempt: int, session_key: str) -> bool:
     """A running episode of this attempt that has no episode-bound session yet gets one (orchestrator/sessions.py):
     the first delivery of its framework task opens it; a redelivery finds it open (its first holder died)."""
