@@ -20,6 +20,7 @@ from megaflow_site.celery import app
 from megaflow_site.topology import route_task
 from orchestrator import episode_loop, tasks, transitions
 from orchestrator.models import Dataset, Episode, Run, Step, Task
+from tests.support.sim_loop import captured_loop
 
 E = Episode.Status
 NOBODY = 10**12  # episode ids no test database reaches
@@ -124,15 +125,7 @@ def test_a_publish_that_fails_fails_the_task_that_sent_it(fresh_batcher, monkeyp
 
 @pytest.fixture
 def sent(monkeypatch, settings):
-    settings.MEGAFLOW_ENV_BACKEND = "sim"
-    settings.MEGAFLOW_SIM_EXEC_LATENCY_S = 0.3
-    settings.MEGAFLOW_WARM_POOL_SIZES = {}
-    get_backend.cache_clear()
-    for cache in (episode_loop.cached_run, episode_loop.cached_task, episode_loop.agent_of_run):
-        cache.cache_clear()
-    messages: list[tuple[str, dict]] = []
-    monkeypatch.setattr(episode_loop, "send", lambda name, **kwargs: messages.append((name, kwargs)))
-    yield messages
+    yield captured_loop(monkeypatch, settings, exec_latency_s=0.3)
     get_backend.cache_clear()
 
 

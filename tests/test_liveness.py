@@ -28,6 +28,7 @@ from megaflow_site.celery import app
 from modelserving import service as model_service
 from orchestrator import episode_loop, framework_loop, hot_state, runs, sessions, tasks, transitions
 from orchestrator.models import Dataset, Episode, Run, Step, Task
+from tests.support.sim_loop import captured_loop
 
 # Transactional: a step's claim is an INSERT that may hit the unique index, as between two deliveries.
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -189,14 +190,7 @@ REPLY = "Looking.\n```bash\necho hello\n```"
 
 @pytest.fixture
 def sent(monkeypatch, settings) -> list[tuple[str, dict]]:
-    settings.MEGAFLOW_ENV_BACKEND = "sim"
-    settings.MEGAFLOW_SIM_EXEC_LATENCY_S = 0
-    settings.MEGAFLOW_WARM_POOL_SIZES = {}
-    get_backend.cache_clear()
-    for cache in (episode_loop.cached_run, episode_loop.cached_task, episode_loop.agent_of_run):
-        cache.cache_clear()
-    messages: list[tuple[str, dict]] = []
-    monkeypatch.setattr(episode_loop, "send", lambda name, **kwargs: messages.append((name, kwargs)))
+    messages = captured_loop(monkeypatch, settings)
     monkeypatch.setattr(runs, "send", lambda name, **kwargs: messages.append((name, kwargs)))
     monkeypatch.setattr(runs, "admission_limit", lambda: None)
     yield messages
