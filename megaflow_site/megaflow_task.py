@@ -12,6 +12,9 @@ The one decorator (as Sentry wraps every task once) gives each task:
   episode (megaflow_site/liveness.py), so the watchdog leaves long work alone and re-drives what a dead worker
   held; one that ends in an error (its message acknowledged, the episode held by nobody) is recorded as a drop,
   which the watchdog re-drives at its next look;
+- **what it published, in the broker before it is acknowledged**: the hot hops it sends travel in batches
+  (megaflow_site/hop_batches.py), and the task waits for its own on the way out; a batch's hops each run as their
+  own task would (``run_batch``);
 - **telemetry**: queue wait (from the send time the publisher stamps on every message) and run time, in
   Prometheus histograms labelled by task and queue. The queue wait is also left on
   ``task.request.megaflow_queue_wait_s`` for task code (the probe relay reports it per hop).
@@ -80,8 +83,8 @@ def _record_queue_wait(task) -> None:
         QUEUE_WAIT.labels(task.name, queue_of(task)).observe(request.megaflow_queue_wait_s)
 
 
-# Task name → its body (database retries included): a hop that travels in a batch (orchestrator/hop_batches.py) runs
-# it as its own task would.
+# Task name → its body (database retries included): a hop that travels in a batch (megaflow_site/hop_batches.py)
+# runs it as its own task would.
 _BODIES: dict = {}
 
 
@@ -109,8 +112,7 @@ def run_hop(name: str, queue: str, kwargs: dict, queued_at: float | None = None)
     ``queue``; ``queued_at``: when its publisher handed it over, for the queue wait)."""
     if queued_at is not None:
         QUEUE_WAIT.labels(name, queue).observe(max(0.0, time.time() - queued_at))
-    body = _BODIES[name]
-    return _run_body(name, queue, lambda: body(**kwargs), kwargs)
+    return _run_body(name, queue, lambda: _BODIES[name](**kwargs), kwargs)
 
 
 def megaflow_task(name: str, *, bind: bool = False, **options):
