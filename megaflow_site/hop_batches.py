@@ -35,7 +35,7 @@ from celery import current_app
 from django.conf import settings
 from django.db import connection
 
-from megaflow_site.topology import HOST_KWARG, ROUTING_KWARG, Service, route_task, service_of_task
+from megaflow_site.topology import HOST_KWARG, ROUTING_KWARG, Service, service_of_task
 
 logger = logging.getLogger("megaflow.hop_batches")
 
@@ -65,7 +65,7 @@ class Batcher:
     def __init__(self, window_s: float, max_hops: int):
         self.window_s, self.max_hops = window_s, max_hops
         self.cond = threading.Condition()
-        self.pending: dict[tuple, list] = defaultdict(list)  # (queue, routing kwargs) → [[name, kwargs, queued_at]]
+        self.pending: dict[tuple, list] = defaultdict(list)  # (service, routing kwargs) → [[name, kwargs, queued_at]]
         self.count = 0
         self.ticket = Ticket()
         self.first_at = 0.0
@@ -75,15 +75,15 @@ class Batcher:
         """Queue one hop; the returned ticket is set once it is in the broker."""
         service = service_of_task(name)
         keys = (ROUTING_KWARG[service], HOST_KWARG) if service is Service.ENV else (ROUTING_KWARG[service],)
-        routing = {key: kwargs[key] for key in keys if kwargs.get(key) is not None}
-        queue = route_task(name, (), kwargs, {})["queue"]
+        # What routes a hop routes its batch (megaflow_site/topology.py): the same service, model or pool, and host.
+        routing = tuple(sorted((key, kwargs[key]) for key in keys if kwargs.get(key) is not None))
         with self.cond:
             if self.thread is None or not self.thread.is_alive():
                 self.thread = threading.Thread(target=self._run, name="megaflow-hop-batcher", daemon=True)
                 self.thread.start()
             if not self.count:
                 self.first_at = time.monotonic()
-            self.pending[(queue, service, tuple(sorted(routing.items())))].append([name, kwargs, time.time()])
+            self.pending[(service, routing)].append([name, kwargs, time.time()])
             self.count += 1
             self.cond.notify()
             return self.ticket
@@ -99,7 +99,7 @@ class Batcher:
                 pending, self.pending, self.count = self.pending, defaultdict(list), 0
                 ticket, self.ticket = self.ticket, Ticket()
             try:
-                for (_, service, routing), hops in pending.items():
+                for (service, routing), hops in pending.items():
                     for start in range(0, len(hops), self.max_hops):
                         publish(service, dict(routing), hops[start : start + self.max_hops])
             except BaseException as error:  # noqa: BLE001 -- each waiting task raises it as its own

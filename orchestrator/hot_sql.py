@@ -85,10 +85,12 @@ def hold_returning(episode_id: int, attempt: int | None, live: frozenset[str], h
     """Mark a live episode of ``attempt`` (any attempt if None) as held by ``holder`` and moved now, and return its
     ``names`` columns as they are after that; None when it is not live or of another attempt."""
     with connection.cursor() as cursor:
-        cursor.execute(
-            _hold_update(names, len(live)), [holder, worker, _moment(now), episode_id, *sorted(live), attempt]
-        )
+        cursor.execute(_hold_update(names, len(live)), _hold_values(episode_id, attempt, live, holder, worker, now))
         return _row(Episode, names, cursor.fetchone())
+
+
+def _hold_values(episode_id: int, attempt: int | None, live: frozenset[str], holder: str, worker: str, now) -> list:
+    return [holder, worker, _moment(now), episode_id, *sorted(live), attempt]
 
 
 @functools.cache
@@ -109,7 +111,7 @@ def hold_returning_with_history(episode_id: int, attempt: int | None, live: froz
     if connection.vendor != "postgresql":
         return None
     with connection.cursor() as cursor:
-        params = [holder, worker, _moment(now), episode_id, *sorted(live), attempt, episode_id, through]
+        params = [*_hold_values(episode_id, attempt, live, holder, worker, now), episode_id, through]
         cursor.execute(_hold_with_history(names, len(live)), params)
         rows = cursor.fetchall()
     if not rows:
@@ -155,11 +157,14 @@ def _step_fields():
 
 @functools.cache
 def _step_insert() -> str:
+    columns, values = _step_columns()
+    return f"INSERT INTO {Step._meta.db_table} ({columns}) VALUES ({values}) RETURNING id"
+
+
+def _step_columns() -> tuple[str, str]:
+    """A Step INSERT's column list and its placeholders, every field but the id (``_step_values`` fills them)."""
     fields = _step_fields()
-    return (
-        f"INSERT INTO {Step._meta.db_table} ({', '.join(_columns(Step, [field.name for field in fields]))})"
-        f" VALUES ({', '.join(['%s'] * len(fields))}) RETURNING id"
-    )
+    return ", ".join(_columns(Step, [field.name for field in fields])), ", ".join(["%s"] * len(fields))
 
 
 def insert_step(now, **values) -> int:
@@ -172,8 +177,7 @@ def insert_step(now, **values) -> int:
 
 @functools.cache
 def _hold_and_claim(names: tuple[str, ...], live: int) -> str:
-    fields = _step_fields()
-    columns, values = ", ".join(_columns(Step, [field.name for field in fields])), ", ".join(["%s"] * len(fields))
+    columns, values = _step_columns()
     # Only where the hold happened; a step that has its row already (another delivery's) inserts nothing.
     return (
         f"WITH held AS ({_hold_update(names, live)}),"
@@ -191,7 +195,7 @@ def hold_and_claim(episode_id: int, attempt: int | None, live: frozenset[str], h
     if connection.vendor != "postgresql":
         return None
     with connection.cursor() as cursor:
-        hold = [holder, worker, _moment(now), episode_id, *sorted(live), attempt]
+        hold = _hold_values(episode_id, attempt, live, holder, worker, now)
         cursor.execute(_hold_and_claim(names, len(live)), [*hold, *_step_values(now, values)])
         row = cursor.fetchone()
     return None if row is None else (_row(Episode, names, row[:-1]), row[-1])
