@@ -47,7 +47,7 @@ from megaflow_site import hop_batches, liveness
 from modelserving import service as model_service
 from modelserving.backend import GenerationRequest, SamplingParams
 from modelserving.token_prompts import PreviousTurn
-from orchestrator import costs, hot_sql, staleness, transitions
+from orchestrator import costs, hot_sql, packed, staleness, transitions
 from orchestrator.db import release_connection
 from orchestrator.hot_state import RAMPING_KEY, ask_for_admission, redis_client
 from orchestrator.models import Episode, Run, Step, Task
@@ -362,9 +362,17 @@ TURN_FIELDS = ("model_input", "prompt_prefix_len", "prompt_ids", "completion_ids
                "finish_reason", "sampling", "model_name", "model_version")  # fmt: skip
 
 
+# The turn's fields that travel packed (``packed.to_wire``).
+PACKED_FIELDS = frozenset(("prompt_ids", "completion_ids", "logprobs"))
+
+
 def _turn(turn: dict | None) -> dict:
-    """What of a turn's message its Step row records (``TURN_FIELDS``)."""
-    return {key: value for key, value in (turn or {}).items() if key in TURN_FIELDS and value is not None}
+    """What of a turn's message its Step row records (``TURN_FIELDS``): the packed ones as their bytes."""
+    return {
+        key: packed.from_wire(value) if key in PACKED_FIELDS else value
+        for key, value in (turn or {}).items()
+        if key in TURN_FIELDS and value is not None
+    }
 
 
 def _claim_step(episode_id: int, step: int, reply: str, turn: dict | None = None) -> Step | None:
@@ -531,9 +539,10 @@ def episode_turn(episode_id: int, step: int, model: str, attempt: int | None = N
         turn={
             "model_input": prompt.new_messages,
             "prompt_prefix_len": prompt.prefix_len,
-            "prompt_ids": prompt.appended_ids,
-            "completion_ids": generation.token_ids,
-            "logprobs": generation.logprobs,
+            # Packed, as base64 (orchestrator/packed.py): the env worker stores these bytes as they come.
+            "prompt_ids": packed.to_wire(prompt.appended_ids, packed.INT32),
+            "completion_ids": packed.to_wire(generation.token_ids, packed.INT32),
+            "logprobs": packed.to_wire(generation.logprobs, packed.FLOAT64),
             "prefix_consistent": prompt.consistent,
             "finish_reason": generation.finish_reason,
             "sampling": request.sampling.as_dict(),  # not request.as_dict(): that copies every prompt id

@@ -5,6 +5,8 @@ from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models
 from django.db.models import Q
 
+from orchestrator.packed import FLOAT64, INT32, PackedArrayField
+
 
 class Dataset(models.Model):
     """A named collection of tasks, e.g. the bundled ``swe_mini`` suite or an imported SWE-bench split."""
@@ -274,9 +276,14 @@ class Step(models.Model):
     # Token in, token out (null where the backend gives no ids). The prompt is stored linearly: this turn's
     # prompt is the previous turn's prompt + completion cut to ``prompt_prefix_len``, then ``prompt_ids``.
     prompt_prefix_len = models.PositiveIntegerField(null=True, blank=True)
-    prompt_ids = models.JSONField(null=True, blank=True, help_text="Ids appended after the shared prefix.")
-    completion_ids = models.JSONField(null=True, blank=True)
-    logprobs = models.JSONField(null=True, blank=True, help_text="Sampling logprob of every completion id.")
+    # Packed (orchestrator/packed.py): the hot path writes and reads them as bytes; the ORM gives lists.
+    prompt_ids = PackedArrayField(
+        typecode=INT32, null=True, blank=True, help_text="Ids appended after the shared prefix."
+    )
+    completion_ids = PackedArrayField(typecode=INT32, null=True, blank=True)
+    logprobs = PackedArrayField(
+        typecode=FLOAT64, null=True, blank=True, help_text="Sampling logprob of every completion id."
+    )
     prefix_consistent = models.BooleanField(
         null=True, blank=True, help_text="The prompt extends the previous turn's prompt + completion exactly."
     )
