@@ -166,6 +166,9 @@ else:
         _database["CONN_MAX_AGE"] = 0  # Django refuses persistent connections beside a pool
         _database["CONN_HEALTH_CHECKS"] = False
         _database.setdefault("OPTIONS", {})["pool"] = {"min_size": 1, "max_size": DB_POOL_SIZE, "timeout": 60}
+    # The hot path's statements (orchestrator/hot_sql.py, bound on the server) are prepared once they have run this
+    # many times on a connection; Django's own cursors bind on the client and never are. Django's default is never.
+    _database.setdefault("OPTIONS", {})["prepare_threshold"] = env_int("MEGAFLOW_DB_PREPARE_THRESHOLD", 5)
 DATABASES = {"default": _database}
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
