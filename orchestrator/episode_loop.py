@@ -593,10 +593,5 @@ def _previous_turn(episode: Live, step: int, model: str, agent: Agent, view: Tas
         return PreviousTurn(agent.messages(view, history[:-1]), last.reply, None)
     if cached := _turns.get((episode.id, episode.attempt), step - 1, last.reply):
         return cached
-    ids: list[int] | None = []
-    for prefix_len, appended, completion in hot_sql.prompt_ids(episode.id, step):
-        if appended is None or completion is None:
-            ids = None  # a turn without ids (the model changed backend?): the next prompt is rendered whole
-            break
-        ids = ids[: prefix_len or 0] + appended + completion
-    return PreviousTurn(agent.messages(view, history[:-1]), last.reply, ids)
+    # None where a turn had no ids (the model changed backend?): the next prompt is then rendered whole.
+    return PreviousTurn(agent.messages(view, history[:-1]), last.reply, hot_sql.turn_ids(episode.id, step))

@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from django.db import connection
 
 from orchestrator.models import Episode, Step
-from orchestrator.packed import PackedArrayField, unpack
+from orchestrator.packed import PackedArrayField, join_turns, unpack
 
 # Portable SQL: PostgreSQL, and SQLite for the embedded default. Values cross as the ORM would send and read them:
 # datetimes through the backend's own adaptation (SQLite keeps them as naive UTC text), JSON as text.
@@ -167,9 +167,12 @@ def history(episode_id: int, through: int) -> list[tuple[int, str, str, datetime
     return _steps(episode_id, HISTORY, "<=", through)
 
 
-def prompt_ids(episode_id: int, before: int) -> list[tuple[int | None, list | None, list | None]]:
-    """(prompt_prefix_len, prompt_ids, completion_ids) of the steps before ``before``, in order."""
-    return _steps(episode_id, PROMPT_IDS, "<", before)
+def turn_ids(episode_id: int, before: int) -> list[int] | None:
+    """The ids the model saw and produced on the turn before ``before`` (its prompt, then its completion), joined
+    from every earlier step's packed ids without a list in between; None where a turn has none."""
+    with _cursor() as cursor:
+        cursor.execute(_steps_select(PROMPT_IDS, "<"), [episode_id, before])
+        return join_turns(cursor.fetchall())
 
 
 @functools.cache

@@ -45,6 +45,21 @@ def unpack(data: bytes | memoryview | None, typecode: str) -> list | None:
     return values.tolist()
 
 
+def join_turns(turns) -> list[int] | None:
+    """The ids of the last of ``turns`` as the model saw and produced them. Each turn is (prompt_prefix_len,
+    prompt_ids, completion_ids), the ids packed: its prompt is the previous turn's prompt + completion cut to
+    ``prompt_prefix_len``, then its ``prompt_ids``. None when a turn has no ids (the model changed backend?)."""
+    width = array(INT32).itemsize
+    joined = bytearray()
+    for prefix_len, appended, completion in turns:
+        if appended is None or completion is None:
+            return None
+        del joined[(prefix_len or 0) * width :]
+        joined += appended
+        joined += completion
+    return unpack(joined, INT32)
+
+
 def to_wire(values: Sequence | None, typecode: str) -> str | None:
     """What a message carries: the packed bytes as base64 text (the messages are JSON)."""
     packed = pack(values, typecode)

@@ -50,7 +50,19 @@ def test_what_a_turn_message_carries_is_stored_as_it_came_and_read_as_lists(epis
     step_id = hot_sql.insert_step(episode.created_at, episode_id=episode.pk, index=0, **values)
     step = Step.objects.get(pk=step_id)
     assert (step.prompt_ids, step.completion_ids, step.logprobs) == (IDS, [5, 6], [-0.5, -0.25])
-    assert hot_sql.prompt_ids(episode.pk, 1) == [(None, IDS, [5, 6])]  # what the next turn's prompt is built from
+    assert hot_sql.turn_ids(episode.pk, 1) == IDS + [5, 6]  # what the next turn's prompt extends
+
+
+def test_a_turns_ids_are_the_last_prompt_cut_to_its_prefix_then_what_it_added(episode):
+    turns = [(None, [1, 2, 3], [4, 5]), (4, [6], [7, 8]), (2, [9], [10])]  # the second kept 4, the third 2
+    for index, (prefix_len, appended, completion) in enumerate(turns):
+        Step.objects.create(episode=episode, index=index, prompt_prefix_len=prefix_len, prompt_ids=appended,
+                            completion_ids=completion)  # fmt: skip
+    assert hot_sql.turn_ids(episode.pk, 1) == [1, 2, 3, 4, 5]
+    assert hot_sql.turn_ids(episode.pk, 2) == [1, 2, 3, 4, 6, 7, 8]
+    assert hot_sql.turn_ids(episode.pk, 3) == [1, 2, 9, 10]
+    Step.objects.filter(episode=episode, index=1).update(completion_ids=None)  # a turn without ids
+    assert hot_sql.turn_ids(episode.pk, 3) is None
 
 
 def test_a_turn_published_before_ids_were_packed_is_still_recorded(episode):
