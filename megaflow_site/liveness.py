@@ -58,6 +58,8 @@ from celery import signals
 from django.conf import settings
 from kombu.transport.redis import PRIORITY_STEPS, Channel
 
+from megaflow_site.redis_pool import pooled_client
+
 PRIORITY_SEP = Channel.sep  # kombu's queue name + sep + priority step names a queue's lower-priority lists
 
 logger = logging.getLogger("megaflow.liveness")
@@ -152,7 +154,7 @@ def _let_go(task_id=None, request=None, **_) -> None:
 @functools.cache
 def client() -> redis.Redis:
     # Short timeouts: a heartbeat or a watchdog that waits on a broker that went away only delays recovery.
-    return redis.Redis.from_url(settings.REDIS_URL, decode_responses=True, socket_connect_timeout=3, socket_timeout=5)
+    return pooled_client(settings.REDIS_URL, decode_responses=True, socket_connect_timeout=3, socket_timeout=5)
 
 
 def heartbeat_s() -> float:

@@ -243,6 +243,10 @@ LOGGING = {
 
 # --- Services ------------------------------------------------------------------------------------------------
 REDIS_URL = env_str("MEGAFLOW_REDIS_URL", "redis://127.0.0.1:6379/0")
+# A process's Redis clients (hot state, liveness) share one pool each that waits this long for a free connection
+# when all of them are in use, instead of failing (megaflow_site/redis_pool.py).
+REDIS_MAX_CONNECTIONS = env_int("MEGAFLOW_REDIS_MAX_CONNECTIONS", 256)
+REDIS_POOL_TIMEOUT_S = env_float("MEGAFLOW_REDIS_POOL_TIMEOUT_S", 30.0)
 # The environment service's default image: bookworm + python3 + git + pytest, built by deploy/bootstrap.sh.
 MEGAFLOW_BASE_IMAGE = env_str("MEGAFLOW_BASE_IMAGE", "megaflow/base:bookworm")
 # Model names and environment pools that have queues; the first of each is the default.
