@@ -166,9 +166,12 @@ else:
         _database["CONN_MAX_AGE"] = 0  # Django refuses persistent connections beside a pool
         _database["CONN_HEALTH_CHECKS"] = False
         _database.setdefault("OPTIONS", {})["pool"] = {"min_size": 1, "max_size": DB_POOL_SIZE, "timeout": 60}
-    # The hot path's statements (orchestrator/hot_sql.py, bound on the server) are prepared once they have run this
-    # many times on a connection; Django's own cursors bind on the client and never are. Django's default is never.
-    _database.setdefault("OPTIONS", {})["prepare_threshold"] = env_int("MEGAFLOW_DB_PREPARE_THRESHOLD", 5)
+    # Parameters bound on the server, and a statement prepared once it has run this many times on a (pooled,
+    # long-lived) connection: PostgreSQL stops parsing and planning the hot path's statements and the ORM's
+    # transitions, and no parameter is quoted into the SQL text. Django's defaults: bound on the client, never
+    # prepared. A statement then holds at most 65,535 parameters (orchestrator/db.py sizes bulk inserts for it).
+    _database.setdefault("OPTIONS", {})["server_side_binding"] = True
+    _database["OPTIONS"]["prepare_threshold"] = env_int("MEGAFLOW_DB_PREPARE_THRESHOLD", 5)
 DATABASES = {"default": _database}
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 

@@ -12,3 +12,13 @@ def release_connection() -> None:
     """
     if not connection.in_atomic_block:
         connection.close()
+
+
+# PostgreSQL's protocol carries at most this many parameters a statement, and with server-side binding
+# (megaflow_site/settings.py) a bulk INSERT that Django cannot write as UNNEST puts one per field of every row in it.
+MAX_PARAMETERS = 65_535
+
+
+def bulk_batch_size(model) -> int:
+    """Rows a ``bulk_create`` of ``model`` may send in one statement."""
+    return max(1, MAX_PARAMETERS // len(model._meta.concrete_fields))

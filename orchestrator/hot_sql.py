@@ -23,21 +23,6 @@ from orchestrator.packed import PackedArrayField, join_turns, unpack
 # datetimes through the backend's own adaptation (SQLite keeps them as naive UTC text), JSON as text.
 
 
-def _cursor():
-    """The hot path's cursor. On PostgreSQL it binds parameters on the server: psycopg prepares a statement once it
-    has run five times on a (pooled, long-lived) connection, so PostgreSQL stops parsing and planning it on every
-    call, and a turn's packed ids travel as bytes instead of being quoted into the SQL text. Django's own cursors
-    (everything off the hot path) keep client-side binding."""
-    if connection.vendor != "postgresql":
-        return connection.cursor()
-    from django.db.backends.postgresql.base import ServerBindingCursor
-
-    connection.close_if_health_check_failed()
-    connection.ensure_connection()
-    with connection.wrap_database_errors:
-        return connection._prepare_cursor(ServerBindingCursor(connection.connection))
-
-
 def _columns(model, names) -> list[str]:
     return [connection.ops.quote_name(model._meta.get_field(name).column) for name in names]
 
@@ -97,7 +82,7 @@ def _hold_update(names: tuple[str, ...], live: int) -> str:
 
 def episode_row(episode_id: int, names: tuple[str, ...]) -> tuple | None:
     """The episode's ``names`` columns (Episode field names), or None if it is gone."""
-    with _cursor() as cursor:
+    with connection.cursor() as cursor:
         cursor.execute(_episode_select(names), [episode_id])
         return _row(Episode, names, cursor.fetchone())
 
@@ -106,7 +91,7 @@ def hold_returning(episode_id: int, attempt: int | None, live: frozenset[str], h
                    names: tuple[str, ...]) -> tuple | None:  # fmt: skip
     """Mark a live episode of ``attempt`` (any attempt if None) as held by ``holder`` and moved now, and return its
     ``names`` columns as they are after that; None when it is not live or of another attempt."""
-    with _cursor() as cursor:
+    with connection.cursor() as cursor:
         cursor.execute(_hold_update(names, len(live)), _hold_values(episode_id, attempt, live, holder, worker, now))
         return _row(Episode, names, cursor.fetchone())
 
@@ -132,7 +117,7 @@ def hold_returning_with_history(episode_id: int, attempt: int | None, live: froz
     steps up to ``through``; None when it is not live or of another attempt, or on SQLite (ask for each alone)."""
     if connection.vendor != "postgresql":
         return None
-    with _cursor() as cursor:
+    with connection.cursor() as cursor:
         params = [*_hold_values(episode_id, attempt, live, holder, worker, now), episode_id, through]
         cursor.execute(_hold_with_history(names, len(live)), params)
         rows = cursor.fetchall()
@@ -153,7 +138,7 @@ def _steps_select(names: tuple[str, ...], through: str) -> str:
 
 
 def _steps(episode_id: int, names: tuple[str, ...], through: str, index: int) -> list[tuple]:
-    with _cursor() as cursor:
+    with connection.cursor() as cursor:
         cursor.execute(_steps_select(names, through), [episode_id, index])
         return [_row(Step, names, row) for row in cursor.fetchall()]
 
@@ -170,7 +155,7 @@ def history(episode_id: int, through: int) -> list[tuple[int, str, str, datetime
 def turn_ids(episode_id: int, before: int) -> list[int] | None:
     """The ids the model saw and produced on the turn before ``before`` (its prompt, then its completion), joined
     from every earlier step's packed ids without a list in between; None where a turn has none."""
-    with _cursor() as cursor:
+    with connection.cursor() as cursor:
         cursor.execute(_steps_select(PROMPT_IDS, "<"), [episode_id, before])
         return join_turns(cursor.fetchall())
 
@@ -195,7 +180,7 @@ def _step_columns() -> tuple[str, str]:
 def insert_step(now, **values) -> int:
     """Insert a Step row (Step field names → values; every other field takes its default, ``created_at`` is
     ``now``) and return its id. Raises IntegrityError when the episode already has a step of that index."""
-    with _cursor() as cursor:
+    with connection.cursor() as cursor:
         cursor.execute(_step_insert(), _step_values(now, values))
         return cursor.fetchone()[0]
 
@@ -219,7 +204,7 @@ def hold_and_claim(episode_id: int, attempt: int | None, live: frozenset[str], h
     index already); None when the episode was not held, or on SQLite (ask for each alone)."""
     if connection.vendor != "postgresql":
         return None
-    with _cursor() as cursor:
+    with connection.cursor() as cursor:
         hold = _hold_values(episode_id, attempt, live, holder, worker, now)
         cursor.execute(_hold_and_claim(names, len(live)), [*hold, *_step_values(now, values)])
         row = cursor.fetchone()
@@ -257,7 +242,7 @@ RESULT_FIELDS = ("action", "observation", "exit_code", "model_latency_s", "env_l
 def record_step(step_id: int, claimed_at, **result) -> bool:
     """Write a step's result (``RESULT_FIELDS``) while its claim is still the one made at ``claimed_at`` and it
     has none yet: False when the claim was taken over."""
-    with _cursor() as cursor:
+    with connection.cursor() as cursor:
         cursor.execute(_step_result_update(), _result_values(step_id, claimed_at, result))
         return cursor.rowcount == 1
 
@@ -286,7 +271,7 @@ def count_step(episode_id: int, attempt: int, running: str, steps: int, prompt_t
                model_s: float, env_worker_s: float, now) -> bool:  # fmt: skip
     """A running episode of ``attempt`` has ``steps`` steps now, and the step's tokens and seconds added to its
     counts and its cost (orchestrator/costs.py); False when it moved on (cancelled, retried)."""
-    with _cursor() as cursor:
+    with connection.cursor() as cursor:
         cursor.execute(_COUNT_UPDATE, _count_values(episode_id, attempt, running, steps, prompt_tokens,
                                                     completion_tokens, model_s, env_worker_s, now))  # fmt: skip
         return cursor.rowcount == 1
@@ -308,7 +293,7 @@ def record_and_count_step(step_id: int, claimed_at, result: dict, **count) -> tu
     if connection.vendor != "postgresql":
         recorded = record_step(step_id, claimed_at, **result)
         return recorded, recorded and count_step(**count)
-    with _cursor() as cursor:
+    with connection.cursor() as cursor:
         cursor.execute(_record_and_count(), [*_result_values(step_id, claimed_at, result), *_count_values(**count)])
         recorded, counted = cursor.fetchone()
         return recorded == 1, counted == 1

@@ -23,6 +23,7 @@ from megaflow_site.topology import FRAMEWORK_QUEUE, Service, host_queue_name, qu
 from orchestrator import transitions
 from orchestrator.api.serializers import RunSerializer
 from orchestrator.autoscale import admission_limit
+from orchestrator.db import bulk_batch_size
 from orchestrator.episode_loop import agent_of_run, finished, read_live, release, send
 from orchestrator.hot_state import ADMIT_AGAIN, RAMPING_KEY, RAMPING_TTL_S, redis_client
 from orchestrator.models import Episode, Run, Step
@@ -74,6 +75,7 @@ def start_run(run_id: int) -> int:
             for sample in range(run.samples_per_task)
         ],
         ignore_conflicts=True,
+        batch_size=bulk_batch_size(Episode),
     )
     transitions.start_run(run_id)
     admit()

@@ -19,6 +19,7 @@ from django.db import transaction
 
 from envs import image_reference
 from envs.test_results import LOG_PARSERS
+from orchestrator.db import bulk_batch_size
 from orchestrator.models import Dataset, Task, archive_storage_name
 
 DEFAULT_WORKDIR = "/testbed"
@@ -269,7 +270,7 @@ def store_dataset(specs: list[TaskSpec], name: str, description: str = "", sourc
     )
     tasks = [build_task(dataset, spec) for spec in specs]
     if created:
-        Task.objects.bulk_create(tasks)
+        Task.objects.bulk_create(tasks, batch_size=bulk_batch_size(Task))
         return dataset
     stored = dict(dataset.tasks.values_list("instance_id", "spec_sha256"))
     wanted = {task.instance_id: task.spec_sha256 for task in tasks}
