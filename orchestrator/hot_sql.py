@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from django.db import connection
 
 from orchestrator.models import Episode, Step
-from orchestrator.packed import PackedArrayField, join_turns, unpack
+from orchestrator.packed import join_turns
 
 # Portable SQL: PostgreSQL, and SQLite for the embedded default. Values cross as the ORM would send and read them:
 # datetimes through the backend's own adaptation (SQLite keeps them as naive UTC text), JSON as text.
@@ -48,14 +48,8 @@ def _json(value):
 @functools.cache
 def _readers(model, names: tuple[str, ...]) -> tuple:
     """Per column of ``names``: how its value is read back, or None to take it as it comes."""
-    return tuple(_reader(model._meta.get_field(name)) for name in names)
-
-
-def _reader(field):
-    if isinstance(field, PackedArrayField):
-        return functools.partial(unpack, typecode=field.typecode)
-    kind = field.get_internal_type()
-    return _read_moment if kind == "DateTimeField" else _json if kind == "JSONField" else None
+    kinds = [model._meta.get_field(name).get_internal_type() for name in names]
+    return tuple(_read_moment if kind == "DateTimeField" else _json if kind == "JSONField" else None for kind in kinds)
 
 
 def _row(model, names: tuple[str, ...], row: tuple | None) -> tuple | None:
