@@ -8,10 +8,11 @@ import os
 
 from celery import Celery, signals
 
-from megaflow_site import preflight, topology
+from megaflow_site import broker, preflight, topology
 from megaflow_site.config_errors import ConfigError, exit_with
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "megaflow_site.settings")
+broker.install()  # redis:// through megaflow_site/broker.py: one Redis client per channel, not one per command
 
 app = Celery("megaflow")
 app.config_from_object("django.conf:settings", namespace="CELERY")

@@ -1,0 +1,55 @@
+"""The Celery app's Redis transport (megaflow_site/broker.py): kombu's, with one client per channel. Real Redis."""
+
+import threading
+import uuid
+
+from kombu import Connection
+
+from megaflow_site import broker
+from megaflow_site.celery import app
+
+
+def test_the_app_connects_through_the_transport_under_redis_urls():
+    with app.connection_for_write() as connection:
+        assert isinstance(connection.default_channel, broker.Channel)
+        assert connection.as_uri().startswith("redis://")  # what Flower's broker view reads the scheme from
+
+
+def test_one_client_serves_every_command_and_thread_of_a_channel():
+    with app.connection_for_write() as connection:
+        channel = connection.default_channel
+        seen = []
+
+        def take():
+            with channel.conn_or_acquire() as client:
+                seen.append(client)
+
+        threads = [threading.Thread(target=take) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert len({id(client) for client in seen}) == 1
+        assert channel.client is not seen[0]  # the consume loop keeps its own
+
+
+def test_publish_consume_and_ack_round_trip(settings):
+    queue = f"test-broker-{uuid.uuid4().hex}"
+    with Connection(settings.CELERY_BROKER_URL) as connection:
+        assert isinstance(connection.default_channel, broker.Channel)
+        simple = connection.SimpleQueue(queue)
+        try:
+            for index in range(3):
+                simple.put({"index": index})
+            received = [simple.get(timeout=5) for _ in range(3)]
+            assert [message.payload["index"] for message in received] == [0, 1, 2]
+            channel, tags = connection.default_channel, [message.delivery_tag for message in received]
+            with channel.conn_or_acquire() as client:
+                assert all(client.hmget(channel.unacked_key, tags))  # each delivery kept until it is acknowledged
+                for message in received:
+                    message.ack()
+                assert not any(client.hmget(channel.unacked_key, tags))
+                assert client.llen(queue) == 0
+        finally:
+            simple.queue.delete()
+            simple.close()
