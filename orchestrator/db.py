@@ -22,3 +22,24 @@ MAX_PARAMETERS = 65_535
 def bulk_batch_size(model) -> int:
     """Rows a ``bulk_create`` of ``model`` may send in one statement."""
     return max(1, MAX_PARAMETERS // len(model._meta.concrete_fields))
+
+
+def gather_statistics(*models) -> list[str]:
+    """ANALYZE the tables of ``models`` that PostgreSQL has never gathered statistics for; returns those tables.
+
+    Without any, the planner cannot tell a unique key from a column of a few values: a prepared statement's generic
+    plan then found a step's episode (``WHERE id = %s AND status = %s``) by scanning the status index, every row of
+    that status, on every step (1,000 rows a step at 1,000 concurrent episodes, until autovacuum's first analyze, and
+    never where autovacuum is off). A run's episodes are a bulk load into a table the hot path reads by key, so the
+    run's start looks (orchestrator/runs.py); once a table has statistics, autovacuum keeps them.
+    """
+    if connection.vendor != "postgresql":
+        return []
+    tables = [model._meta.db_table for model in models]
+    with connection.cursor() as cursor:
+        # reltuples is -1 until a table is first analyzed or vacuumed (PostgreSQL 14 and later).
+        cursor.execute("SELECT relname FROM pg_class WHERE oid = ANY(%s::regclass[]) AND reltuples < 0", [tables])
+        never = [name for (name,) in cursor.fetchall()]
+        for table in never:
+            cursor.execute(f"ANALYZE {connection.ops.quote_name(table)}")
+    return never

@@ -186,7 +186,9 @@ class Episode(models.Model):
 
     TERMINAL = frozenset({Status.SUCCEEDED, Status.FAILED, Status.TIMED_OUT, Status.CANCELLED})
 
-    run = models.ForeignKey(Run, on_delete=models.CASCADE, related_name="episodes")
+    # No index of its own: episode_run_status and episode_unique_sample both lead with the run (one index fewer to
+    # write on every insert and every non-HOT update).
+    run = models.ForeignKey(Run, on_delete=models.CASCADE, related_name="episodes", db_index=False)
     task = models.ForeignKey(Task, on_delete=models.PROTECT, related_name="episodes")
     sample_index = models.PositiveIntegerField()
     attempt = models.PositiveSmallIntegerField(default=1)
@@ -236,8 +238,11 @@ class Episode(models.Model):
         indexes = [
             models.Index(fields=["run", "status"], name="episode_run_status"),
             # Fleet-wide by status: admission and the autoscaler count live episodes, metrics count every status,
-            # and the watchdog looks for live ones not updated since a cutoff.
-            models.Index(fields=["status", "updated_at"], name="episode_status_updated"),
+            # and the watchdog looks for live ones not updated since a cutoff (filtering updated_at on the rows).
+            # Not updated_at in the index: every hop moves it, and an update that changes an indexed column cannot
+            # be a heap-only (HOT) update, so each hop wrote an entry into every index of the table and left the
+            # old ones to walk past (migration 0012; agents/README.md, "Where a step's time goes").
+            models.Index(fields=["status"], name="episode_status"),
             # The reaper asks which live episodes hold the containers it found.
             models.Index(fields=["container_id"], name="episode_container"),
             # The gateway finds an episode-bound session's episode by its key on every call.
@@ -255,7 +260,8 @@ class Episode(models.Model):
 class Step(models.Model):
     """One turn of a trajectory: what the model saw and said, the action run, and what the sandbox answered."""
 
-    episode = models.ForeignKey(Episode, on_delete=models.CASCADE, related_name="steps")
+    # No index of its own: step_unique_index leads with the episode.
+    episode = models.ForeignKey(Episode, on_delete=models.CASCADE, related_name="steps", db_index=False)
     index = models.PositiveIntegerField()
     model_input = models.JSONField(
         default=list,

@@ -23,7 +23,7 @@ from megaflow_site.topology import FRAMEWORK_QUEUE, Service, host_queue_name, qu
 from orchestrator import transitions
 from orchestrator.api.serializers import RunSerializer
 from orchestrator.autoscale import admission_limit
-from orchestrator.db import bulk_batch_size
+from orchestrator.db import bulk_batch_size, gather_statistics
 from orchestrator.episode_loop import agent_of_run, finished, read_live, release, send
 from orchestrator.hot_state import ADMIT_AGAIN, RAMPING_KEY, RAMPING_TTL_S, redis_client
 from orchestrator.models import Episode, Run, Step
@@ -77,6 +77,7 @@ def start_run(run_id: int) -> int:
         ignore_conflicts=True,
         batch_size=bulk_batch_size(Episode),
     )
+    gather_statistics(Episode, Step)
     transitions.start_run(run_id)
     admit()
     return run.episodes.count()

@@ -1,0 +1,100 @@
+"""A hop updates its episode in place: no index of the episode table covers a column the hot path writes, so on
+PostgreSQL each hold and each step's count is a heap-only (HOT) update, which writes no index entry and leaves no
+dead version in any index (migration 0012). Real PostgreSQL."""
+
+import pytest
+from django.db import connection
+from django.utils import timezone
+
+from orchestrator import db, hot_sql, transitions
+from orchestrator.episode_loop import LIVE_FIELDS
+from orchestrator.models import Dataset, Episode, Run, Task
+
+pytestmark = [
+    pytest.mark.django_db,
+    pytest.mark.skipif(connection.vendor != "postgresql", reason="HOT updates and fillfactor are PostgreSQL's"),
+]
+
+# What a hold (hot_sql._hold_update) and a step's count (hot_sql._COUNT_UPDATE) write, per hop.
+HOT_COLUMNS = {"holder", "worker", "updated_at", "step_count", "prompt_tokens", "completion_tokens",
+               "cost_prompt_tokens", "cost_completion_tokens", "model_s", "env_worker_s"}  # fmt: skip
+
+
+@pytest.fixture
+def running():
+    dataset = Dataset.objects.create(name="d")
+    task = Task.objects.create(dataset=dataset, instance_id="t-1", problem_statement="p", test_command="true")
+    run = Run.objects.create(model_name="sim")
+    run.tasks.add(task)
+    return Episode.objects.create(run=run, task=task, sample_index=0, status=Episode.Status.RUNNING)
+
+
+def indexed_columns(table: str) -> set[str]:
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT DISTINCT a.attname FROM pg_index i JOIN pg_attribute a"
+            " ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey) WHERE i.indrelid = %s::regclass",
+            [table],
+        )
+        return {name for (name,) in cursor.fetchall()}
+
+
+def hot_updates_so_far() -> tuple[int, int]:
+    """This transaction's (updates, HOT updates) of the episode table (the test runs inside one)."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT pg_stat_get_xact_tuples_updated(%s::regclass), pg_stat_get_xact_tuples_hot_updated(%s::regclass)",
+            [Episode._meta.db_table] * 2,
+        )
+        return cursor.fetchone()
+
+
+def test_no_index_of_the_episode_table_covers_a_column_a_hop_writes():
+    assert indexed_columns(Episode._meta.db_table) & HOT_COLUMNS == set()
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT reloptions FROM pg_class WHERE oid = %s::regclass", [Episode._meta.db_table])
+        assert "fillfactor=70" in cursor.fetchone()[0]  # room on each page for the next version of its rows
+
+
+def test_holds_and_step_counts_are_heap_only_updates(running):
+    updates, hot = hot_updates_so_far()
+    for step in range(10):
+        assert transitions.hold_returning(running.pk, running.attempt, LIVE_FIELDS)
+        assert hot_sql.count_step(running.pk, running.attempt, Episode.Status.RUNNING, step + 1, 100, 20, 1.0, 0.5,
+                                  timezone.now())  # fmt: skip
+    more_updates, more_hot = hot_updates_so_far()
+    assert more_updates - updates == 20
+    assert more_hot - hot == 20
+    running.refresh_from_db()
+    assert running.step_count == 10 and running.prompt_tokens == 1000
+
+
+def test_a_transition_still_finds_the_episode_by_its_status(running):
+    assert list(Episode.objects.filter(status__in=transitions.LIVE).values_list("pk", flat=True)) == [running.pk]
+
+
+def generic_plan_of_a_steps_count() -> str:
+    with connection.cursor() as cursor:
+        cursor.execute("SET LOCAL plan_cache_mode = force_generic_plan")
+        cursor.execute("PREPARE counting(bigint, text, int) AS UPDATE orchestrator_episode SET step_count = 1"
+                       " WHERE id = $1 AND status = $2 AND attempt = $3")  # fmt: skip
+        cursor.execute("EXPLAIN EXECUTE counting(1, 'running', 0)")
+        plan = "\n".join(line for (line,) in cursor.fetchall())
+        cursor.execute("DEALLOCATE counting")
+    return plan
+
+
+def test_a_runs_start_gathers_the_statistics_a_table_never_had(running):
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT reltuples FROM pg_class WHERE oid = %s::regclass", [Episode._meta.db_table])
+        if cursor.fetchone()[0] >= 0:
+            pytest.skip("a committed run analyzed the episode table of this test database already")
+    Episode.objects.bulk_create(
+        Episode(run=running.run, task=running.task, sample_index=index, status=Episode.Status.RUNNING)
+        for index in range(1, 2000)
+    )
+    # No statistics: the generic plan takes the status index (every running episode, for one).
+    assert "episode_status" in generic_plan_of_a_steps_count()
+    assert db.gather_statistics(Episode) == [Episode._meta.db_table]
+    assert db.gather_statistics(Episode) == []  # once
+    assert "orchestrator_episode_pkey" in generic_plan_of_a_steps_count()  # by its key
