@@ -77,7 +77,8 @@ def start_run(run_id: int) -> int:
         ignore_conflicts=True,
         batch_size=bulk_batch_size(Episode),
     )
-    gather_statistics(Episode, Step)
+    # Not the steps: analyzed while still empty, their table would plan every later read of it as a scan.
+    gather_statistics(Episode)
     transitions.start_run(run_id)
     admit()
     return run.episodes.count()
