@@ -186,7 +186,7 @@ class Episode(models.Model):
 
     TERMINAL = frozenset({Status.SUCCEEDED, Status.FAILED, Status.TIMED_OUT, Status.CANCELLED})
 
-    # No index of its own: episode_run_status and episode_unique_sample both lead with the run (one index fewer to
+    # No index of its own: episode_run_status_id and episode_unique_sample both lead with the run (one index fewer to
     # write on every insert and every non-HOT update).
     run = models.ForeignKey(Run, on_delete=models.CASCADE, related_name="episodes", db_index=False)
     task = models.ForeignKey(Task, on_delete=models.PROTECT, related_name="episodes")
@@ -236,7 +236,9 @@ class Episode(models.Model):
             models.UniqueConstraint(fields=["run", "task", "sample_index"], name="episode_unique_sample"),
         ]
         indexes = [
-            models.Index(fields=["run", "status"], name="episode_run_status"),
+            # A run's episodes by status, and in id order within one: admission reads the oldest queued a page at a
+            # time (orchestrator/runs._ready).
+            models.Index(fields=["run", "status", "id"], name="episode_run_status_id"),
             # Fleet-wide by status: admission and the autoscaler count live episodes, metrics count every status,
             # and the watchdog looks for live ones not updated since a cutoff (filtering updated_at on the rows).
             # Not updated_at in the index: every hop moves it, and an update that changes an indexed column cannot

@@ -168,14 +168,19 @@ def _admit_once() -> list[tuple[int, int, str, str]]:
 
 def _ready(run: Run, limit: int) -> list[tuple[int, int, str]]:
     """The first ``limit`` queued episodes of the run that may start now (episode, attempt, image), oldest first:
-    first attempts, and retried ones whose back-off passed. Only as many rows as could be admitted are read."""
+    first attempts, and retried ones whose back-off passed. Read in id order from the (run, status, id) index, a
+    page of ``limit`` at a time, so that a pass reads about as many rows as it admits (two queries that each read
+    every queued episode of the run read 20,000 rows a pass at 10,000)."""
     queued = run.episodes.filter(status=Episode.Status.QUEUED).order_by("pk")
-    fresh = list(queued.filter(attempt__lte=1).values_list("pk", "attempt", "task__image")[:limit])
-    retried = [(pk, attempt, image)
-               for pk, attempt, image, updated_at in queued.filter(attempt__gt=1).values_list(
-                   "pk", "attempt", "task__image", "updated_at")
-               if _backed_off(attempt, updated_at)]  # fmt: skip
-    return sorted(fresh + retried)[:limit]
+    page = queued.values_list("pk", "attempt", "task__image", "updated_at")
+    ready, after = [], 0
+    while len(ready) < limit:
+        rows = list(page.filter(pk__gt=after)[:limit])
+        ready += [(pk, attempt, image) for pk, attempt, image, updated_at in rows if _backed_off(attempt, updated_at)]
+        if len(rows) < limit:
+            break
+        after = rows[-1][0]
+    return ready[:limit]
 
 
 def _backed_off(attempt: int, updated_at: datetime) -> bool:
