@@ -23,7 +23,7 @@ from megaflow_site.topology import FRAMEWORK_QUEUE, Service, host_queue_name, qu
 from orchestrator import transitions
 from orchestrator.api.serializers import RunSerializer
 from orchestrator.autoscale import admission_limit
-from orchestrator.db import bulk_batch_size, gather_statistics
+from orchestrator.db import bulk_batch_size, gather_statistics, keep_statistics
 from orchestrator.episode_loop import agent_of_run, finished, read_live, release, send
 from orchestrator.hot_state import ADMIT_AGAIN, RAMPING_KEY, RAMPING_TTL_S, redis_client
 from orchestrator.models import Episode, Run, Step
@@ -129,6 +129,7 @@ def admit() -> list[int]:
 def _admit_once() -> list[tuple[int, int, str, str]]:
     """One pass of admission, under the lock: the episodes admitted, each with its attempt, pool and env host."""
     admitted: list[tuple[int, int, str, str]] = []
+    keep_statistics(Episode)  # what a pass reads by status, planned on statistics of the run's start
     ceiling = settings.MEGAFLOW_MAX_LIVE_EPISODES
     if (throttle := admission_limit()) is not None:  # the autoscaler's, while the latency SLO is breached
         ceiling = min(ceiling, throttle)

@@ -98,3 +98,21 @@ def test_a_runs_start_gathers_the_statistics_a_table_never_had(running):
     assert db.gather_statistics(Episode) == [Episode._meta.db_table]
     assert db.gather_statistics(Episode) == []  # once
     assert "orchestrator_episode_pkey" in generic_plan_of_a_steps_count()  # by its key
+
+
+@pytest.mark.django_db(transaction=True)
+def test_statistics_gone_stale_are_renewed_only_where_autovacuum_is_off(running):
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT current_setting('autovacuum') = 'off'")
+        if not cursor.fetchone()[0]:
+            pytest.skip("this server runs autovacuum, which renews statistics itself")
+        cursor.execute(f"ANALYZE {Episode._meta.db_table}")
+    assert db.gather_statistics(Episode) == []  # has statistics: only stale=True looks further
+    Episode.objects.bulk_create(
+        Episode(run=running.run, task=running.task, sample_index=index) for index in range(1, 400)
+    )
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_stat_force_next_flush()")  # the inserts counted before the next statement reads
+    assert db.gather_statistics(Episode) == []
+    assert db.gather_statistics(Episode, stale=True) == [Episode._meta.db_table]
+    assert db.gather_statistics(Episode, stale=True) == []  # renewed: nothing changed since
