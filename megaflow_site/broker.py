@@ -3,7 +3,7 @@
 kombu's Redis channel builds a new ``redis.Redis`` around its connection pool for every command it sends outside
 the consume loop (``Channel.conn_or_acquire``): the publish of a message, and the unacked-hash bookkeeping of every
 delivery and every ack. redis-py 8 fills a table of several hundred response callbacks in each client's
-constructor, about 50 µs, and a hop paid three or four of them (8.5% of a model worker's CPU at 1,000 concurrent
+constructor, about 150 µs here, and a hop paid three or four of them (8.5% of a model worker's CPU at 1,000 concurrent
 episodes: agents/README.md, "Where a step's time goes"). A client is only a handle on the pool: each command takes
 a connection from the pool and gives it back, so one client per channel serves every thread or greenlet of the
 process, as the publish and ack paths of kombu's other transports share theirs. Everything else is kombu's.
@@ -14,8 +14,6 @@ so ``redis://`` URLs, Flower's broker view and every setting read as before.
 
 from __future__ import annotations
 
-import threading
-
 from kombu import transport as kombu_transport
 from kombu.transport import redis as kombu_redis
 
@@ -25,19 +23,13 @@ class Channel(kombu_redis.Channel):
         if asynchronous:  # the consume loop's own client (BRPOP), made once per channel by kombu already
             return super()._create_client(asynchronous=True)
         client = self.__dict__.get("_shared_client")
-        if client is None:
-            with _lock:
-                client = self.__dict__.get("_shared_client")
-                if client is None:
-                    client = self._shared_client = super()._create_client()
+        if client is None:  # two threads that race here make a client each, and one is dropped: both work
+            client = self._shared_client = super()._create_client()
         return client
 
 
 class Transport(kombu_redis.Transport):
     Channel = Channel
-
-
-_lock = threading.Lock()
 
 
 def install() -> None:

@@ -172,8 +172,11 @@ def _ready(run: Run, limit: int) -> list[tuple[int, int, str]]:
     first attempts, and retried ones whose back-off passed. Read in id order from the (run, status, id) index, a
     page of ``limit`` at a time, so that a pass reads about as many rows as it admits (two queries that each read
     every queued episode of the run read 20,000 rows a pass at 10,000)."""
-    queued = run.episodes.filter(status=Episode.Status.QUEUED).order_by("pk")
-    page = queued.values_list("pk", "attempt", "task__image", "updated_at")
+    page = (
+        run.episodes.filter(status=Episode.Status.QUEUED)
+        .order_by("pk")
+        .values_list("pk", "attempt", "task__image", "updated_at")
+    )
     ready, after = [], 0
     while len(ready) < limit:
         rows = list(page.filter(pk__gt=after)[:limit])

@@ -8,20 +8,17 @@ import pytest
 from django.utils import timezone
 
 from orchestrator import runs
-from orchestrator.models import Dataset, Episode, Run, Task
+from orchestrator.models import Episode
+from tests.support.records import new_episode
 
 pytestmark = pytest.mark.django_db
 
 
 @pytest.fixture
 def run():
-    dataset = Dataset.objects.create(name="d")
-    task = Task.objects.create(dataset=dataset, instance_id="t-1", problem_statement="p", test_command="true",
-                               image="megaflow/base:bookworm")  # fmt: skip
-    run = Run.objects.create(model_name="sim", samples_per_task=12)
-    run.tasks.add(task)
-    Episode.objects.bulk_create(Episode(run=run, task=task, sample_index=index) for index in range(12))
-    return run
+    first = new_episode(image="megaflow/base:bookworm", samples_per_task=12)
+    Episode.objects.bulk_create(Episode(run=first.run, task=first.task, sample_index=index) for index in range(1, 12))
+    return first.run
 
 
 def backing_off(run, *indexes):

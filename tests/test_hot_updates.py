@@ -8,7 +8,8 @@ from django.utils import timezone
 
 from orchestrator import db, hot_sql, transitions
 from orchestrator.episode_loop import LIVE_FIELDS
-from orchestrator.models import Dataset, Episode, Run, Task
+from orchestrator.models import Episode
+from tests.support.records import new_episode
 
 pytestmark = [
     pytest.mark.django_db,
@@ -22,11 +23,7 @@ HOT_COLUMNS = {"holder", "worker", "updated_at", "step_count", "prompt_tokens", 
 
 @pytest.fixture
 def running():
-    dataset = Dataset.objects.create(name="d")
-    task = Task.objects.create(dataset=dataset, instance_id="t-1", problem_statement="p", test_command="true")
-    run = Run.objects.create(model_name="sim")
-    run.tasks.add(task)
-    return Episode.objects.create(run=run, task=task, sample_index=0, status=Episode.Status.RUNNING)
+    return new_episode(Episode.Status.RUNNING)
 
 
 def indexed_columns(table: str) -> set[str]:

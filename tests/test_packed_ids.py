@@ -7,7 +7,8 @@ from django.db import connection
 from django.db.migrations.executor import MigrationExecutor
 
 from orchestrator import episode_loop, hot_sql, packed
-from orchestrator.models import Dataset, Episode, Run, Step, Task
+from orchestrator.models import Step
+from tests.support.records import new_episode
 
 pytestmark = pytest.mark.django_db
 
@@ -17,11 +18,7 @@ LOGPROBS = [-0.1234567890123456, 0.0, -1e-300, -23.5]
 
 @pytest.fixture
 def episode():
-    dataset = Dataset.objects.create(name="d")
-    task = Task.objects.create(dataset=dataset, instance_id="t-1", problem_statement="p", test_command="true")
-    run = Run.objects.create(model_name="sim")
-    run.tasks.add(task)
-    return Episode.objects.create(run=run, task=task, sample_index=0)
+    return new_episode()
 
 
 def stored_bytes(step_id: int, column: str) -> bytes:
