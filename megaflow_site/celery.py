@@ -38,5 +38,7 @@ def _preflight_worker(**_) -> None:
         exit_with(error)
 
 
-# Every publisher stamps its messages' send time, for the queue wait each task records (megaflow_site/megaflow_task.py).
+# Every publisher stamps its messages' send time, for the queue wait each task records (megaflow_site/megaflow_task.py);
+# a ready worker's garbage collector is set for thousands of hops in flight (`celery inspect gc_state` shows it).
+import megaflow_site.gc_tuning  # noqa: E402,F401
 import megaflow_site.megaflow_task  # noqa: E402,F401

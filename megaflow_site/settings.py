@@ -463,6 +463,14 @@ if MEGAFLOW_HOP_BATCH_WINDOW_MS < 0 or MEGAFLOW_HOP_BATCH_MAX < 1 or MEGAFLOW_HO
     raise ConfigError("MEGAFLOW_HOP_BATCH_WINDOW_MS must be 0 or more, MEGAFLOW_HOP_BATCH_MAX and MEGAFLOW_HOP_THREADS "
                       "1 or more", "fix the hop batching settings")  # fmt: skip
 
+# A worker's cyclic garbage collector, once the worker is ready: what is alive then is frozen out of its sight, and its
+# young generation is examined every this many allocations instead of Python's 700 (megaflow_site/gc_tuning.py;
+# 0: leave the collector as Python sets it).
+MEGAFLOW_GC_YOUNG_THRESHOLD = env_int("MEGAFLOW_GC_YOUNG_THRESHOLD", 50_000)
+if MEGAFLOW_GC_YOUNG_THRESHOLD < 0:
+    raise ConfigError("MEGAFLOW_GC_YOUNG_THRESHOLD must be 0 or more",
+                      "set MEGAFLOW_GC_YOUNG_THRESHOLD to 0 or a number of allocations")  # fmt: skip
+
 # Periodic work (celery beat, started by `make up`): each pool's reaper and warm-pool top-up.
 CELERY_BEAT_SCHEDULE_FILENAME = str(DATA_DIR / "celerybeat-schedule")
 CELERY_BEAT_SCHEDULE = {
