@@ -417,6 +417,10 @@ CELERY_BROKER_TRANSPORT_OPTIONS = {
     # A worker's broker connections, opened as needed: on the gevent pool every greenlet acks its own message, and
     # with kombu's default of 10 the acks of a burst of finished tasks fail ("Too many connections").
     "max_connections": 1024,
+    # A message's body goes into Redis as the JSON it is, not base64 of it (kombu's default, made for binary
+    # serializers; this app accepts JSON only): a quarter fewer bytes through Redis, and no encode on publish nor
+    # decode on every delivery. Messages of either encoding are read: each names its own.
+    "body_encoding": "utf-8",
 }
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_TASK_SERIALIZER = "json"

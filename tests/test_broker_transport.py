@@ -1,5 +1,6 @@
 """The Celery app's Redis transport (megaflow_site/broker.py): kombu's, with one client per channel. Real Redis."""
 
+import json
 import threading
 import uuid
 
@@ -50,6 +51,27 @@ def test_publish_consume_and_ack_round_trip(settings):
                     message.ack()
                 assert not any(client.hmget(channel.unacked_key, tags))
                 assert client.llen(queue) == 0
+        finally:
+            simple.queue.delete()
+            simple.close()
+
+
+def test_a_message_body_is_stored_as_its_json_and_a_base64_one_still_reads(settings):
+    queue = f"test-broker-{uuid.uuid4().hex}"
+    options = settings.CELERY_BROKER_TRANSPORT_OPTIONS
+    with Connection(settings.CELERY_BROKER_URL, transport_options=options) as connection:
+        simple = connection.SimpleQueue(queue)
+        try:
+            simple.put({"ids": "AAEC"})
+            with connection.default_channel.conn_or_acquire() as client:
+                [stored] = client.lrange(queue, 0, -1)
+            envelope = json.loads(stored)
+            assert envelope["properties"]["body_encoding"] == "utf-8"
+            assert json.loads(envelope["body"]) == {"ids": "AAEC"}  # not base64 of it
+            # A message published before (kombu's default encoding) names its own, and is read as before.
+            with Connection(settings.CELERY_BROKER_URL) as before:
+                before.SimpleQueue(queue).put({"ids": "before"})
+            assert [simple.get(timeout=5).payload["ids"] for _ in range(2)] == ["AAEC", "before"]
         finally:
             simple.queue.delete()
             simple.close()
