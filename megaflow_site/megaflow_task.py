@@ -51,18 +51,19 @@ QUEUE_WAIT = Histogram(
 RUN_TIME = Histogram("megaflow_task_run_seconds", "Time a task body ran.", ["task", "queue", "state"], buckets=_BUCKETS)
 
 
-def _before_retry(state: tenacity.RetryCallState) -> None:
-    logger.warning("database unavailable (%s); retrying %s", state.outcome.exception(), state.fn.__name__)
+DATABASE_ERRORS = (OperationalError, InterfaceError)
+
+
+def _before_retry(error: BaseException, fn) -> None:
+    logger.warning("database unavailable (%s); retrying %s", error, fn.__name__)
     connection.close_if_unusable_or_obsolete()
 
-
-DATABASE_ERRORS = (OperationalError, InterfaceError)
 
 _retry_database_errors = tenacity.retry(
     retry=tenacity.retry_if_exception_type(DATABASE_ERRORS),
     wait=tenacity.wait_exponential_jitter(multiplier=0.5, max=15),
     stop=tenacity.stop_after_delay(120),
-    before_sleep=_before_retry,
+    before_sleep=lambda state: _before_retry(state.outcome.exception(), state.fn),
     reraise=True,
 )
 
@@ -72,7 +73,7 @@ def retry_on_database_errors(fn):
 
     The first call runs outside tenacity: a tenacity-wrapped call makes a ``Retrying`` with a ``threading.local``
     of its own, in reference cycles only the garbage collector frees, and freeing a thread-local visits every
-    thread of the process. With 2,000 threads alive that was 87 us a call and most of what the hot workers' collector
+    thread of the process. With 2,000 threads alive that was 87 us a call and all that the hot workers' collector
     freed (megaflow_site/gc_tuning.py); nearly every call succeeds at once.
     """
     retried = _retry_database_errors(fn)
@@ -82,8 +83,7 @@ def retry_on_database_errors(fn):
         try:
             return fn(*args, **kwargs)
         except DATABASE_ERRORS as error:
-            logger.warning("database unavailable (%s); retrying %s", error, fn.__name__)
-            connection.close_if_unusable_or_obsolete()
+            _before_retry(error, fn)
         return retried(*args, **kwargs)
 
     return call
