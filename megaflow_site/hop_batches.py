@@ -3,11 +3,18 @@
 A Celery message costs milliseconds of CPU whatever it carries (publish, the broker's list and unacked-hash copies,
 consume, Celery's request and tracer, ack: agents/README.md, "Where a step's time goes"), and a step is two of
 them. So the hot hops (``BATCHED``: a start, a model turn, an env step) travel together: a process hands each one
-to its ``Batcher``, which holds it for at most ``MEGAFLOW_HOP_BATCH_WINDOW_MS`` and then sends everything bound for
-one queue as one message, ``envs.hop_batch`` or ``modelserving.hop_batch`` (orchestrator/tasks.py). The receiving
-worker runs the batch's hops side by side, each as the task it stands for would run (``megaflow_task.run_batch``:
-each holds its episode, records its own error as a drop, retries the database), and the message is acknowledged
-when every hop has ended.
+to its ``Batcher``, which holds it for at most a window and then sends everything bound for one queue as one
+message, ``envs.hop_batch`` or ``modelserving.hop_batch`` (orchestrator/tasks.py). The receiving worker runs the
+batch's hops side by side, each as the task it stands for would run (``megaflow_task.run_batch``: each holds its
+episode, records its own error as a drop, retries the database), and the message is acknowledged when every hop
+has ended.
+
+**The window widens with load.** It is ``MEGAFLOW_HOP_BATCH_WINDOW_MS`` while hops go straight through, and a
+tenth of the queue wait that the hops this process takes have seen lately (from their publisher's hand-over to
+their start), up to ``MEGAFLOW_HOP_BATCH_WINDOW_MAX_MS``, once they wait: a hop that waited a second for a busy
+fleet loses little to 50 ms more, and each hop that shares a message saves the fleet that message's publish, its
+copies in the broker and its consume (agents/README.md: a 50 ms window took a fifth off the CPU per step of a
+saturated box). ``celery -A megaflow_site inspect hop_batching`` shows a worker's window and the wait behind it.
 
 Nothing is weaker than one message per hop:
 
@@ -32,6 +39,7 @@ import time
 from collections import defaultdict
 
 from celery import current_app
+from celery.worker.control import inspect_command
 from django.conf import settings
 from django.db import connection
 
@@ -43,6 +51,11 @@ logger = logging.getLogger("megaflow.hop_batches")
 # plane, a sandbox's release, a framework's session) is rare and goes alone.
 BATCHED = frozenset({"envs.episode_start", "envs.episode_step", "modelserving.episode_turn"})
 BATCH_TASK = {Service.ENV: "envs.hop_batch", Service.MODEL: "modelserving.hop_batch"}
+
+# The window, between its floor and its ceiling: this share of the queue wait lately seen, an average that each hop's
+# wait moves this share of the way (about the last hundred hops).
+WAIT_SHARE = 0.1
+WAIT_SMOOTHING = 0.01
 
 
 class Ticket:
@@ -60,10 +73,13 @@ class Ticket:
 
 class Batcher:
     """Collects hops per destination queue and sends each destination's as one message per window (at most
-    ``max_hops`` a message), from a thread of its own."""
+    ``max_hops`` a message), from a thread of its own. The window is ``floor_s`` until hops wait, then widens with
+    their wait up to ``ceiling_s`` (``observe_wait``)."""
 
-    def __init__(self, window_s: float, max_hops: int):
-        self.window_s, self.max_hops = window_s, max_hops
+    def __init__(self, floor_s: float, max_hops: int, ceiling_s: float | None = None):
+        self.floor_s, self.max_hops = floor_s, max_hops
+        self.ceiling_s = floor_s if ceiling_s is None else max(floor_s, ceiling_s)
+        self.wait_s = 0.0  # the queue wait of the hops this process took lately (a moving average)
         self.cond = threading.Condition()
         self.pending: dict[tuple, list] = defaultdict(list)  # (service, routing kwargs) → [[name, kwargs, queued_at]]
         self.count = 0
@@ -88,13 +104,23 @@ class Batcher:
             self.cond.notify()
             return self.ticket
 
+    def observe_wait(self, seconds: float) -> None:
+        """A hop this process took waited ``seconds`` since its publisher handed it over. (Unlocked: a lost update
+        of the average, between two threads, is one hop's weight of it.)"""
+        self.wait_s += WAIT_SMOOTHING * (seconds - self.wait_s)
+
+    @property
+    def window_s(self) -> float:
+        return min(self.ceiling_s, max(self.floor_s, WAIT_SHARE * self.wait_s))
+
     def _run(self) -> None:
         while True:
             with self.cond:
                 while not self.count:
                     self.cond.wait()
                 # The window opens with the first hop; a full message goes at once.
-                while self.count < self.max_hops and (left := self.first_at + self.window_s - time.monotonic()) > 0:
+                window_s = self.window_s
+                while self.count < self.max_hops and (left := self.first_at + window_s - time.monotonic()) > 0:
                     self.cond.wait(left)
                 pending, self.pending, self.count = self.pending, defaultdict(list), 0
                 ticket, self.ticket = self.ticket, Ticket()
@@ -130,7 +156,8 @@ def batcher() -> Batcher:
     global _batcher
     with _batcher_lock:
         if _batcher is None:
-            _batcher = Batcher(settings.MEGAFLOW_HOP_BATCH_WINDOW_MS / 1000, settings.MEGAFLOW_HOP_BATCH_MAX)
+            _batcher = Batcher(settings.MEGAFLOW_HOP_BATCH_WINDOW_MS / 1000, settings.MEGAFLOW_HOP_BATCH_MAX,
+                               settings.MEGAFLOW_HOP_BATCH_WINDOW_MAX_MS / 1000)  # fmt: skip
         return _batcher
 
 
@@ -140,6 +167,23 @@ def _forget_batcher_in_child() -> None:  # a forked child has the lock and the q
 
 
 os.register_at_fork(after_in_child=_forget_batcher_in_child)
+
+
+def observe_wait(seconds: float) -> None:
+    """A batched hop this process took waited ``seconds`` in the queue: the window of the hops it sends follows."""
+    if settings.MEGAFLOW_HOP_BATCH_WINDOW_MS > 0:
+        batcher().observe_wait(seconds)
+
+
+@inspect_command()
+def hop_batching(state_, **_) -> dict:
+    """This worker's hop window now, its floor and ceiling, and the queue wait it follows, in milliseconds."""
+    if settings.MEGAFLOW_HOP_BATCH_WINDOW_MS <= 0:
+        return {"window_ms": 0.0}
+    current = batcher()
+    return {
+        f"{name}_ms": round(1000 * getattr(current, f"{name}_s"), 3) for name in ("window", "floor", "ceiling", "wait")
+    }
 
 
 def send(name: str, kwargs: dict) -> bool:

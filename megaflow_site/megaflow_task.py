@@ -35,7 +35,7 @@ from django.db import InterfaceError, OperationalError, connection
 from prometheus_client import Histogram
 
 from megaflow_site import liveness
-from megaflow_site.hop_batches import flush_sent
+from megaflow_site.hop_batches import flush_sent, observe_wait
 from megaflow_site.topology import service_of_task
 
 logger = logging.getLogger("megaflow.tasks")
@@ -136,7 +136,9 @@ def run_hop(name: str, queue: str, kwargs: dict, queued_at: float | None = None)
     """Run the task ``name``'s body on ``kwargs`` here, as its own message would have (a hop of a batch, taken off
     ``queue``; ``queued_at``: when its publisher handed it over, for the queue wait)."""
     if queued_at is not None:
-        QUEUE_WAIT.labels(name, queue).observe(max(0.0, time.time() - queued_at))
+        waited = max(0.0, time.time() - queued_at)
+        QUEUE_WAIT.labels(name, queue).observe(waited)
+        observe_wait(waited)  # the window of the hops this process sends follows it
     return _run_body(name, queue, lambda: _BODIES[name](**kwargs), kwargs)
 
 

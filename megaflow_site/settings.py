@@ -457,15 +457,23 @@ if MEGAFLOW_HOT_QUEUE_POOL not in {"threads", "gevent"}:
                       "set MEGAFLOW_HOT_QUEUE_POOL to threads or gevent")  # fmt: skip
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 # Several hot hops per Celery message (megaflow_site/hop_batches.py): a process holds a hop it publishes for at most
-# this window and sends what it collected for one queue as one message, of at most MEGAFLOW_HOP_BATCH_MAX hops
-# (0 ms: every hop alone). A worker runs a batch's hops side by side on up to MEGAFLOW_HOP_THREADS threads (or
-# greenlets) besides the pool's own.
+# a window and sends what it collected for one queue as one message, of at most MEGAFLOW_HOP_BATCH_MAX hops. The
+# window is MEGAFLOW_HOP_BATCH_WINDOW_MS while hops go straight through (0 ms: every hop alone), and widens with the
+# queue wait they see, up to MEGAFLOW_HOP_BATCH_WINDOW_MAX_MS. A worker runs a batch's hops side by side on up to
+# MEGAFLOW_HOP_THREADS threads (or greenlets) besides the pool's own.
 MEGAFLOW_HOP_BATCH_WINDOW_MS = env_float("MEGAFLOW_HOP_BATCH_WINDOW_MS", 10.0)
+MEGAFLOW_HOP_BATCH_WINDOW_MAX_MS = env_float(
+    "MEGAFLOW_HOP_BATCH_WINDOW_MAX_MS", max(50.0, MEGAFLOW_HOP_BATCH_WINDOW_MS)
+)
 MEGAFLOW_HOP_BATCH_MAX = env_int("MEGAFLOW_HOP_BATCH_MAX", 64)
 MEGAFLOW_HOP_THREADS = env_int("MEGAFLOW_HOP_THREADS", 2048)
 if MEGAFLOW_HOP_BATCH_WINDOW_MS < 0 or MEGAFLOW_HOP_BATCH_MAX < 1 or MEGAFLOW_HOP_THREADS < 1:
     raise ConfigError("MEGAFLOW_HOP_BATCH_WINDOW_MS must be 0 or more, MEGAFLOW_HOP_BATCH_MAX and MEGAFLOW_HOP_THREADS "
                       "1 or more", "fix the hop batching settings")  # fmt: skip
+if MEGAFLOW_HOP_BATCH_WINDOW_MAX_MS < MEGAFLOW_HOP_BATCH_WINDOW_MS:
+    raise ConfigError(f"MEGAFLOW_HOP_BATCH_WINDOW_MAX_MS ({MEGAFLOW_HOP_BATCH_WINDOW_MAX_MS:g}) is below "
+                      f"MEGAFLOW_HOP_BATCH_WINDOW_MS ({MEGAFLOW_HOP_BATCH_WINDOW_MS:g})",
+                      "set the window's ceiling at or above its floor")  # fmt: skip
 
 # A worker's cyclic garbage collector, once the worker is ready: what is alive then is frozen out of its sight, and its
 # young generation is examined every this many allocations instead of Python's 700 (megaflow_site/gc_tuning.py;

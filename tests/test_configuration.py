@@ -85,6 +85,11 @@ BAD_CONFIGURATIONS = {
         ["check"],
         "MEGAFLOW_TASK_TIME_LIMIT_S='ten' is not a whole number",
     ),
+    "hop window ceiling below its floor": (
+        {"MEGAFLOW_HOP_BATCH_WINDOW_MS": "20", "MEGAFLOW_HOP_BATCH_WINDOW_MAX_MS": "5"},
+        ["check"],
+        "MEGAFLOW_HOP_BATCH_WINDOW_MAX_MS (5) is below MEGAFLOW_HOP_BATCH_WINDOW_MS (20)",
+    ),
     "time limit above the visibility timeout": (
         {"MEGAFLOW_TASK_TIME_LIMIT_S": "3000", "MEGAFLOW_VISIBILITY_TIMEOUT_S": "3600"},
         ["check"],

@@ -110,6 +110,65 @@ def test_a_batch_is_cut_at_its_most_hops_and_the_window_off_sends_each_alone(pub
     ]
 
 
+def test_the_window_is_its_floor_while_hops_go_straight_through_and_widens_with_their_queue_wait():
+    batcher = hop_batches.Batcher(0.010, 64, 0.050)
+    assert batcher.window_s == 0.010
+
+    def waits(seconds: float, hops: int = 1000) -> float:
+        for _ in range(hops):
+            batcher.observe_wait(seconds)
+        return batcher.window_s
+
+    assert waits(0.012) == 0.010, "hops that wait no more than the window itself leave it at its floor"
+    assert waits(0.3) == pytest.approx(0.030, rel=0.01), "a busy fleet: a tenth of the wait"
+    assert waits(5.0) == 0.050, "never past the ceiling"
+    assert waits(0.0, hops=2000) == 0.010, "back to the floor once hops stop waiting"
+    assert hop_batches.Batcher(0.010, 64).window_s == hop_batches.Batcher(0.010, 64, 0.001).window_s == 0.010
+
+
+@pytest.mark.django_db(transaction=True)
+def test_hops_that_waited_widen_the_window_of_the_hops_this_process_sends(published, fresh_batcher, settings, broker):
+    settings.MEGAFLOW_HOP_BATCH_WINDOW_MS, settings.MEGAFLOW_HOP_BATCH_WINDOW_MAX_MS = 10, 2000
+
+    def send_spread_out(first: int) -> list[int]:
+        """Three turns handed over 0.3 s apart, each by a task of its own; the sizes of the messages they left in."""
+        published.clear()
+
+        def task(n):
+            time.sleep(0.3 * n)
+            with hop_batches.flush_sent():
+                episode_loop.send("modelserving.episode_turn", episode_id=first + n, step=0, model="sim", attempt=1)
+
+        threads = [threading.Thread(target=task, args=(n,)) for n in range(3)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        return [len(batch["hops"]) for _, batch in of_queue(published, "model.sim")]
+
+    assert send_spread_out(NOBODY) == [1, 1, 1], "a 10 ms window: each went alone"
+    # This process takes a batch of hops that waited a minute in the queue (of episodes that do not exist: each
+    # hop does nothing): the fleet is behind, and the window goes to its ceiling.
+    waited = [["modelserving.episode_turn", {"episode_id": NOBODY + n, "step": 0, "model": "sim"}, time.time() - 60]
+              for n in range(200)]  # fmt: skip
+    assert tasks.model_hop_batch.apply(kwargs={"hops": waited, "model": "sim"}).get() == 0
+    assert hop_batches.batcher().window_s == 2.0
+    assert send_spread_out(NOBODY + 10) == [3], "a two-second window: the three shared one message"
+
+
+@pytest.mark.integration
+def test_every_worker_tells_its_window_and_the_wait_it_follows(celery_workers, settings):
+    # What `celery -A megaflow_site inspect hop_batching` asks.
+    nodes = celery_workers.nodes
+    replies = {node: state for reply in app.control.broadcast("hop_batching", destination=nodes, reply=True, timeout=5)
+               for node, state in reply.items()}  # fmt: skip
+    assert sorted(replies) == sorted(nodes)
+    for node, state in replies.items():
+        assert state["floor_ms"] == settings.MEGAFLOW_HOP_BATCH_WINDOW_MS, node
+        assert state["ceiling_ms"] == settings.MEGAFLOW_HOP_BATCH_WINDOW_MAX_MS, node
+        assert state["floor_ms"] <= state["window_ms"] <= state["ceiling_ms"] and state["wait_ms"] >= 0, node
+
+
 def test_a_publish_that_fails_fails_the_task_that_sent_it(fresh_batcher, monkeypatch):
     def refused(*args, **kwargs):
         raise ConnectionError("the broker is away")

@@ -136,7 +136,7 @@ def run_orchestrated(level: int, args, log_dir: Path) -> dict:
     # over --processes worker processes, as a deployment would run them. A hop that came in a batch runs on one of
     # the batch threads (megaflow_site/hop_batches.py), as many.
     threads = math.ceil(episodes / args.processes) + 8
-    workers = CeleryWorkers({**os.environ, "MEGAFLOW_HOP_THREADS": str(threads)}, log_dir, name="bench")
+    workers = CeleryWorkers({"MEGAFLOW_HOP_THREADS": str(threads), **os.environ}, log_dir, name="bench")
     specs = [(WorkerSpec(Service.AGENT), 1)]
     for service, key in ((Service.MODEL, "sim"), (Service.ENV, "default")):
         specs += [(WorkerSpec(service, key, concurrency=threads), index) for index in range(1, args.processes + 1)]
@@ -164,6 +164,7 @@ def run_orchestrated(level: int, args, log_dir: Path) -> dict:
                 ):
                     window.update(cpu_s=profile.end(), carried_to=carried(), steps=stepped - window["steps_at_start"],
                                   seconds=time.monotonic() - window["began"])  # fmt: skip
+                    window["hop_windows"] = hop_windows(app)
                     break
                 if run.status in Run.TERMINAL:
                     break
@@ -212,8 +213,17 @@ def run_orchestrated(level: int, args, log_dir: Path) -> dict:
         "peak_rss_mib": peak.rss_mib,
         "hot_queue_pool": os.environ.get("MEGAFLOW_HOT_QUEUE_POOL", "threads"),
         "hop_batch_window_ms": settings.MEGAFLOW_HOP_BATCH_WINDOW_MS,
+        "hop_batch_window_max_ms": settings.MEGAFLOW_HOP_BATCH_WINDOW_MAX_MS,
+        "hop_windows_ms": window.get("hop_windows", {}),
         **cpu_per_step(window),
     }
+
+
+def hop_windows(app) -> dict[str, dict]:
+    """Each worker's hop window at the end of the steady state, and the queue wait it followed, in ms
+    (megaflow_site/hop_batches.py; what `celery -A megaflow_site inspect hop_batching` shows)."""
+    replies = app.control.broadcast("hop_batching", reply=True, timeout=2)
+    return {node: state for reply in replies for node, state in reply.items()}
 
 
 def stack_profile(workers) -> CpuProfile:
