@@ -10,11 +10,11 @@ episode, records its own error as a drop, retries the database), and the message
 has ended.
 
 **The window widens with load.** It is ``MEGAFLOW_HOP_BATCH_WINDOW_MS`` while hops go straight through, and a
-tenth of the queue wait that the hops this process takes have seen lately (from their publisher's hand-over to
+quarter of the queue wait that the hops this process takes have seen lately (from their publisher's hand-over to
 their start), up to ``MEGAFLOW_HOP_BATCH_WINDOW_MAX_MS``, once they wait: a hop that waited a second for a busy
 fleet loses little to 50 ms more, and each hop that shares a message saves the fleet that message's publish, its
-copies in the broker and its consume (agents/README.md: a 50 ms window took a fifth off the CPU per step of a
-saturated box). ``celery -A megaflow_site inspect hop_batching`` shows a worker's window and the wait behind it.
+copies in the broker and its consume (agents/README.md: on a saturated box, a 50 ms window cut a seventh of the
+workers' CPU per step). ``celery -A megaflow_site inspect hop_batching`` shows a worker's window and the wait behind it.
 
 Nothing is weaker than one message per hop:
 
@@ -54,7 +54,7 @@ BATCH_TASK = {Service.ENV: "envs.hop_batch", Service.MODEL: "modelserving.hop_ba
 
 # The window, between its floor and its ceiling: this share of the queue wait lately seen, an average that each hop's
 # wait moves this share of the way (about the last hundred hops).
-WAIT_SHARE = 0.1
+WAIT_SHARE = 0.25
 WAIT_SMOOTHING = 0.01
 
 
