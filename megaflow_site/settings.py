@@ -423,6 +423,11 @@ CELERY_BROKER_TRANSPORT_OPTIONS = {
     "body_encoding": "utf-8",
 }
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+# A publish rides out a broker that is away for seconds (a restart, a failover) instead of failing its task: kombu tries
+# again after 0, 0.5, 1, 1.5 and then every 2 s, ten times (about 15 s while connections are refused; each try waits up
+# to socket_connect_timeout where they hang). Celery's default gives up after 0.6 s, and a hop whose next hop could
+# not be published is left to the watchdog's vanished-message check (half a minute in make chaos's restart-redis).
+CELERY_TASK_PUBLISH_RETRY_POLICY = {"max_retries": 10, "interval_start": 0, "interval_step": 0.5, "interval_max": 2}
 CELERY_TASK_SERIALIZER = "json"
 CELERY_RESULT_SERIALIZER = "json"
 CELERY_ACCEPT_CONTENT = ["json"]

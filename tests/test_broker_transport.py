@@ -1,10 +1,15 @@
 """The Celery app's Redis transport (megaflow_site/broker.py): kombu's, with one client per channel. Real Redis."""
 
 import json
+import socket
+import subprocess
 import threading
+import time
 import uuid
 
-from kombu import Connection
+import pytest
+import redis
+from kombu import Connection, Queue
 
 from megaflow_site import broker
 from megaflow_site.celery import app
@@ -75,3 +80,51 @@ def test_a_message_body_is_stored_as_its_json_and_a_base64_one_still_reads(setti
         finally:
             simple.queue.delete()
             simple.close()
+
+
+@pytest.fixture
+def own_redis(tmp_path):
+    """A redis-server of this test's own, which it may stop and start: (its URL, stop, start)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    argv = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--dir", str(tmp_path)]
+    server: list[subprocess.Popen] = []
+
+    def start():
+        server.append(subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        client = redis.Redis(port=port)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client.ping()
+                return
+            except redis.ConnectionError:
+                assert time.monotonic() < deadline, "redis-server did not start"
+                time.sleep(0.05)
+
+    def stop():
+        server[-1].terminate()
+        server[-1].wait(timeout=10)
+
+    start()
+    yield f"redis://127.0.0.1:{port}/0", stop, start
+    stop()
+
+
+def test_a_publish_rides_out_a_broker_that_is_away_for_seconds(own_redis):
+    """The app's publish retry policy (settings): a Redis restart does not fail the task that publishes."""
+    url, stop, start = own_redis
+    queue = Queue(f"test-broker-{uuid.uuid4().hex}")
+    with app.connection_for_write(url) as connection:
+        app.send_task("orchestrator.admit", queue=queue, connection=connection)  # connected, then the broker goes
+        stop()
+        restart = threading.Timer(3.0, start)
+        restart.start()
+        began = time.monotonic()
+        app.send_task("orchestrator.admit", queue=queue, connection=connection)
+        waited = time.monotonic() - began
+        restart.join()
+    assert 2.5 < waited < 15, "the publish waited for the broker's return, and no longer"
+    # The server came back empty (no persistence): only the message published after the restart is there.
+    assert redis.Redis.from_url(url).llen(queue.name) == 1
