@@ -164,7 +164,8 @@ def run_orchestrated(level: int, args, log_dir: Path) -> dict:
                 ):
                     window.update(cpu_s=profile.end(), carried_to=carried(), steps=stepped - window["steps_at_start"],
                                   seconds=time.monotonic() - window["began"])  # fmt: skip
-                    window["hop_windows"] = hop_windows(app)
+                    # Each worker's hop window and the queue wait it followed (megaflow_site/hop_batches.py).
+                    window["hop_windows"] = workers.ask("hop_batching", timeout=2)
                     break
                 if run.status in Run.TERMINAL:
                     break
@@ -217,13 +218,6 @@ def run_orchestrated(level: int, args, log_dir: Path) -> dict:
         "hop_windows_ms": window.get("hop_windows", {}),
         **cpu_per_step(window),
     }
-
-
-def hop_windows(app) -> dict[str, dict]:
-    """Each worker's hop window at the end of the steady state, and the queue wait it followed, in ms
-    (megaflow_site/hop_batches.py; what `celery -A megaflow_site inspect hop_batching` shows)."""
-    replies = app.control.broadcast("hop_batching", reply=True, timeout=2)
-    return {node: state for reply in replies for node, state in reply.items()}
 
 
 def stack_profile(workers) -> CpuProfile:

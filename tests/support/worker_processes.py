@@ -47,6 +47,12 @@ class CeleryWorkers:
     def nodes(self) -> list[str]:
         return [worker.node for worker in self.by_queue.values()]
 
+    def ask(self, command: str, timeout: float = 5) -> dict[str, dict]:
+        """Each running worker's reply to the remote-control command ``command`` (an inspect command), by node."""
+        running = [worker.node for worker in (*self.by_queue.values(), *self.extra) if worker.process.poll() is None]
+        replies = app.control.broadcast(command, destination=running, reply=True, timeout=timeout)
+        return {node: reply for replied in replies for node, reply in replied.items()}
+
     def node_for(self, queue: str) -> str:
         return self.by_queue[queue].node
 
