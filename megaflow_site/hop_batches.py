@@ -154,6 +154,8 @@ _mine = threading.local()  # the tickets of the hops this thread's task sent, wa
 
 def batcher() -> Batcher:
     global _batcher
+    if _batcher is not None:  # every hop asks (observe_wait): no lock once there is one
+        return _batcher
     with _batcher_lock:
         if _batcher is None:
             _batcher = Batcher(settings.MEGAFLOW_HOP_BATCH_WINDOW_MS / 1000, settings.MEGAFLOW_HOP_BATCH_MAX,

@@ -2,7 +2,6 @@
 
 import json
 import socket
-import subprocess
 import threading
 import time
 import uuid
@@ -13,6 +12,7 @@ from kombu import Connection, Queue
 
 from megaflow_site import broker
 from megaflow_site.celery import app
+from tests.chaos.harness import Broker
 
 
 def test_the_app_connects_through_the_transport_under_redis_urls():
@@ -84,32 +84,15 @@ def test_a_message_body_is_stored_as_its_json_and_a_base64_one_still_reads(setti
 
 @pytest.fixture
 def own_redis(tmp_path):
-    """A redis-server of this test's own, which it may stop and start: (its URL, stop, start)."""
+    """A redis-server of this test's own that it may stop and start, keeping nothing across a restart (the chaos
+    harness's): (its URL, stop, start)."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    argv = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--dir", str(tmp_path)]
-    server: list[subprocess.Popen] = []
-
-    def start():
-        server.append(subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        client = redis.Redis(port=port)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                client.ping()
-                return
-            except redis.ConnectionError:
-                assert time.monotonic() < deadline, "redis-server did not start"
-                time.sleep(0.05)
-
-    def stop():
-        server[-1].terminate()
-        server[-1].wait(timeout=10)
-
-    start()
-    yield f"redis://127.0.0.1:{port}/0", stop, start
-    stop()
+    server = Broker(port, tmp_path, snapshots=True)
+    server.start()
+    yield f"redis://127.0.0.1:{port}/0", server.stop, server.start
+    server.stop()
 
 
 def test_a_publish_rides_out_a_broker_that_is_away_for_seconds(own_redis):
