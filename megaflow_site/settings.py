@@ -346,11 +346,12 @@ except ValueError:
     raise ConfigError(
         f"MEGAFLOW_START_RATE={MEGAFLOW_START_RATE!r} is not a rate", "write it as N/second or N/minute"
     ) from None
-# The admission ramp (orchestrator/runs.py): at most this many episodes starting (admitted, sandbox not yet up)
-# at once; each start that completes lets the next ones in. A burst of 10,000 then goes in at the rate sandboxes
-# come up, instead of parking every start hop on the env workers at once (their database pools ran dry and the
-# starts gave up). Start hops queue behind step hops on the env queue, so a low cap starves admission: at 64, the
-# 10,000-episode bench never had more than ~1,300 live (make bench-10k, agents/README.md).
+# The admission ramp (orchestrator/runs.py): at most this many episodes waiting for a sandbox (admitted, sandbox not
+# yet up) at once; each sandbox that comes up lets the next ones in, while its prepare commands run. A burst of
+# 10,000 then goes in at the rate sandboxes come up, instead of parking every start hop on the env workers at once
+# (their database pools ran dry and the starts gave up). Start hops queue behind step hops on the env queue, so a
+# low cap starves admission: at 64, the 10,000-episode bench never had more than ~1,300 live; and counting the
+# prepare commands too (5 s each there), 512 admitted ~90 a second (make bench-10k, agents/README.md).
 MEGAFLOW_MAX_STARTING = env_int("MEGAFLOW_MAX_STARTING", 512)
 # Admission passes at most this often while it is asked again and again (every completed start, every finished
 # episode): each pass reads the fleet's live counts (orchestrator/runs.py).

@@ -261,6 +261,11 @@ def _start(episode_id: int, pool: str, attempt: int | None, began: float) -> boo
     if not transitions.assign_sandbox(episode_id, episode.attempt, sandbox.container_id):
         release_here(episode_id, sandbox.container_id, pool)  # cancelled while the sandbox started
         return
+    # Admission ramps at the rate sandboxes come up (orchestrator/runs.py): with this one up, the next ones go in now,
+    # while its prepare commands run as its steps will. One message while a pass is asked for (a burst of starts
+    # completing sent thousands, each an agent-queue task).
+    if redis_client().exists(RAMPING_KEY) and ask_for_admission():
+        send("orchestrator.admit")
     try:
         env_service.prepare_sandbox(sandbox.container_id, task)
     except SandboxError as error:
@@ -270,10 +275,6 @@ def _start(episode_id: int, pool: str, attempt: int | None, began: float) -> boo
         release_here(episode_id, sandbox.container_id, pool)  # cancelled, or another start took the episode over
         return
     first_hop(dataclasses.replace(episode, container_id=sandbox.container_id))
-    # Admission ramps at the rate sandboxes come up: the next ones go in now. One message while a pass is asked for
-    # (a burst of starts completing sent thousands, each an agent-queue task).
-    if redis_client().exists(RAMPING_KEY) and ask_for_admission():
-        send("orchestrator.admit")
 
 
 def episode_step(

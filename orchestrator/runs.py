@@ -90,12 +90,13 @@ ADMISSION_LOCK = "megaflow:admission"
 def admit() -> list[int]:
     """Start queued episodes while their run and the whole fleet have room (``Run.max_concurrent_episodes``,
     ``MEGAFLOW_MAX_LIVE_EPISODES``, the autoscaler's admission limit), no more than ``MEGAFLOW_MAX_STARTING``
-    start at once (the ramp: each start that completes asks for the next pass), and the model version the run
-    asks for serves, or one at most ``Run.max_staleness`` versions newer (orchestrator/staleness.py). One
-    admitter at a time (a Redis lock), oldest runs first. A caller that finds the lock taken does not wait for
-    it: it asks the holder for one more pass and returns, so that no worker thread queues behind an admitter
-    (nor, for the lock's whole timeout, behind one killed inside it); the holder passes again, at most every
-    ``MEGAFLOW_ADMIT_INTERVAL_S``, while it is asked to. Returns the episodes this call admitted."""
+    wait for a sandbox at once (the ramp: each sandbox that comes up asks for the next pass), and the model
+    version the run asks for serves, or one at most ``Run.max_staleness`` versions newer
+    (orchestrator/staleness.py). One admitter at a time (a Redis lock), oldest runs first. A caller that finds
+    the lock taken does not wait for it: it asks the holder for one more pass and returns, so that no worker
+    thread queues behind an admitter (nor, for the lock's whole timeout, behind one killed inside it); the holder
+    passes again, at most every ``MEGAFLOW_ADMIT_INTERVAL_S``, while it is asked to. Returns the episodes this
+    call admitted."""
     client = redis_client()
     # An admitter killed inside the lock holds it no longer than the dead-worker window (a pass takes ms, and the
     # holder renews it before each); the beat's admit every few seconds then goes on.
@@ -134,12 +135,13 @@ def _admit_once() -> list[tuple[int, int, str, str]]:
     if (throttle := admission_limit()) is not None:  # the autoscaler's, while the latency SLO is breached
         ceiling = min(ceiling, throttle)
     counts = Episode.objects.filter(status__in=LIVE).aggregate(
-        live=Count("pk"), starting=Count("pk", filter=Q(status=Episode.Status.STARTING))
+        live=Count("pk"), starting=Count("pk", filter=Q(status=Episode.Status.STARTING, container_id=""))
     )
     room = ceiling - counts["live"]
-    # The ramp: no more episodes starting at once than the fleet starts well. While it holds episodes back, each
-    # start that completes asks for the next pass (episode_loop's start), so a burst of 10,000 goes in at the rate
-    # sandboxes come up.
+    # The ramp: no more episodes waiting for a sandbox than the fleet starts well. While it holds episodes back, each
+    # sandbox that comes up asks for the next pass (episode_loop's start), so a burst of 10,000 goes in at the rate
+    # sandboxes come up. An episode running its prepare commands is still starting but holds no slot: those
+    # commands are its work, as its steps are, and counting them held admission to the cap over their length.
     starting_room = settings.MEGAFLOW_MAX_STARTING - counts["starting"]
     placers: dict[str, Placer] = {}  # per pool: the env host each episode goes to (orchestrator/placement.py)
     ramping = False
