@@ -2,9 +2,10 @@
 
 A Celery message costs milliseconds of CPU whatever it carries (publish, the broker's list and unacked-hash copies,
 consume, Celery's request and tracer, ack: agents/README.md, "Where a step's time goes"), and a step is two of
-them. So the hot hops (``BATCHED``: a start, a model turn, an env step) travel together: a process hands each one
-to its ``Batcher``, which holds it for at most a window and then sends everything bound for one queue as one
-message, ``envs.hop_batch`` or ``modelserving.hop_batch`` (orchestrator/tasks.py). The receiving worker runs the
+them. So the hot hops (``BATCHED``: a start, a model turn, an env step, an episode's end) travel together: a
+process hands each one to its ``Batcher``, which holds it for at most a window and then sends everything bound for
+one queue as one message, ``envs.hop_batch``, ``modelserving.hop_batch`` or ``orchestrator.hop_batch``
+(orchestrator/tasks.py). The receiving worker runs the
 batch's hops side by side, each as the task it stands for would run (``megaflow_task.run_batch``: each holds its
 episode, records its own error as a drop, retries the database), and the message is acknowledged when every hop
 has ended.
@@ -47,10 +48,17 @@ from megaflow_site.topology import HOST_KWARG, ROUTING_KWARG, Service, service_o
 
 logger = logging.getLogger("megaflow.hop_batches")
 
-# The hops that travel in batches: the ones every step and every start pays for. Everything else (the control
-# plane, a sandbox's release, a framework's session) is rare and goes alone.
-BATCHED = frozenset({"envs.episode_start", "envs.episode_step", "modelserving.episode_turn"})
-BATCH_TASK = {Service.ENV: "envs.hop_batch", Service.MODEL: "modelserving.hop_batch"}
+# The hops that travel in batches: the ones every step and every episode pays for (a start, a turn, a step, the
+# run accounting of an episode that ended). Everything else (the control plane, a sandbox's release, a framework's
+# session) is rare and goes alone.
+BATCHED = frozenset(
+    {"envs.episode_start", "envs.episode_step", "modelserving.episode_turn", "orchestrator.episode_done"}
+)
+BATCH_TASK = {
+    Service.ENV: "envs.hop_batch",
+    Service.MODEL: "modelserving.hop_batch",
+    Service.AGENT: "orchestrator.hop_batch",
+}
 
 # The window, between its floor and its ceiling: this share of the queue wait lately seen, an average that each hop's
 # wait moves this share of the way (about the last hundred hops).
@@ -90,9 +98,9 @@ class Batcher:
     def add(self, name: str, kwargs: dict) -> Ticket:
         """Queue one hop; the returned ticket is set once it is in the broker."""
         service = service_of_task(name)
-        keys = (ROUTING_KWARG[service], HOST_KWARG) if service is Service.ENV else (ROUTING_KWARG[service],)
+        keys = (ROUTING_KWARG.get(service), HOST_KWARG if service is Service.ENV else None)
         # What routes a hop routes its batch (megaflow_site/topology.py): the same service, model or pool, and host.
-        routing = tuple(sorted((key, kwargs[key]) for key in keys if kwargs.get(key) is not None))
+        routing = tuple(sorted((key, kwargs[key]) for key in keys if key and kwargs.get(key) is not None))
         with self.cond:
             if self.thread is None or not self.thread.is_alive():
                 self.thread = threading.Thread(target=self._run, name="megaflow-hop-batcher", daemon=True)

@@ -86,6 +86,11 @@ def model_hop_batch(task, hops: list, model: str) -> int:
     return run_batch(hops, queue_of(task))
 
 
+@megaflow_task("orchestrator.hop_batch", bind=True)
+def agent_hop_batch(task, hops: list) -> int:
+    return run_batch(hops, queue_of(task))
+
+
 # --- framework episodes (queues agent.framework, env.<pool>, model.<model>; orchestrator/framework_loop.py) -----
 
 

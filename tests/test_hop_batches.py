@@ -62,6 +62,7 @@ def test_hops_sent_together_travel_as_one_message_per_queue(published, fresh_bat
     sends = [("envs.episode_step", {"episode_id": NOBODY + 10 + n, "step": n, **step}) for n in range(5)]
     sends += [("modelserving.episode_turn", {"episode_id": NOBODY + 30 + n, "step": 1, "model": "sim", "attempt": 1})
               for n in range(3)]  # fmt: skip
+    sends += [("orchestrator.episode_done", {"episode_id": NOBODY + 50 + n}) for n in range(2)]  # every episode's end
     sends += [("orchestrator.admit", {})]  # not a hot hop: it goes alone, at once
 
     together = threading.Barrier(len(sends))
@@ -92,7 +93,11 @@ def test_hops_sent_together_travel_as_one_message_per_queue(published, fresh_bat
     [(name, batch)] = of_queue(published, "model.sim")
     assert (name, batch["model"]) == ("modelserving.hop_batch", "sim")
     assert sorted(hop[1]["episode_id"] for hop in batch["hops"]) == [NOBODY + 30, NOBODY + 31, NOBODY + 32]
-    assert [name for name, _ in of_queue(published, "agent")] == ["orchestrator.admit"]
+    [(name, batch)] = [(name, kwargs) for name, kwargs in of_queue(published, "agent") if name != "orchestrator.admit"]
+    assert name == "orchestrator.hop_batch" and sorted((hop[0], hop[1]["episode_id"]) for hop in batch["hops"]) == [
+        ("orchestrator.episode_done", NOBODY + 50 + n) for n in range(2)
+    ]
+    assert [name for name, _ in of_queue(published, "agent")].count("orchestrator.admit") == 1
 
 
 def test_a_batch_is_cut_at_its_most_hops_and_the_window_off_sends_each_alone(published, fresh_batcher, settings):
