@@ -66,7 +66,9 @@ def bench_environment(args, max_level: int) -> dict[str, str]:
             {"sim": {"backend": "sim", "latency_s": args.model_latency, "steps": args.steps,
                      "prompt_ids_per_message": args.prompt_ids, "completion_ids": args.completion_ids}}),
         "MEGAFLOW_SIM_EXEC_LATENCY_S": str(args.env_latency),
-        "MEGAFLOW_MAX_LIVE_EPISODES": str(max_level),
+        # Every episode of the largest level live at once, unless the environment caps it lower (to see whether a
+        # fleet held below saturation steps its episodes with less overhead).
+        "MEGAFLOW_MAX_LIVE_EPISODES": os.environ.get("MEGAFLOW_MAX_LIVE_EPISODES", str(max_level)),
         "MEGAFLOW_LOG_LEVEL": os.environ.get("MEGAFLOW_BENCH_LOG_LEVEL", "WARNING"),
     }  # fmt: skip
 
