@@ -5,10 +5,9 @@ consume, Celery's request and tracer, ack: agents/README.md, "Where a step's tim
 them. So the hot hops (``BATCHED``: a start, a model turn, an env step, an episode's end) travel together: a
 process hands each one to its ``Batcher``, which holds it for at most a window and then sends everything bound for
 one queue as one message, ``envs.hop_batch``, ``modelserving.hop_batch`` or ``orchestrator.hop_batch``
-(orchestrator/tasks.py). The receiving worker runs the
-batch's hops side by side, each as the task it stands for would run (``megaflow_task.run_batch``: each holds its
-episode, records its own error as a drop, retries the database), and the message is acknowledged when every hop
-has ended.
+(orchestrator/tasks.py). The receiving worker runs the batch's hops side by side, each as the task it stands for
+would run (``megaflow_task.run_batch``: each holds its episode, records its own error as a drop, retries the
+database), and the message is acknowledged when every hop has ended.
 
 **The window widens with load.** It is ``MEGAFLOW_HOP_BATCH_WINDOW_MS`` while hops go straight through, and a
 quarter of the queue wait that the hops this process takes have seen lately (from their publisher's hand-over to
