@@ -2,8 +2,9 @@
 
 The counters live on the episode (every attempt's cost is counted: a retried attempt was paid for too) and a run's
 cost is their sum. The episode loop adds to them where the time is spent (orchestrator/episode_loop.py): a start
-adds its pull and its worker time, each step adds its model time, tokens and worker time in the UPDATE it makes
-anyway, each release of a sandbox adds the seconds it was held. The API, the admin, /metrics and
+adds its pull and its worker time, each step its model time, tokens and worker time, and an evaluation its worker
+time and the sandbox's seconds, each in the UPDATE it makes anyway (the start's and the evaluation's in their
+transitions, ``increments``); each release of a sandbox adds the seconds it was held. The API, the admin, /metrics and
 ``megaflow status`` read them through ``episode_cost`` and ``run_cost``.
 """
 
@@ -30,9 +31,14 @@ _SECONDS = {"sandbox_s", "env_worker_s", "model_s", "image_pull_s"}
 
 def charge(episode_id: int, **amounts: float) -> None:
     """Add ``amounts`` (episode field → amount) to the episode's counters, in one UPDATE; zeros are skipped."""
-    updates = {name: F(name) + amount for name, amount in amounts.items() if amount}
-    if updates:
+    if updates := increments(**amounts):
         Episode.objects.filter(pk=episode_id).update(**updates)
+
+
+def increments(**amounts: float) -> dict:
+    """``amounts`` as the fields of an episode UPDATE that adds them (zeros skipped), for a transition that charges
+    in the statement it makes anyway."""
+    return {name: F(name) + amount for name, amount in amounts.items() if amount}
 
 
 def pull_charges(pulled: bool, seconds: float, downloaded: int) -> dict:

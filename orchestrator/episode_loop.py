@@ -211,16 +211,19 @@ def episode_start(episode_id: int, pool: str, attempt: int | None = None) -> Non
     """Give the episode a prepared sandbox (pulling its image when this host lacks it), then publish its first model
     turn. The hop's time and the pull are charged to the episode's cost."""
     began = time.monotonic()
-    charged = False
+    charged = None
     try:
         charged = _start(episode_id, pool, attempt, began)
     finally:
-        if not charged:
+        if charged is None:
             costs.charge(episode_id, env_worker_s=time.monotonic() - began)
+    if isinstance(charged, Live):
+        first_hop(charged)
 
 
-def _start(episode_id: int, pool: str, attempt: int | None, began: float) -> bool | None:
-    """True when a failure charged the hop's worker time already (before the episode's attempt ended)."""
+def _start(episode_id: int, pool: str, attempt: int | None, began: float) -> Live | bool | None:
+    """The episode, running, when its sandbox is ready (the hop's worker time charged with that transition); True
+    when a failure charged it (before the episode's attempt ended); None when nothing charged it yet."""
     episode = _current(episode_id, attempt, hold=False)
     if episode is None:
         return
@@ -271,10 +274,12 @@ def _start(episode_id: int, pool: str, attempt: int | None, began: float) -> boo
     except SandboxError as error:
         _sandbox_failed(episode, error, sandbox.container_id, env_worker_s=time.monotonic() - began)
         return True
-    if not transitions.sandbox_ready(episode_id, episode.attempt, sandbox.container_id):
+    # The hop's worker time rides on the transition (one UPDATE, not two); refused, ``episode_start`` charges it.
+    if not transitions.sandbox_ready(episode_id, episode.attempt, sandbox.container_id,
+                                     env_worker_s=time.monotonic() - began):  # fmt: skip
         release_here(episode_id, sandbox.container_id, pool)  # cancelled, or another start took the episode over
         return
-    first_hop(dataclasses.replace(episode, container_id=sandbox.container_id))
+    return dataclasses.replace(episode, container_id=sandbox.container_id)
 
 
 def episode_step(
@@ -475,11 +480,13 @@ def evaluate(episode: Live) -> None:
         costs.charge(episode.id, env_worker_s=time.monotonic() - began)
         _sandbox_failed(episode, error, episode.container_id, what="evaluation failed: ")
         return
-    # Charged before the episode ends, so that a run's cost is whole when the run completes.
-    costs.charge(episode.id, env_worker_s=time.monotonic() - began,
-                 sandbox_s=env_service.stop_clock(episode.container_id))  # fmt: skip
-    if transitions.succeed(episode.id, episode.attempt, evaluation.reward, evaluation.error):
+    # Charged with the episode's end (one UPDATE), or alone when that was refused (cancelled meanwhile), so that a
+    # run's cost is whole when the run completes.
+    charges = {"env_worker_s": time.monotonic() - began, "sandbox_s": env_service.stop_clock(episode.container_id)}
+    if transitions.succeed(episode.id, episode.attempt, evaluation.reward, evaluation.error, **charges):
         finished(episode.id)
+    else:
+        costs.charge(episode.id, **charges)
     release_here(episode.id, episode.container_id, pool)
 
 

@@ -51,7 +51,7 @@ from django.db.models import Case, Exists, F, OuterRef, Q, When
 from django.utils import timezone
 
 from megaflow_site import liveness
-from orchestrator import hot_sql
+from orchestrator import costs, hot_sql
 from orchestrator.models import Episode, ModelVersion, Run, Step
 
 logger = logging.getLogger("megaflow.transitions")
@@ -180,10 +180,11 @@ def assign_sandbox(episode_id: int, attempt: int, container_id: str) -> bool:
     return _episode(episode_id, E.STARTING, within={E.STARTING}, of_attempt=attempt, container_id=container_id)
 
 
-def sandbox_ready(episode_id: int, attempt: int, container_id: str) -> bool:
+def sandbox_ready(episode_id: int, attempt: int, container_id: str, **charges: float) -> bool:
     """starting → running, only while ``container_id`` is still the episode's (a later start of the same attempt
-    may have replaced it)."""
-    return _episode(episode_id, E.RUNNING, within={E.STARTING}, of_attempt=attempt, extra=Q(container_id=container_id))
+    may have replaced it); ``charges`` (cost field → amount) are added in the same UPDATE, and not when refused."""
+    return _episode(episode_id, E.RUNNING, within={E.STARTING}, of_attempt=attempt, extra=Q(container_id=container_id),
+                    **costs.increments(**charges))  # fmt: skip
 
 
 def begin_evaluation(episode_id: int, attempt: int) -> bool:
@@ -246,11 +247,12 @@ def redrive(episode_id: int, attempt: int, seen: datetime) -> bool:
     )
 
 
-def succeed(episode_id: int, attempt: int, reward: float, note: str = "") -> bool:
-    """evaluating → succeeded with its reward; ``note`` is what the grader had to say (e.g. a timeout)."""
+def succeed(episode_id: int, attempt: int, reward: float, note: str = "", **charges: float) -> bool:
+    """evaluating → succeeded with its reward; ``note`` is what the grader had to say (e.g. a timeout); ``charges``
+    (cost field → amount, orchestrator/costs.py) are added in the same UPDATE, and not at all when it is refused."""
     now = timezone.now()
     return _episode(episode_id, E.SUCCEEDED, of_attempt=attempt, reward=reward, failure_reason=note[:4000],
-                    finished_at=now)  # fmt: skip
+                    finished_at=now, **costs.increments(**charges))  # fmt: skip
 
 
 def fail(

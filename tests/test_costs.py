@@ -9,9 +9,12 @@ import contextlib
 import time
 
 import pytest
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
 
 from envs import service
-from envs.backend import PullRecord, SandboxError
+from envs.backend import ExecResult, PullRecord, SandboxError
+from envs.task_sandbox import Evaluation
 from orchestrator import episode_loop
 from orchestrator.models import Episode, Run
 
@@ -101,3 +104,50 @@ def test_a_step_whose_command_fails_still_pays_for_its_model_turn(swe_mini, done
     assert cost["status"] == Episode.Status.FAILED
     assert (cost["model_s"], cost["cost_prompt_tokens"], cost["cost_completion_tokens"]) == (1.5, 100, 7)
     assert cost["env_worker_s"] >= 0.02
+
+
+def test_an_evaluation_is_charged_with_the_episodes_end_or_alone_when_the_end_is_refused(
+    swe_mini, done_costs, monkeypatch
+):
+    """The evaluation's worker time and the sandbox's seconds ride on the UPDATE that ends the episode (one statement,
+    not two); an episode cancelled during its evaluation is not ended by it, and still pays for it."""
+    monkeypatch.setattr(service, "run_command", lambda *args, **kwargs: ExecResult(0, "MEGAFLOW_SUBMIT\n", 0.01))
+    monkeypatch.setattr(service, "stop_clock", lambda container_id: 3.0)
+    cancel_during_evaluation = []
+
+    def evaluate(container_id, task):
+        time.sleep(0.02)
+        if cancel_during_evaluation:
+            Episode.objects.filter(container_id=container_id).update(status=Episode.Status.CANCELLED)
+        return Evaluation(reward=1.0)
+
+    monkeypatch.setattr(service, "evaluate", evaluate)
+    ended = an_episode(swe_mini, Episode.Status.RUNNING, container_id="c-ended")
+    with CaptureQueriesContext(connection) as queries:
+        episode_loop.episode_step(ended.pk, 0, "```bash\necho MEGAFLOW_SUBMIT\n```", attempt=1)
+    [cost] = done_costs
+    assert cost["status"] == Episode.Status.SUCCEEDED and cost["env_worker_s"] >= 0.02
+    ended.refresh_from_db()
+    assert ended.sandbox_s == 3.0 and ended.env_worker_s == cost["env_worker_s"], "counted once, before the end"
+    updates = [query["sql"] for query in queries.captured_queries if query["sql"].startswith("UPDATE")]
+    ending = [sql for sql in updates if '"finished_at"' in sql]
+    assert len(ending) == 1 and '"sandbox_s"' in ending[0], "the charge is in the statement that ends the episode"
+
+    cancel_during_evaluation.append(True)
+    cancelled = an_episode(swe_mini, Episode.Status.RUNNING, container_id="c-cancelled")
+    episode_loop.episode_step(cancelled.pk, 0, "```bash\necho MEGAFLOW_SUBMIT\n```", attempt=1)
+    cancelled.refresh_from_db()
+    assert cancelled.status == Episode.Status.CANCELLED
+    assert cancelled.sandbox_s == 3.0 and cancelled.env_worker_s >= 0.02, "a refused end still pays for its evaluation"
+
+
+def test_a_start_that_succeeds_is_charged_with_the_episodes_turn_to_running(swe_mini, done_costs, monkeypatch):
+    monkeypatch.setattr(service, "create_sandbox", lambda *args, **kwargs: service.Sandbox("c-1"))
+    monkeypatch.setattr(service, "prepare_sandbox", lambda container_id, task: time.sleep(0.02))
+    episode = an_episode(swe_mini, Episode.Status.STARTING)
+    with CaptureQueriesContext(connection) as queries:
+        episode_loop.episode_start(episode.pk, "default", attempt=1)
+    episode.refresh_from_db()
+    assert episode.status == Episode.Status.RUNNING and episode.env_worker_s >= 0.02
+    charging = [query["sql"] for query in queries.captured_queries if '"env_worker_s" = (' in query["sql"]]
+    assert len(charging) == 1 and '"status" = ' in charging[0], "one statement: the transition carries the charge"
