@@ -211,14 +211,14 @@ def episode_start(episode_id: int, pool: str, attempt: int | None = None) -> Non
     """Give the episode a prepared sandbox (pulling its image when this host lacks it), then publish its first model
     turn. The hop's time and the pull are charged to the episode's cost."""
     began = time.monotonic()
-    charged = None
+    outcome = None
     try:
-        charged = _start(episode_id, pool, attempt, began)
+        outcome = _start(episode_id, pool, attempt, began)
     finally:
-        if charged is None:
+        if outcome is None:  # nothing charged the hop's time yet
             costs.charge(episode_id, env_worker_s=time.monotonic() - began)
-    if isinstance(charged, Live):
-        first_hop(charged)
+    if isinstance(outcome, Live):
+        first_hop(outcome)
 
 
 def _start(episode_id: int, pool: str, attempt: int | None, began: float) -> Live | bool | None:
