@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import time
 import urllib.request
@@ -14,6 +13,8 @@ import urllib.request
 import pytest
 from django.contrib.auth.models import User
 from django.test import Client
+
+from tests.support.ports import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -65,12 +66,6 @@ class WebDriver:
 
 PAGE_TEXT = "return document.body ? document.body.innerText : ''"
 RESOURCES = "return performance.getEntriesByType('resource').map(entry => entry.name)"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture

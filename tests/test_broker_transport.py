@@ -1,7 +1,6 @@
 """The Celery app's Redis transport (megaflow_site/broker.py): kombu's, with one client per channel. Real Redis."""
 
 import json
-import socket
 import threading
 import time
 import uuid
@@ -13,6 +12,7 @@ from kombu import Connection, Queue
 from megaflow_site import broker
 from megaflow_site.celery import app
 from tests.chaos.harness import Broker
+from tests.support.ports import free_port
 
 
 def test_the_app_connects_through_the_transport_under_redis_urls():
@@ -86,9 +86,7 @@ def test_a_message_body_is_stored_as_its_json_and_a_base64_one_still_reads(setti
 def own_redis(tmp_path):
     """A redis-server of this test's own that it may stop and start, keeping nothing across a restart (the chaos
     harness's): (its URL, stop, start)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     server = Broker(port, tmp_path, snapshots=True)
     server.start()
     yield f"redis://127.0.0.1:{port}/0", server.stop, server.start
