@@ -10,9 +10,10 @@ transitions, ``increments``); each release of a sandbox adds the seconds it was 
 
 from __future__ import annotations
 
-from django.db.models import F, FloatField, Sum, Value
+from django.db.models import FloatField, Sum, Value
 from django.db.models.functions import Coalesce
 
+from orchestrator import hot_sql
 from orchestrator.models import Episode
 
 # The cost's name in the API → the episode's field.
@@ -31,14 +32,14 @@ _SECONDS = {"sandbox_s", "env_worker_s", "model_s", "image_pull_s"}
 
 def charge(episode_id: int, **amounts: float) -> None:
     """Add ``amounts`` (episode field → amount) to the episode's counters, in one UPDATE; zeros are skipped."""
-    if updates := increments(**amounts):
-        Episode.objects.filter(pk=episode_id).update(**updates)
+    if adding := increments(**amounts):
+        hot_sql.update_episode(episode_id, add=adding)
 
 
 def increments(**amounts: float) -> dict:
-    """``amounts`` as the fields of an episode UPDATE that adds them (zeros skipped), for a transition that charges
-    in the statement it makes anyway."""
-    return {name: F(name) + amount for name, amount in amounts.items() if amount}
+    """``amounts`` as what an episode UPDATE adds (zeros skipped), for a transition that charges in the statement it
+    makes anyway (``add`` of orchestrator/transitions.py)."""
+    return {name: amount for name, amount in amounts.items() if amount}
 
 
 def pull_charges(pulled: bool, seconds: float, downloaded: int) -> dict:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import json
+from collections.abc import Iterable
 from datetime import UTC, datetime
 
 from django.db import connection
@@ -72,6 +73,56 @@ def _hold_update(names: tuple[str, ...], live: int) -> str:
         f" WHERE id = %s AND status IN ({', '.join(['%s'] * live)}) AND attempt = COALESCE(%s, attempt)"
         f" RETURNING {', '.join(_columns(Episode, names))}"
     )
+
+
+@functools.cache
+def _episode_update(setting: tuple[str, ...], adding: tuple[str, ...], statuses: int, attempt: bool, container: bool,
+                    unclaimed: int | None) -> str:  # fmt: skip
+    assignments = [f"{column} = %s" for column in _columns(Episode, setting)]
+    assignments += [f"{column} = {column} + %s" for column in _columns(Episode, adding)]
+    conditions = ["id = %s"]
+    if statuses:
+        conditions.append(f"status IN ({', '.join(['%s'] * statuses)})")
+    if attempt:
+        conditions.append("attempt = %s")
+    if container:
+        conditions.append("container_id = %s")
+    if unclaimed:  # (none alive: every start is unclaimed)
+        conditions.append(f"(started_at IS NULL OR holder NOT IN ({', '.join(['%s'] * unclaimed)}))")
+    return f"UPDATE {Episode._meta.db_table} SET {', '.join(assignments)} WHERE {' AND '.join(conditions)}"
+
+
+@functools.cache
+def _episode_field(name: str):
+    return Episode._meta.get_field(name)
+
+
+def update_episode(
+    episode_id: int,
+    *,
+    set: dict | None = None,  # noqa: A002 -- as the statement says it
+    add: dict | None = None,
+    status_in: Iterable[str] = (),
+    attempt: int | None = None,
+    container_id: str | None = None,
+    unclaimed_by: Iterable[str] | None = None,
+) -> int:
+    """One UPDATE of an episode: ``set`` its fields (name → value) and ``add`` to its counters (name → amount), only
+    while its status is in ``status_in``, it is of ``attempt``, holds ``container_id`` and its start is not claimed
+    by one of ``unclaimed_by`` (each where given). Returns the rows changed (0 or 1). Orchestrator/transitions.py's
+    compare-and-set, without compiling a QuerySet every time (about 0.5 ms of a worker's CPU each)."""
+    set, add = set or {}, add or {}
+    statuses = sorted(status_in)
+    unclaimed = None if unclaimed_by is None else sorted(unclaimed_by)
+    sql = _episode_update(tuple(set), tuple(add), len(statuses), attempt is not None, container_id is not None,
+                          None if unclaimed is None else len(unclaimed))  # fmt: skip
+    params = [_episode_field(name).get_db_prep_save(value, connection) for name, value in set.items()]
+    params += [*add.values(), episode_id, *statuses]
+    params += [value for value in (attempt, container_id) if value is not None]
+    params += unclaimed or []
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        return cursor.rowcount
 
 
 def episode_row(episode_id: int, names: tuple[str, ...]) -> tuple | None:

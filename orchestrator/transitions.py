@@ -126,19 +126,20 @@ def _episode(
     *,
     within: Iterable[str] | None = None,
     of_attempt: int | None = None,
-    extra=None,
+    holding: str | None = None,
+    unclaimed_by: Iterable[str] | None = None,
+    add: dict | None = None,
     **fields,
 ) -> bool:
-    """Compare-and-set one episode to ``to`` from any state allowed to reach it (narrowed to ``within``)."""
+    """Compare-and-set one episode to ``to`` from any state allowed to reach it (narrowed to ``within``), of
+    ``of_attempt``, while it holds the container ``holding`` and, for ``unclaimed_by``, while no incarnation of it
+    claimed its start, where each is given; ``add`` (field → amount) is added to its counters in the same UPDATE."""
     allowed = sources(EPISODE_TRANSITIONS, to, within)
-    now = timezone.now()
-    query = Episode.objects.filter(pk=episode_id, status__in=allowed)
-    if of_attempt is not None:
-        query = query.filter(attempt=of_attempt)
-    if extra is not None:
-        query = query.filter(extra)
     fields.setdefault("holder", liveness.incarnation())
-    changed = query.update(status=to, updated_at=now, **fields)
+    changed = hot_sql.update_episode(
+        episode_id, set={"status": to, "updated_at": timezone.now(), **fields}, add=add, status_in=allowed,
+        attempt=of_attempt, container_id=holding, unclaimed_by=unclaimed_by,
+    )  # fmt: skip
     if not changed:
         current = Episode.objects.filter(pk=episode_id).values_list("status", "attempt").first()
         _refused("episode", episode_id, to, allowed, current)
@@ -168,8 +169,7 @@ def claim_start(episode_id: int, attempt: int, env_host: str = "", alive: Iterab
     """starting → starting: this worker, on ``env_host``, prepares the episode's sandbox. Refused while the start is
     claimed by an incarnation in ``alive`` (this one included): that start is under way, and a second one would
     tear its container down. A start nobody alive claimed (a redelivery after a death) takes it over."""
-    free = Q(started_at__isnull=True) | ~Q(holder__in=list(alive))
-    return _episode(episode_id, E.STARTING, within={E.STARTING}, of_attempt=attempt, extra=free,
+    return _episode(episode_id, E.STARTING, within={E.STARTING}, of_attempt=attempt, unclaimed_by=alive,
                     worker=liveness.node(), env_host=env_host, failure_reason="",
                     started_at=timezone.now())  # fmt: skip
 
@@ -183,8 +183,8 @@ def assign_sandbox(episode_id: int, attempt: int, container_id: str) -> bool:
 def sandbox_ready(episode_id: int, attempt: int, container_id: str, **charges: float) -> bool:
     """starting → running, only while ``container_id`` is still the episode's (a later start of the same attempt
     may have replaced it); ``charges`` (cost field → amount) are added in the same UPDATE, and not when refused."""
-    return _episode(episode_id, E.RUNNING, within={E.STARTING}, of_attempt=attempt, extra=Q(container_id=container_id),
-                    **costs.increments(**charges))  # fmt: skip
+    return _episode(episode_id, E.RUNNING, within={E.STARTING}, of_attempt=attempt, holding=container_id,
+                    add=costs.increments(**charges))  # fmt: skip
 
 
 def begin_evaluation(episode_id: int, attempt: int) -> bool:
@@ -252,7 +252,7 @@ def succeed(episode_id: int, attempt: int, reward: float, note: str = "", **char
     (cost field → amount, orchestrator/costs.py) are added in the same UPDATE, and not at all when it is refused."""
     now = timezone.now()
     return _episode(episode_id, E.SUCCEEDED, of_attempt=attempt, reward=reward, failure_reason=note[:4000],
-                    finished_at=now, **costs.increments(**charges))  # fmt: skip
+                    finished_at=now, add=costs.increments(**charges))  # fmt: skip
 
 
 def fail(
@@ -263,12 +263,8 @@ def fail(
     the episode's)."""
     if status not in FAILURES:
         raise ValueError(f"{status!r} is not a failure state")
-    return _episode(episode_id, status, within=UNFINISHED, of_attempt=attempt, extra=_holding(holding),
+    return _episode(episode_id, status, within=UNFINISHED, of_attempt=attempt, holding=holding,
                     failure_reason=reason[:4000], finished_at=timezone.now())  # fmt: skip
-
-
-def _holding(container_id: str | None) -> Q | None:
-    return None if container_id is None else Q(container_id=container_id)
 
 
 def fail_or_retry(
@@ -296,8 +292,8 @@ def fail_or_retry(
         return Outcome.FAILED if failed else Outcome.UNCHANGED
     with transaction.atomic():
         retried = _episode(
-            episode_id, E.QUEUED, within=_AUTO_RETRY_FROM, of_attempt=current_attempt, extra=_holding(holding),
-            **_fresh_attempt(), failure_reason=f"attempt {current_attempt} failed: {reason}"[:4000],
+            episode_id, E.QUEUED, within=_AUTO_RETRY_FROM, of_attempt=current_attempt, holding=holding,
+            add={"attempt": 1}, **_fresh_attempt(), failure_reason=f"attempt {current_attempt} failed: {reason}"[:4000],
         )  # fmt: skip
         if retried:
             Step.objects.filter(episode_id=episode_id).delete()
@@ -305,9 +301,9 @@ def fail_or_retry(
 
 
 def _fresh_attempt() -> dict:
-    """The fields of an episode that starts over: a new attempt, no sandbox, an empty trajectory."""
-    return dict(attempt=F("attempt") + 1, container_id="", session_key="", step_count=0, prompt_tokens=0,
-                completion_tokens=0, reward=None, started_at=None, finished_at=None)  # fmt: skip
+    """The fields of an episode that starts over (its attempt goes up by one): no sandbox, an empty trajectory."""
+    return dict(container_id="", session_key="", step_count=0, prompt_tokens=0, completion_tokens=0, reward=None,
+                started_at=None, finished_at=None)  # fmt: skip
 
 
 def cancel_episodes(run_id: int, reason: str) -> list[tuple[int, str]]:
@@ -339,7 +335,7 @@ def retry_failed(run_id: int) -> int:
             return 0
         Step.objects.filter(episode_id__in=ids).delete()
         Episode.objects.filter(pk__in=ids, status__in=_RETRY_FAILED_FROM).update(
-            status=E.QUEUED, failure_reason="", updated_at=timezone.now(), **_fresh_attempt()
+            status=E.QUEUED, failure_reason="", updated_at=timezone.now(), attempt=F("attempt") + 1, **_fresh_attempt()
         )
         reopen_run(run_id)
     return len(ids)

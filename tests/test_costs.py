@@ -149,5 +149,7 @@ def test_a_start_that_succeeds_is_charged_with_the_episodes_turn_to_running(swe_
         episode_loop.episode_start(episode.pk, "default", attempt=1)
     episode.refresh_from_db()
     assert episode.status == Episode.Status.RUNNING and episode.env_worker_s >= 0.02
-    charging = [query["sql"] for query in queries.captured_queries if '"env_worker_s" = (' in query["sql"]]
+    charging = [
+        query["sql"] for query in queries.captured_queries if '"env_worker_s" = "env_worker_s" + ' in query["sql"]
+    ]
     assert len(charging) == 1 and '"status" = ' in charging[0], "one statement: the transition carries the charge"

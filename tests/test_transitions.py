@@ -15,6 +15,8 @@ from datetime import timedelta
 
 import pytest
 from django.conf import settings
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from envs import service as env_service
@@ -182,6 +184,26 @@ def test_a_run_does_not_complete_while_an_episode_is_unfinished(run):
     assert not transitions.complete_run(run.pk)
     Episode.objects.filter(pk=unfinished.pk).update(status=E.FAILED)
     assert transitions.complete_run(run.pk)
+
+
+def test_a_transition_is_one_statement_that_checks_its_sandbox_and_claim_and_adds_its_charges(run):
+    """The compare-and-set is written out (orchestrator/hot_sql.py's ``update_episode``), not compiled by the ORM:
+    each condition a transition names still refuses it, and its counters are added, not set."""
+    episode = episode_in(run, E.STARTING, container_id="c-1", holder="alive@host#1", started_at=timezone.now(),
+                         env_worker_s=0.5, step_count=3, prompt_tokens=7)  # fmt: skip
+    assert not transitions.claim_start(episode.pk, 1, alive=["alive@host#1"]), "a living worker's start is under way"
+    assert transitions.claim_start(episode.pk, 1, alive=["other@host#2"]), "a dead worker's start is taken over"
+    assert not transitions.sandbox_ready(episode.pk, 1, "c-2", env_worker_s=1.0), "another container's start"
+    assert not transitions.sandbox_ready(episode.pk, 2, "c-1", env_worker_s=1.0), "another attempt's"
+    with CaptureQueriesContext(connection) as queries:
+        assert transitions.sandbox_ready(episode.pk, 1, "c-1", env_worker_s=1.25)
+    assert len(queries.captured_queries) == 1
+    episode.refresh_from_db()
+    assert (episode.status, episode.env_worker_s, episode.holder) == (E.RUNNING, 1.75, liveness.incarnation())
+    assert transitions.fail_or_retry(episode.pk, "x", retryable=True, holding="c-1") == "retrying"
+    episode.refresh_from_db()
+    assert (episode.status, episode.attempt, episode.container_id, episode.step_count, episode.prompt_tokens,
+            episode.started_at, episode.env_worker_s) == (E.QUEUED, 2, "", 0, 0, None, 1.75)  # fmt: skip
 
 
 def test_an_automatic_retry_fails_for_good_at_max_attempts(run):
