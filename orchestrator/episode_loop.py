@@ -238,7 +238,7 @@ def _start(episode_id: int, pool: str, attempt: int | None, began: float) -> Liv
                             env_worker_s=time.monotonic() - began)  # fmt: skip
             return True
         return
-    alive = liveness.read_fleet().alive
+    alive = liveness.alive_incarnations()
     if not transitions.claim_start(episode_id, episode.attempt, env_host=settings.MEGAFLOW_ENV_HOST, alive=alive):
         return  # not starting (cancelled, retried, not admitted), or a living worker's start of it is under way
     episode = dataclasses.replace(episode, env_host=settings.MEGAFLOW_ENV_HOST)

@@ -20,7 +20,7 @@ from agents.agent import drives_itself
 from envs import startup_control
 from megaflow_site import liveness
 from megaflow_site.topology import FRAMEWORK_QUEUE, Service, host_queue_name, queue_name, service_of_task
-from orchestrator import transitions
+from orchestrator import hot_sql, transitions
 from orchestrator.api.serializers import RunSerializer
 from orchestrator.autoscale import admission_limit
 from orchestrator.db import bulk_batch_size, gather_statistics, keep_statistics
@@ -199,10 +199,10 @@ def _backed_off(attempt: int, updated_at: datetime) -> bool:
 
 def episode_done(episode_id: int) -> None:
     """Close the run when its last episode ended, then let the next episodes in."""
-    run_id = Episode.objects.filter(pk=episode_id).values_list("run_id", flat=True).first()
-    if run_id is None:
+    if (found := hot_sql.run_of_episode(episode_id, transitions.UNFINISHED)) is None:
         return  # the episode was deleted with its run
-    if not Episode.objects.filter(run_id=run_id, status__in=transitions.UNFINISHED).exists():
+    run_id, unfinished = found
+    if not unfinished:
         transitions.complete_run(run_id)
     admit()
 

@@ -60,11 +60,12 @@ def test_a_worker_is_alive_while_it_beats_and_its_silence_is_one_death(broker):
     assert 0 < broker.ttl(liveness.ALIVE_KEY + me) <= settings.MEGAFLOW_WORKER_DEAD_S
     fleet = liveness.read_fleet(broker)
     assert fleet.alive == {me: frozenset({7, 8})} and fleet.holds(7) and not fleet.holds(9) and fleet.dead == {}
+    assert liveness.alive_incarnations(broker) == {me}
     liveness.observe(fleet, broker)  # the broker's epoch, first seen
 
     broker.delete(liveness.ALIVE_KEY + me)  # what Redis does once MEGAFLOW_WORKER_DEAD_S passed without a beat
     fleet = liveness.read_fleet(broker)
-    assert fleet.alive == {} and set(fleet.dead) == {me}
+    assert fleet.alive == {} and set(fleet.dead) == {me} and liveness.alive_incarnations(broker) == set()
     [death] = [event for event in liveness.observe(fleet, broker) if "silent" in event.why]
     assert death.why == f"worker {me} went silent" and death.queues == {"env.default"}
     # What it held at its last beat survives the key that expired; a death re-drives that, not its queues.
