@@ -32,6 +32,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from tests.bench.procstat import CpuProfile, group_status, parent, with_descendants
+from tests.bench.reference import round_ms as reference_round_ms
 from tests.support.databases import ensure_database
 
 REPO = Path(__file__).resolve().parents[2]
@@ -476,6 +477,8 @@ def main() -> None:
     log_dir = settings.DATA_DIR / "log"
     log_dir.mkdir(parents=True, exist_ok=True)
     prepare_execs, evaluate_execs = sandbox_execs()
+    reference = [reference_round_ms()]  # this machine's speed today, before and after (tests/bench/reference.py)
+    print(f"reference loop: {reference[0]:.3f} ms a round")
 
     rows = []
     for level in levels:
@@ -495,12 +498,17 @@ def main() -> None:
         )
         print_table(rows[-1:])
         print_cpu(rows[-1:])
+    reference.append(reference_round_ms())
+    for row in rows:  # comparable between runs, where milliseconds are not: see tests/bench/reference.py
+        cpu = row["cpu_per_step_ms"]
+        row["cpu_per_step_reference_rounds"] = cpu["total"] / (sum(reference) / len(reference)) if cpu else None
     setup = {
         "model_latency_s": args.model_latency,
         "env_latency_s": args.env_latency,
         "steps_per_episode": args.steps,
         "sandbox_execs": {"prepare": prepare_execs, "evaluate": evaluate_execs},
         "cpus": os.cpu_count(),
+        "reference_round_ms": {"before": reference[0], "after": reference[1]},
     }
     # Each level's figures under its own key ("1000", "10000"), so make bench and make bench-10k share the file; the
     # last run's levels and setup stay at the top.
@@ -511,6 +519,14 @@ def main() -> None:
     print()
     print_table(rows)
     print_cpu(rows)
+    print(
+        f"reference loop: {reference[0]:.3f} ms a round before, {reference[1]:.3f} after; CPU a step in rounds: "
+        + ", ".join(
+            f"{row['cpu_per_step_reference_rounds']:.2f} at {row['concurrency']}"
+            for row in rows
+            if row["cpu_per_step_ms"]
+        )
+    )
     print(f"wrote {args.output}")
 
 
