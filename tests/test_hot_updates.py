@@ -113,3 +113,27 @@ def test_statistics_gone_stale_are_renewed_only_where_autovacuum_is_off(running)
     assert db.gather_statistics(Episode) == []
     assert db.gather_statistics(Episode, stale=True) == [Episode._meta.db_table]
     assert db.gather_statistics(Episode, stale=True) == []  # renewed: nothing changed since
+
+
+def test_a_step_insert_sends_each_value_as_django_would():
+    """The step INSERT prepares only the values Django would change (``hot_sql._step_values``); every parameter keeps
+    the type Django's own preparation gives it. An int sent bare goes as the smallest type its value fits, not as
+    the Int4 Django sends: the prepared statement's parameter types, and PostgreSQL's plans, then vary by value."""
+    now = timezone.now()
+    values = dict(episode_id=5, index=3, model_output="reply", model_input=[{"role": "user", "content": "x"}],
+                  prompt_prefix_len=40_000, prompt_ids=b"\x01\x00\x00\x00", prefix_consistent=True,
+                  finish_reason="stop", sampling={"temperature": 1.0}, model_name="sim", model_version="v1",
+                  exit_code=0, model_latency_s=1.5, env_latency_s=2, prompt_tokens=7, completion_tokens=90_000,
+                  tool_calls=None)  # fmt: skip
+    fields = hot_sql._step_fields()
+    given = {"created_at": now, **values}
+    django = [
+        field.get_db_prep_save(given.get(field.attname, given.get(field.name, field.get_default())), connection)
+        for field in fields
+    ]
+    sent = hot_sql._step_values(now, values)
+    assert [type(value) for value in sent] == [type(value) for value in django], [
+        (field.name, type(ours).__name__, type(theirs).__name__)
+        for field, ours, theirs in zip(fields, sent, django, strict=True)
+        if type(ours) is not type(theirs)
+    ]
