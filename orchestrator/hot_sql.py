@@ -116,8 +116,10 @@ def update_episode(
     unclaimed = None if unclaimed_by is None else sorted(unclaimed_by)
     sql = _episode_update(tuple(set), tuple(add), len(statuses), attempt is not None, container_id is not None,
                           None if unclaimed is None else len(unclaimed))  # fmt: skip
-    params = [_episode_field(name).get_db_prep_save(value, connection) for name, value in set.items()]
-    params += [*add.values(), episode_id, *statuses]
+    # Every value as Django prepares it, amounts too: a bare int goes as the smallest type it fits, and the prepared
+    # statement's parameter types would then vary with the values (see _STORED_AS_IS).
+    params = [_episode_field(name).get_db_prep_save(value, connection) for name, value in (*set.items(), *add.items())]
+    params += [episode_id, *statuses]
     params += [value for value in (attempt, container_id) if value is not None]
     params += unclaimed or []
     with connection.cursor() as cursor:
