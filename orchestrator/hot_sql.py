@@ -10,15 +10,44 @@ agents/README.md, "Where a step's time goes".
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
 
-from django.db import connection
+from django.db import DEFAULT_DB_ALIAS, connection, connections
 
 from orchestrator.models import Episode, Step
 from orchestrator.packed import join_turns
+
+
+@contextlib.contextmanager
+def _cursor() -> Iterator:
+    """A cursor for one hot statement. Where this thread's (or greenlet's) Django connection is closed, as it is
+    between a hop's waits (orchestrator/db.py), the statement takes a connection straight from Django's pool and
+    gives it back at once: Django's ``connect()`` on each checkout (settings, autocommit, signal) and its cursor
+    wrapper were ~70 µs of a worker's CPU a statement, against ~80 µs for psycopg to run it (and at 10,000 concurrent,
+    a tenth of an env worker). The pool's connections are Django's own (its adapters, time zone, autocommit), and
+    errors still arrive as Django's (a unique violation is ``django.db.IntegrityError``). Django's connection where it
+    is open (a transaction, or ORM calls of this hop before), or logs queries (DEBUG, a test counting them), or there
+    is no pool (SQLite, ``MEGAFLOW_DB_POOL_SIZE=0``)."""
+    db = connections[DEFAULT_DB_ALIAS]
+    pool = None if db.connection is not None or db.queries_logged else getattr(db, "pool", None)
+    if pool is None:
+        with db.cursor() as cursor:
+            yield cursor
+        return
+    if pool.closed:
+        pool.open()  # nothing in this process opened it yet (Django opens it on its first connect)
+    with db.wrap_database_errors:
+        pooled = pool.getconn()
+        try:
+            with pooled.cursor() as cursor:
+                yield cursor
+        finally:
+            pool.putconn(pooled)  # a connection left broken or in a transaction, the pool mends or discards
+
 
 # Portable SQL: PostgreSQL, and SQLite for the embedded default. Values cross as the ORM would send and read them:
 # datetimes through the backend's own adaptation (SQLite keeps them as naive UTC text), JSON as text.
@@ -122,7 +151,7 @@ def update_episode(
     params += [episode_id, *statuses]
     params += [value for value in (attempt, container_id) if value is not None]
     params += unclaimed or []
-    with connection.cursor() as cursor:
+    with _cursor() as cursor:
         cursor.execute(sql, params)
         return cursor.rowcount
 
@@ -140,7 +169,7 @@ def run_of_episode(episode_id: int, unfinished: Iterable[str]) -> tuple[int, boo
     """The episode's run, and whether any of the run's episodes is in one of the ``unfinished`` states; None when
     the episode is gone. (An episode's end, orchestrator/runs.py: one round trip instead of two compiled queries.)"""
     statuses = sorted(unfinished)
-    with connection.cursor() as cursor:
+    with _cursor() as cursor:
         cursor.execute(_run_of_episode(len(statuses)), [*statuses, episode_id])
         row = cursor.fetchone()
     return None if row is None else (row[0], bool(row[1]))
@@ -148,7 +177,7 @@ def run_of_episode(episode_id: int, unfinished: Iterable[str]) -> tuple[int, boo
 
 def episode_row(episode_id: int, names: tuple[str, ...]) -> tuple | None:
     """The episode's ``names`` columns (Episode field names), or None if it is gone."""
-    with connection.cursor() as cursor:
+    with _cursor() as cursor:
         cursor.execute(_episode_select(names), [episode_id])
         return _row(Episode, names, cursor.fetchone())
 
@@ -157,7 +186,7 @@ def hold_returning(episode_id: int, attempt: int | None, live: frozenset[str], h
                    names: tuple[str, ...]) -> tuple | None:  # fmt: skip
     """Mark a live episode of ``attempt`` (any attempt if None) as held by ``holder`` and moved now, and return its
     ``names`` columns as they are after that; None when it is not live or of another attempt."""
-    with connection.cursor() as cursor:
+    with _cursor() as cursor:
         cursor.execute(_hold_update(names, len(live)), _hold_values(episode_id, attempt, live, holder, worker, now))
         return _row(Episode, names, cursor.fetchone())
 
@@ -183,7 +212,7 @@ def hold_returning_with_history(episode_id: int, attempt: int | None, live: froz
     steps up to ``through``; None when it is not live or of another attempt, or on SQLite (ask for each alone)."""
     if connection.vendor != "postgresql":
         return None
-    with connection.cursor() as cursor:
+    with _cursor() as cursor:
         params = [*_hold_values(episode_id, attempt, live, holder, worker, now), episode_id, through]
         cursor.execute(_hold_with_history(names, len(live)), params)
         rows = cursor.fetchall()
@@ -204,7 +233,7 @@ def _steps_select(names: tuple[str, ...], through: str) -> str:
 
 
 def _steps(episode_id: int, names: tuple[str, ...], through: str, index: int) -> list[tuple]:
-    with connection.cursor() as cursor:
+    with _cursor() as cursor:
         cursor.execute(_steps_select(names, through), [episode_id, index])
         return [_row(Step, names, row) for row in cursor.fetchall()]
 
@@ -221,7 +250,7 @@ def history(episode_id: int, through: int) -> list[tuple[int, str, str, datetime
 def turn_ids(episode_id: int, before: int) -> list[int] | None:
     """The ids the model saw and produced on the turn before ``before`` (its prompt, then its completion), joined
     from every earlier step's packed ids without a list in between; None where a turn has none."""
-    with connection.cursor() as cursor:
+    with _cursor() as cursor:
         cursor.execute(_steps_select(PROMPT_IDS, "<"), [episode_id, before])
         return join_turns(cursor.fetchall())
 
@@ -246,7 +275,7 @@ def _step_columns() -> tuple[str, str]:
 def insert_step(now, **values) -> int:
     """Insert a Step row (Step field names → values; every other field takes its default, ``created_at`` is
     ``now``) and return its id. Raises IntegrityError when the episode already has a step of that index."""
-    with connection.cursor() as cursor:
+    with _cursor() as cursor:
         cursor.execute(_step_insert(), _step_values(now, values))
         return cursor.fetchone()[0]
 
@@ -270,7 +299,7 @@ def hold_and_claim(episode_id: int, attempt: int | None, live: frozenset[str], h
     index already); None when the episode was not held, or on SQLite (ask for each alone)."""
     if connection.vendor != "postgresql":
         return None
-    with connection.cursor() as cursor:
+    with _cursor() as cursor:
         hold = _hold_values(episode_id, attempt, live, holder, worker, now)
         cursor.execute(_hold_and_claim(names, len(live)), [*hold, *_step_values(now, values)])
         row = cursor.fetchone()
@@ -327,7 +356,7 @@ RESULT_FIELDS = ("action", "observation", "exit_code", "model_latency_s", "env_l
 def record_step(step_id: int, claimed_at, **result) -> bool:
     """Write a step's result (``RESULT_FIELDS``) while its claim is still the one made at ``claimed_at`` and it
     has none yet: False when the claim was taken over."""
-    with connection.cursor() as cursor:
+    with _cursor() as cursor:
         cursor.execute(_step_result_update(), _result_values(step_id, claimed_at, result))
         return cursor.rowcount == 1
 
@@ -356,7 +385,7 @@ def count_step(episode_id: int, attempt: int, running: str, steps: int, prompt_t
                model_s: float, env_worker_s: float, now) -> bool:  # fmt: skip
     """A running episode of ``attempt`` has ``steps`` steps now, and the step's tokens and seconds added to its
     counts and its cost (orchestrator/costs.py); False when it moved on (cancelled, retried)."""
-    with connection.cursor() as cursor:
+    with _cursor() as cursor:
         cursor.execute(_COUNT_UPDATE, _count_values(episode_id, attempt, running, steps, prompt_tokens,
                                                     completion_tokens, model_s, env_worker_s, now))  # fmt: skip
         return cursor.rowcount == 1
@@ -378,7 +407,7 @@ def record_and_count_step(step_id: int, claimed_at, result: dict, **count) -> tu
     if connection.vendor != "postgresql":
         recorded = record_step(step_id, claimed_at, **result)
         return recorded, recorded and count_step(**count)
-    with connection.cursor() as cursor:
+    with _cursor() as cursor:
         cursor.execute(_record_and_count(), [*_result_values(step_id, claimed_at, result), *_count_values(**count)])
         recorded, counted = cursor.fetchone()
         return recorded == 1, counted == 1

@@ -3,12 +3,12 @@ PostgreSQL each hold and each step's count is a heap-only (HOT) update, which wr
 dead version in any index (migration 0012). Real PostgreSQL."""
 
 import pytest
-from django.db import connection
+from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 
 from orchestrator import db, hot_sql, transitions
 from orchestrator.episode_loop import LIVE_FIELDS
-from orchestrator.models import Episode
+from orchestrator.models import Episode, Step
 from tests.support.records import new_episode
 
 pytestmark = [
@@ -137,3 +137,32 @@ def test_a_step_insert_sends_each_value_as_django_would():
         for field, ours, theirs in zip(fields, sent, django, strict=True)
         if type(ours) is not type(theirs)
     ]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_hot_statement_between_waits_takes_a_pooled_connection_without_djangos_and_gives_it_back(running):
+    """Between a hop's waits its Django connection is closed (orchestrator/db.py): a hot statement then runs on a
+    connection taken straight from the pool (``hot_sql._cursor``), reads and writes as Django's would, raises
+    Django's errors, and leaves the pool as it found it; inside a transaction it is part of the transaction."""
+    pool = getattr(connection, "pool", None)
+    if pool is None:
+        pytest.skip("no connection pool (MEGAFLOW_DB_POOL_SIZE=0)")
+    connection.close()
+    pool.pop_stats()
+    now = timezone.now()
+    step_id = hot_sql.insert_step(now, episode_id=running.pk, index=0, model_output="reply", sampling={"t": 1.0})
+    with pytest.raises(IntegrityError):  # Django's class, as the hot path catches it (episode_loop._claim_step)
+        hot_sql.insert_step(now, episode_id=running.pk, index=0, model_output="another delivery")
+    row = hot_sql.episode_row(running.pk, ("status", "updated_at", "attempt"))
+    assert connection.connection is None, "Django's connection stayed closed"
+    stats = pool.get_stats()
+    assert stats["requests_num"] == 3 and stats["pool_available"] == stats["pool_size"], stats
+    assert row == (running.status, Episode.objects.get(pk=running.pk).updated_at, running.attempt)
+    assert row[1].tzinfo is not None
+    stored = Step.objects.get(pk=step_id)
+    assert (stored.created_at, stored.sampling, stored.model_output) == (now, {"t": 1.0}, "reply")
+
+    with transaction.atomic():
+        hot_sql.insert_step(now, episode_id=running.pk, index=1, model_output="rolled back")
+        transaction.set_rollback(True)
+    assert not Step.objects.filter(episode=running, index=1).exists(), "it ran inside the transaction"
