@@ -10,11 +10,13 @@ would run (``megaflow_task.run_batch``: each holds its episode, records its own 
 database), and the message is acknowledged when every hop has ended.
 
 **The window widens with load.** It is ``MEGAFLOW_HOP_BATCH_WINDOW_MS`` while hops go straight through, and a
-quarter of the queue wait that the hops this process takes have seen lately (from their publisher's hand-over to
-their start), up to ``MEGAFLOW_HOP_BATCH_WINDOW_MAX_MS``, once they wait: a hop that waited a second for a busy
-fleet loses little to 50 ms more, and each hop that shares a message saves the fleet that message's publish, its
-copies in the broker and its consume (agents/README.md: on a saturated box, a 50 ms window cut a seventh of the
-workers' CPU per step). ``celery -A megaflow_site inspect hop_batching`` shows a worker's window and the wait behind it.
+quarter of the wait they see lately, up to ``MEGAFLOW_HOP_BATCH_WINDOW_MAX_MS``, once they wait: a hop that waited
+a second for a busy fleet loses little to 50 ms more, and each hop that shares a message saves the fleet that
+message's publish, its copies in the broker and its consume (agents/README.md: on a saturated box, a 50 ms window
+cut a seventh of the workers' CPU per step). Two waits, the longer counts: the queue wait of the hops this process
+takes (from their publisher's hand-over to their start), and how late its own window closes (its lag: a gevent
+worker takes every message at once, so its hops wait for the CPU inside the process, not in the broker's queue).
+``celery -A megaflow_site inspect hop_batching`` shows a worker's window and the waits behind it.
 
 Nothing is weaker than one message per hop:
 
@@ -87,6 +89,7 @@ class Batcher:
         self.floor_s, self.max_hops = floor_s, max_hops
         self.ceiling_s = floor_s if ceiling_s is None else max(floor_s, ceiling_s)
         self.wait_s = 0.0  # the queue wait of the hops this process took lately (a moving average)
+        self.lag_s = 0.0  # how late this process's own window closed lately: its wait for CPU (a moving average)
         self.cond = threading.Condition()
         self.pending: dict[tuple, list] = defaultdict(list)  # (service, routing kwargs) → [[name, kwargs, queued_at]]
         self.count = 0
@@ -116,9 +119,14 @@ class Batcher:
         of the average, between two threads, is one hop's weight of it.)"""
         self.wait_s += WAIT_SMOOTHING * (seconds - self.wait_s)
 
+    def observe_lag(self, seconds: float) -> None:
+        """This process's window closed ``seconds`` after it was due: its threads (or greenlets) wait that long for
+        the CPU, a wait the broker's queue does not show where a worker takes every message at once (gevent)."""
+        self.lag_s += WAIT_SMOOTHING * (seconds - self.lag_s)
+
     @property
     def window_s(self) -> float:
-        return min(self.ceiling_s, max(self.floor_s, WAIT_SHARE * self.wait_s))
+        return min(self.ceiling_s, max(self.floor_s, WAIT_SHARE * max(self.wait_s, self.lag_s)))
 
     def _run(self) -> None:
         while True:
@@ -126,9 +134,12 @@ class Batcher:
                 while not self.count:
                     self.cond.wait()
                 # The window opens with the first hop; a full message goes at once.
-                window_s = self.window_s
-                while self.count < self.max_hops and (left := self.first_at + window_s - time.monotonic()) > 0:
+                due = self.first_at + self.window_s
+                timed = due > time.monotonic()
+                while self.count < self.max_hops and (left := due - time.monotonic()) > 0:
                     self.cond.wait(left)
+                if timed and self.count < self.max_hops:  # closed by its timer: how late this thread ran again
+                    self.observe_lag(time.monotonic() - due)
                 pending, self.pending, self.count = self.pending, defaultdict(list), 0
                 ticket, self.ticket = self.ticket, Ticket()
             try:
@@ -186,12 +197,13 @@ def observe_wait(seconds: float) -> None:
 
 @inspect_command()
 def hop_batching(state_, **_) -> dict:
-    """This worker's hop window now, its floor and ceiling, and the queue wait it follows, in milliseconds."""
+    """This worker's hop window now, its floor and ceiling, and the queue wait and CPU lag it follows, in ms."""
     if settings.MEGAFLOW_HOP_BATCH_WINDOW_MS <= 0:
         return {"window_ms": 0.0}
     current = batcher()
     return {
-        f"{name}_ms": round(1000 * getattr(current, f"{name}_s"), 3) for name in ("window", "floor", "ceiling", "wait")
+        f"{name}_ms": round(1000 * getattr(current, f"{name}_s"), 3)
+        for name in ("window", "floor", "ceiling", "wait", "lag")
     }
 
 
