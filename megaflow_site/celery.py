@@ -7,8 +7,9 @@ Start a worker of one service with the command ``python -m megaflow_site.topolog
 import os
 
 from celery import Celery, signals
+from django.conf import settings
 
-from megaflow_site import broker, preflight, topology
+from megaflow_site import broker, greenlet_db, preflight, topology
 from megaflow_site.config_errors import ConfigError, exit_with
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "megaflow_site.settings")
@@ -36,6 +37,12 @@ def _preflight_worker(**_) -> None:
         preflight.check_redis()
     except ConfigError as error:
         exit_with(error)
+
+
+@signals.worker_init.connect
+def _greenlet_db_waits(**_) -> None:
+    """On a gevent worker, a PostgreSQL wait blocks briefly before it yields (megaflow_site/greenlet_db.py)."""
+    greenlet_db.install(settings.MEGAFLOW_GEVENT_DB_BLOCK_MS)
 
 
 # Every publisher stamps its messages' send time, for the queue wait each task records (megaflow_site/megaflow_task.py);
