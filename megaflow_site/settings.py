@@ -458,10 +458,11 @@ MEGAFLOW_HOT_QUEUE_TASK_EVENTS = env_bool("MEGAFLOW_HOT_QUEUE_TASK_EVENTS", Fals
 # backend: megaflow_site/topology.py); the agent queues always run threads. agents/README.md, "Where a step's time
 # goes".
 MEGAFLOW_HOT_QUEUE_POOL = env_str("MEGAFLOW_HOT_QUEUE_POOL", "threads")
-# On a gevent worker, each PostgreSQL wait first blocks the process this long, then yields to the hub: a hot statement
-# is answered well within it, and then holds its pooled connection for its round trip instead of for a turn of every
-# ready greenlet (megaflow_site/greenlet_db.py). 0: psycopg's cooperative waits throughout.
-MEGAFLOW_GEVENT_DB_BLOCK_MS = env_float("MEGAFLOW_GEVENT_DB_BLOCK_MS", 2.0)
+# On a gevent worker, each PostgreSQL wait may first block the process this long, then yield to the hub: a statement
+# answered within it holds its pooled connection for its round trip instead of for a turn of every ready greenlet,
+# but the process does nothing else meanwhile (megaflow_site/greenlet_db.py; on two cores at 10,000 concurrent the
+# two costs came out even: agents/README.md). 0, the default: psycopg's cooperative waits throughout.
+MEGAFLOW_GEVENT_DB_BLOCK_MS = env_float("MEGAFLOW_GEVENT_DB_BLOCK_MS", 0.0)
 if MEGAFLOW_HOT_QUEUE_POOL not in {"threads", "gevent"}:
     raise ConfigError(f"MEGAFLOW_HOT_QUEUE_POOL={MEGAFLOW_HOT_QUEUE_POOL!r} is not a pool",
                       "set MEGAFLOW_HOT_QUEUE_POOL to threads or gevent")  # fmt: skip

@@ -187,13 +187,17 @@ def run_orchestrated(level: int, args, log_dir: Path) -> dict:
     steps = list(
         Step.objects.filter(episode__run=run, completed_at__isnull=False)
         .order_by("episode_id", "index")
-        .values_list("episode_id", "index", "completed_at", "model_latency_s", "env_latency_s")
+        .values_list("episode_id", "index", "created_at", "completed_at", "model_latency_s", "env_latency_s")
     )
-    overheads, previous = [], {}
-    for episode_id, index, completed, model_s, env_s in steps:
+    overheads, to_claim, from_claim, previous = [], [], [], {}
+    for episode_id, index, claimed, completed, model_s, env_s in steps:
         if index > 0 and (episode_id, index - 1) in previous:
-            wall = (completed - previous[(episode_id, index - 1)]).total_seconds()
-            overheads.append(wall - (model_s or 0) - (env_s or 0))
+            before = previous[(episode_id, index - 1)]
+            overheads.append((completed - before).total_seconds() - (model_s or 0) - (env_s or 0))
+            # Where it went: up to the env worker's claim of the step (the turn's two hops, the model worker's
+            # statements), and from the claim to the step's record (the env worker's statements, its pool's waits).
+            to_claim.append((claimed - before).total_seconds() - (model_s or 0))
+            from_claim.append((completed - claimed).total_seconds() - (env_s or 0))
         previous[(episode_id, index)] = completed
     statuses = dict(run.episodes.values_list("status").annotate(n=Count("pk")))
     with connection.cursor() as cursor:  # the table holds this level's steps only: its size is theirs
@@ -210,6 +214,8 @@ def run_orchestrated(level: int, args, log_dir: Path) -> dict:
         "steps_per_s": len(steps) / finished,
         "overhead_p50_ms": ms(percentile(overheads, 0.5)),
         "overhead_p99_ms": ms(percentile(overheads, 0.99)),
+        "overhead_to_claim_ms": {"p50": ms(percentile(to_claim, 0.5)), "p99": ms(percentile(to_claim, 0.99))},
+        "overhead_from_claim_ms": {"p50": ms(percentile(from_claim, 0.5)), "p99": ms(percentile(from_claim, 0.99))},
         "worker_processes": len(specs),
         "bytes_per_step": step_table_bytes / max(1, len(steps)),
         "peak_pss_mib": peak.total_mib,
@@ -424,6 +430,12 @@ def print_table(rows: list[dict]) -> None:
             f"{shown(row['raw']['overhead_p99_ms'])}  {row['peak_pss_mib']:>8.0f}  "
             f"{'completed' if row['completed'] else 'NOT COMPLETED'}"
         )
+    for row in rows:
+        if row.get("overhead_to_claim_ms"):
+            parts = [f"{name} p50 {shown(row[key]['p50']).strip()}, p99 {shown(row[key]['p99']).strip()}"
+                     for name, key in (("to the claim", "overhead_to_claim_ms"),
+                                       ("from the claim", "overhead_from_claim_ms"))]  # fmt: skip
+            print(f"{row['concurrency']:>11}  overhead {'; '.join(parts)}")
 
 
 def print_cpu(rows: list[dict]) -> None:
