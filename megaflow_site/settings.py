@@ -458,7 +458,7 @@ MEGAFLOW_HOT_QUEUE_TASK_EVENTS = env_bool("MEGAFLOW_HOT_QUEUE_TASK_EVENTS", Fals
 # backend: megaflow_site/topology.py); the agent queues always run threads. agents/README.md, "Where a step's time
 # goes".
 MEGAFLOW_HOT_QUEUE_POOL = env_str("MEGAFLOW_HOT_QUEUE_POOL", "threads")
-# What a model worker keeps of its episodes' last turns (their token ids, packed, and messages), so that the next turn
+# What a model worker keeps of its episodes' last turns (their token ids and messages), so that the next turn
 # extends them instead of reading every earlier step's ids back (orchestrator/episode_loop.py, _TurnCache).
 MEGAFLOW_TURN_CACHE_MB = env_int("MEGAFLOW_TURN_CACHE_MB", 256)
 # On a gevent worker, each PostgreSQL wait may first block the process this long, then yield to the hub: a statement

@@ -31,7 +31,6 @@ import functools
 import logging
 import threading
 import time
-from array import array
 from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -569,25 +568,26 @@ class _TurnCache:
     """The last turn of recent episodes as this model worker generated it: the next turn of an episode that
     comes back to the same worker extends these ids without reading every earlier step's ids back.
 
-    Bounded by bytes (``MEGAFLOW_TURN_CACHE_MB``: the ids, packed, and the messages' text), not by entries: at
-    10,000 concurrent each of two model workers sees 5,000 episodes, and 512 entries held a tenth of them, so
-    nine turns in ten read their ids back (a turn cached for every episode hits half the time, when it comes back
-    to this worker). Packed as 4-byte ids (a list costs ~36 bytes an id, and every one of them is an object the
-    collector walks), and unpacked on the hit that uses them."""
+    Bounded by an estimate of its bytes (``MEGAFLOW_TURN_CACHE_MB``: the ids, at a list's ~36 bytes an id, and the
+    messages' text), not by entries: at 10,000 concurrent each of two model workers sees 5,000 episodes, and 512
+    entries held a tenth of them, so nine turns in ten read their ids back; and 512 turns of 32,000 ids would have
+    been 600 MB. Not packed: packing a turn's ids from the list the prompt is built as costs ~30 ns an id (0.3 ms
+    for a 10,000-id prompt) on every turn, more than the misses it saves at 1,000."""
+
+    ID_BYTES = 36
 
     def __init__(self, max_bytes: int):
         self.max_bytes, self.bytes = max_bytes, 0
-        self.entries: OrderedDict[tuple[int, int], tuple[int, list[dict], str, array, int]] = OrderedDict()
+        self.entries: OrderedDict[tuple[int, int], tuple[int, list[dict], str, list[int], int]] = OrderedDict()
         self.lock = threading.Lock()
 
     def remember(self, key: tuple[int, int], step: int, messages: list[dict], reply: str, ids: list[int]) -> None:
-        packed_ids = array("i", ids)
-        size = packed_ids.itemsize * len(packed_ids) + len(reply)
+        size = self.ID_BYTES * len(ids) + len(reply)
         size += sum(len(str(message.get("content") or "")) for message in messages)
         with self.lock:
             if (replaced := self.entries.pop(key, None)) is not None:
                 self.bytes -= replaced[4]
-            self.entries[key] = (step, messages, reply, packed_ids, size)
+            self.entries[key] = (step, messages, reply, ids, size)
             self.bytes += size
             while self.bytes > self.max_bytes and self.entries:
                 self.bytes -= self.entries.popitem(last=False)[1][4]
@@ -600,7 +600,7 @@ class _TurnCache:
         # The reply check: another delivery of that turn may have generated the reply that was recorded.
         if entry is None or entry[0] != step or entry[2] != reply:
             return None
-        return PreviousTurn(entry[1], entry[2], entry[3].tolist())
+        return PreviousTurn(entry[1], entry[2], entry[3])
 
 
 _turns = _TurnCache(settings.MEGAFLOW_TURN_CACHE_MB * 1024 * 1024)
