@@ -4,6 +4,7 @@ dead version in any index (migration 0012). Real PostgreSQL."""
 
 import pytest
 from django.db import IntegrityError, connection, transaction
+from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from orchestrator import db, hot_sql, transitions
@@ -140,23 +141,17 @@ def test_a_step_insert_sends_each_value_as_django_would():
 
 
 @pytest.mark.django_db(transaction=True)
-def test_a_hot_statement_between_waits_takes_a_pooled_connection_without_djangos_and_gives_it_back(running):
-    """Between a hop's waits its Django connection is closed (orchestrator/db.py): a hot statement then runs on a
-    connection taken straight from the pool (``hot_sql._cursor``), reads and writes as Django's would, raises
-    Django's errors, and leaves the pool as it found it; inside a transaction it is part of the transaction."""
-    pool = getattr(connection, "pool", None)
-    if pool is None:
-        pytest.skip("no connection pool (MEGAFLOW_DB_POOL_SIZE=0)")
+def test_a_hot_statement_runs_on_psycopgs_cursor_as_djangos_would(running):
+    """``hot_sql._cursor``: outside a transaction a hot statement skips Django's cursor wrapper (on the hop's Django
+    connection, opened from the pool as before), and reads, writes and fails as Django's cursor would; inside a
+    transaction, or where queries are logged, it goes through Django's cursor and is part of both."""
     connection.close()
-    pool.pop_stats()
     now = timezone.now()
     step_id = hot_sql.insert_step(now, episode_id=running.pk, index=0, model_output="reply", sampling={"t": 1.0})
+    assert connection.connection is not None, "the hop's connection, kept until its next wait"
     with pytest.raises(IntegrityError):  # Django's class, as the hot path catches it (episode_loop._claim_step)
         hot_sql.insert_step(now, episode_id=running.pk, index=0, model_output="another delivery")
     row = hot_sql.episode_row(running.pk, ("status", "updated_at", "attempt"))
-    assert connection.connection is None, "Django's connection stayed closed"
-    stats = pool.get_stats()
-    assert stats["requests_num"] == 3 and stats["pool_available"] == stats["pool_size"], stats
     assert row == (running.status, Episode.objects.get(pk=running.pk).updated_at, running.attempt)
     assert row[1].tzinfo is not None
     stored = Step.objects.get(pk=step_id)
@@ -166,3 +161,6 @@ def test_a_hot_statement_between_waits_takes_a_pooled_connection_without_djangos
         hot_sql.insert_step(now, episode_id=running.pk, index=1, model_output="rolled back")
         transaction.set_rollback(True)
     assert not Step.objects.filter(episode=running, index=1).exists(), "it ran inside the transaction"
+    with CaptureQueriesContext(connection) as logged:
+        hot_sql.episode_row(running.pk, ("status",))
+    assert len(logged) == 1
