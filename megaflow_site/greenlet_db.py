@@ -20,6 +20,7 @@ import select
 from collections.abc import Callable
 from time import monotonic
 
+from gevent import monkey
 from psycopg import OperationalError, waiting
 
 _EVENTS = {
@@ -69,10 +70,6 @@ def brief_blocking_wait(block_s: float, blocking_poll: Callable, cooperative: Ca
 def install(block_ms: float) -> bool:
     """On a gevent-patched process, make psycopg's waits block briefly (``brief_blocking_wait``); True if it did.
     ``block_ms`` 0 leaves psycopg's own cooperative waits."""
-    try:
-        from gevent import monkey
-    except ImportError:
-        return False
     if block_ms <= 0 or not monkey.is_module_patched("select"):
         return False
     waiting.wait = brief_blocking_wait(block_ms / 1000, monkey.get_original("select", "poll"), waiting.wait)
