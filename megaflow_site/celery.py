@@ -41,8 +41,10 @@ def _preflight_worker(**_) -> None:
 
 @signals.worker_init.connect
 def _greenlet_db_waits(**_) -> None:
-    """On a gevent worker, a PostgreSQL wait blocks briefly before it yields (megaflow_site/greenlet_db.py)."""
+    """On a gevent worker, the hot statements run on native threads, and a PostgreSQL wait may block briefly before it
+    yields (megaflow_site/greenlet_db.py)."""
     greenlet_db.install(settings.MEGAFLOW_GEVENT_DB_BLOCK_MS)
+    greenlet_db.use_statement_threads(settings.MEGAFLOW_GEVENT_DB_THREADS)
 
 
 # Every publisher stamps its messages' send time, for the queue wait each task records (megaflow_site/megaflow_task.py);

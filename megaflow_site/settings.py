@@ -466,6 +466,10 @@ MEGAFLOW_TURN_CACHE_MB = env_int("MEGAFLOW_TURN_CACHE_MB", 256)
 # but the process does nothing else meanwhile (megaflow_site/greenlet_db.py; on two cores at 10,000 concurrent the
 # two costs came out even: agents/README.md). 0, the default: psycopg's cooperative waits throughout.
 MEGAFLOW_GEVENT_DB_BLOCK_MS = env_float("MEGAFLOW_GEVENT_DB_BLOCK_MS", 0.0)
+# On a gevent worker, the hot path's statements run on this many native threads, each with a connection of its own
+# (beside the process's pool), so no connection waits for a greenlet's turn of the hub (megaflow_site/greenlet_db.py).
+# 0: on the greenlets' pooled connections.
+MEGAFLOW_GEVENT_DB_THREADS = env_int("MEGAFLOW_GEVENT_DB_THREADS", 4)
 if MEGAFLOW_HOT_QUEUE_POOL not in {"threads", "gevent"}:
     raise ConfigError(f"MEGAFLOW_HOT_QUEUE_POOL={MEGAFLOW_HOT_QUEUE_POOL!r} is not a pool",
                       "set MEGAFLOW_HOT_QUEUE_POOL to threads or gevent")  # fmt: skip

@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 
 from django.db import DEFAULT_DB_ALIAS, connection, connections
 
+from megaflow_site import greenlet_db
 from orchestrator.models import Episode, Step
 from orchestrator.packed import join_turns
 
@@ -35,6 +36,10 @@ def _cursor() -> Iterator:
     if db.in_atomic_block or db.queries_logged or db.vendor != "postgresql":
         with db.cursor() as cursor:
             yield cursor
+        return
+    if (threads := greenlet_db.statement_threads()) is not None:  # a gevent worker: a native thread runs it
+        with db.wrap_database_errors:
+            yield threads.cursor()
         return
     db.ensure_connection()
     with db.wrap_database_errors, db.connection.cursor() as cursor:
