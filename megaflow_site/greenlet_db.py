@@ -1,25 +1,25 @@
-"""PostgreSQL waits on a gevent worker: a statement's reply is first awaited without yielding to the hub.
+"""PostgreSQL on a gevent worker, where a connection must not wait for a greenlet's turn of the hub.
 
 On a gevent-patched process psycopg waits for the server cooperatively (its ``wait_poll`` on gevent's ``poll``): the
 greenlet that sent a statement yields to the hub, and runs again only after every greenlet that was ready before it.
 At 10,000 concurrent episodes that is hundreds of milliseconds, all of them with one of the process's few pooled
-connections held, so the pool served a few dozen statements a second and hops waited seconds for a connection
-(``make bench-10k``: the env worker's time from a step's claim to its record, less the command, p50 1.3–5.7 s
-with cooperative waits, under 10 ms with blocking ones; agents/README.md). With ``MEGAFLOW_GEVENT_DB_BLOCK_MS`` set,
-each wait here first blocks the process for up to that long, then yields as before: a statement that waits on a
-lock another greenlet of this process holds, or a server slow to answer, stalls the hub no longer than that.
+connections held, so the pool served a few dozen statements a second and hops waited seconds for a connection: the
+env worker's claim and record 2–7 s p50 each, the model worker's hold 3–10 s once the run was full
+(``make bench-10k`` with ``tests/bench/hop_probe``; agents/README.md, "Now").
 
-Off by default: a blocked process does nothing else, and on two cores at 10,000 concurrent (a PostgreSQL under
-load answers in milliseconds) the model workers' waits for the process made up what the env workers' waits for a
-connection lost (agents/README.md, "Now"). It pays where round trips are short against a hub's turn.
+**Hot statements on native threads** (``MEGAFLOW_GEVENT_DB_THREADS``, 4, on every gevent worker): the hot path's
+statements (orchestrator/hot_sql.py) do not use the greenlet's pooled connection at all. Each goes to one of a few
+native threads with a connection of its own, which sends it, blocks for the reply with the GIL released, and takes
+the next: a connection is busy for a round trip and never for a hub's turn. The greenlet waits for the answer as it
+would for a timer. At 10,000 a statement then took 35–400 ms p50 from the greenlet's hand-over to its answer, and
+the overhead per step fell from 6–10 s to about 0.5 s p50. Everything else (the ORM, off the hot path) keeps the
+pooled connections.
 
-**Hot statements on native threads** (``MEGAFLOW_GEVENT_DB_THREADS``, on by default on a gevent worker): the hot
-path's statements (orchestrator/hot_sql.py) do not use the greenlet's pooled connection at all. Each goes to one of
-a few native threads, each with a connection of its own, which sends it, blocks for the
-reply with the GIL released, and takes the next: a connection is busy for a round trip and never for a hub's turn,
-and no hop queues for one. The greenlet waits on the result as it would on a timer. At 10,000 concurrent episodes the
-env worker's claim and record each waited 2–7 s (p50) for one of its 8 pooled connections and the model worker's
-hold 3–10 s once the run was full (``tests/bench/hop_probe``; agents/README.md).
+**A brief block before yielding** (``MEGAFLOW_GEVENT_DB_BLOCK_MS``, off): each wait of a pooled connection first
+blocks the process for up to that long, then yields as before, so a statement answered within it holds its
+connection for its round trip only; one that waits on a lock another greenlet of this process holds, or a slow
+server, stalls the hub no longer than the block. Before the threads, on two cores at 10,000 concurrent, the model
+workers' waits for a blocked process made up what the env workers' waits for a connection lost.
 """
 
 from __future__ import annotations
