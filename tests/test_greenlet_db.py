@@ -1,6 +1,6 @@
-"""PostgreSQL on a gevent worker (megaflow_site/greenlet_db.py), each case in a gevent-patched process of its own against
-the test database: a greenlet that yields whenever it can counts the hub's turns while statements run; hot statements
-on native threads run while the hub is busy, and claim as pooled connections do."""
+"""PostgreSQL on a gevent worker (megaflow_site/greenlet_db.py), each case in a gevent-patched process of its own
+against the test database: a greenlet that yields whenever it can counts the hub's turns while statements run; hot
+statements on native threads run while the hub is busy, and claim as pooled connections do."""
 
 import json
 import os
