@@ -391,6 +391,20 @@ def test_a_hop_that_ended_in_an_error_is_re_driven_and_an_attempt_whose_hops_kee
     assert runs._settled_drops(liveness.drops()) == [episode.pk], "that attempt is over: its drop goes"
 
 
+def test_an_episode_of_a_pool_this_deployment_has_no_queue_for_does_not_stop_the_watchdog(run, sent):
+    """A clean clone's chaos test hung: the chaos database held live episodes of a run on the ``docker`` pool, left by
+    an aborted run of another configuration, and the watchdog raised ``UnknownQueue`` on them every 5 s, so it
+    re-drove nothing for anyone. Such an episode is passed by; the others are still looked for."""
+    episode = started(run, sent)
+    held_by(episode, DEAD, updated_at=timezone.now() - timedelta(seconds=60))
+    elsewhere = Run.objects.create(model_name="sim", env_pool="nowhere")
+    stranger = Episode.objects.create(run=elsewhere, task=episode.task, sample_index=0, status=E.RUNNING,
+                                      updated_at=timezone.now() - timedelta(seconds=60))  # fmt: skip
+    Episode.objects.filter(pk=stranger.pk).update(updated_at=timezone.now() - timedelta(seconds=60))
+    waiting = runs._waiting(liveness.Fleet(alive={ALIVE: frozenset()}))
+    assert set(waiting) == {episode.pk}, "the stranger is passed by, the episode still looked for"
+
+
 def test_a_message_that_vanished_with_a_worker_killed_while_taking_it_re_drives_its_episode(
     run, sent, broker, monkeypatch
 ):
