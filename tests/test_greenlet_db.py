@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 from django.db import connection
-from psycopg.conninfo import make_conninfo
 
 from orchestrator.models import Episode, Step
 from tests.conftest import database_url
@@ -57,9 +56,7 @@ print(json.dumps({"installed": installed, "fast": fast, "slow": slow, "failed": 
 
 
 def hub_turns(block_ms: float) -> dict:
-    db = connection.settings_dict
-    conninfo = make_conninfo(dbname=db["NAME"], host=db["HOST"] or None, port=db["PORT"] or None,
-                             user=db["USER"] or None, password=db["PASSWORD"] or None)  # fmt: skip
+    conninfo = database_url(connection.settings_dict)  # psycopg takes the URL as it is
     done = subprocess.run([sys.executable, "-c", SCRIPT, conninfo, str(block_ms)], capture_output=True, text=True,
                           timeout=60, cwd=Path(__file__).resolve().parent.parent)  # fmt: skip
     assert done.returncode == 0, done.stderr

@@ -398,8 +398,7 @@ def test_an_episode_of_a_pool_this_deployment_has_no_queue_for_does_not_stop_the
     episode = started(run, sent)
     held_by(episode, DEAD, updated_at=timezone.now() - timedelta(seconds=60))
     elsewhere = Run.objects.create(model_name="sim", env_pool="nowhere")
-    stranger = Episode.objects.create(run=elsewhere, task=episode.task, sample_index=0, status=E.RUNNING,
-                                      updated_at=timezone.now() - timedelta(seconds=60))  # fmt: skip
+    stranger = Episode.objects.create(run=elsewhere, task=episode.task, sample_index=0, status=E.RUNNING)
     Episode.objects.filter(pk=stranger.pk).update(updated_at=timezone.now() - timedelta(seconds=60))
     waiting = runs._waiting(liveness.Fleet(alive={ALIVE: frozenset()}))
     assert set(waiting) == {episode.pk}, "the stranger is passed by, the episode still looked for"
