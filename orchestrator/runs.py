@@ -258,23 +258,26 @@ def _waiting(fleet: liveness.Fleet, now=None) -> dict[int, tuple[float, frozense
         if fleet.holds(pk):
             continue
         try:
-            env = {queue_name(Service.ENV, pool)}
-            model_queue = queue_name(Service.MODEL, model)
+            queues = _queues_of(status, run_id, pool, host, model, claimed_step)
         except UnknownQueue as error:
             # A run of a pool or model this deployment has no queue for (left by another configuration on the same
             # database): its hops wait in no queue here, and it must not stop the watchdog for every other episode.
             logger.warning("episode %s: %s; the vanished-message check passes it by", pk, error)
             continue
-        if host in settings.MEGAFLOW_ENV_HOSTS:  # as the router sends it (megaflow_site/topology.py)
-            env.add(host_queue_name(pool, host))
-        if status == Episode.Status.RUNNING and drives_itself(agent_of_run(run_id)):
-            queues = {FRAMEWORK_QUEUE}
-        elif status == Episode.Status.RUNNING and not claimed_step:
-            queues = env | {model_queue}
-        else:
-            queues = env  # a start, a claimed step, an evaluation
         waiting[pk] = (updated_at.timestamp(), frozenset(queues))
     return waiting
+
+
+def _queues_of(status: str, run_id: int, pool: str, host: str, model: str, claimed_step: bool) -> set[str]:
+    """Every queue a live episode's next hop may wait in."""
+    env = {queue_name(Service.ENV, pool)}
+    if host in settings.MEGAFLOW_ENV_HOSTS:  # as the router sends it (megaflow_site/topology.py)
+        env.add(host_queue_name(pool, host))
+    if status == Episode.Status.RUNNING and drives_itself(agent_of_run(run_id)):
+        return {FRAMEWORK_QUEUE}
+    if status == Episode.Status.RUNNING and not claimed_step:
+        return env | {queue_name(Service.MODEL, model)}
+    return env  # a start, a claimed step, an evaluation
 
 
 def _settled_drops(dropped: dict[int, liveness.Drop]) -> list[int]:
