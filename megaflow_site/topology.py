@@ -33,10 +33,11 @@ from kombu import Queue
 # Backends that may run on greenlets (MEGAFLOW_HOT_QUEUE_POOL=gevent): their calls block only on sockets and sleeps.
 # Not the openai or vllm model backends: their HTTP runs on an asyncio loop, which on greenlets shares the worker's
 # one OS thread, so Django takes every task for async code and refuses its queries. Not hf: a forward pass holds
-# the interpreter, and with it every greenlet and the heartbeat. Not docker yet: on greenlets the long-lived shell's
-# reads of the attach stream let the stream's frame headers (NUL bytes) into observations.
+# the interpreter, and with it every greenlet and the heartbeat. docker: its calls are HTTP on the daemon's socket
+# and reads of each sandbox's exec or shell stream (envs/docker_backend.py), all of which gevent makes cooperative.
+# Not local: it runs commands as the worker's own subprocesses, which have not been tried on greenlets.
 COOPERATIVE_MODEL_BACKENDS = frozenset({"sim", "replay"})
-COOPERATIVE_ENV_BACKENDS = frozenset({"sim"})
+COOPERATIVE_ENV_BACKENDS = frozenset({"sim", "docker"})
 
 AGENT_QUEUE = "agent"
 # The Agent Service's second queue: tasks that block for a whole episode (a framework's own loop,

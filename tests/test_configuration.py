@@ -35,6 +35,8 @@ def test_the_gevent_pool_goes_only_to_queues_whose_backend_runs_on_greenlets(set
                                          WorkerSpec(Service.AGENT)] if "gevent" in spec.argv()}  # fmt: skip
     assert greenlets == {"model.sim", "model.replay", "env.default"}  # tiny is served over HTTP on an asyncio loop
     settings.MEGAFLOW_ENV_BACKEND = "docker"
+    assert "gevent" in WorkerSpec(Service.ENV, "default").argv()
+    settings.MEGAFLOW_ENV_BACKEND = "local"
     assert "gevent" not in WorkerSpec(Service.ENV, "default").argv()
     settings.MEGAFLOW_HOT_QUEUE_POOL = "threads"
     assert "gevent" not in WorkerSpec(Service.MODEL, "sim").argv()
