@@ -15,6 +15,8 @@ RAMPING_TTL_S = 60
 # Set while an admission pass is asked for and not yet begun: by a caller that found the admission lock taken (its
 # holder passes once more), or by a start that completed and sent ``orchestrator.admit`` (``ask_for_admission``).
 ADMIT_AGAIN = "megaflow:admission:again"
+# The admission rate's token bucket (MEGAFLOW_ADMIT_RATE): the tokens left and when they were counted.
+ADMIT_BUCKET = "megaflow:admission:bucket"
 
 
 def ask_for_admission() -> bool:

@@ -7,6 +7,7 @@ from megaflow_site/liveness.py.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from datetime import UTC, datetime, timedelta
 
@@ -32,7 +33,7 @@ from orchestrator.api.serializers import RunSerializer
 from orchestrator.autoscale import admission_limit
 from orchestrator.db import bulk_batch_size, gather_statistics, keep_statistics
 from orchestrator.episode_loop import agent_of_run, finished, read_live, release, send
-from orchestrator.hot_state import ADMIT_AGAIN, RAMPING_KEY, RAMPING_TTL_S, redis_client
+from orchestrator.hot_state import ADMIT_AGAIN, ADMIT_BUCKET, RAMPING_KEY, RAMPING_TTL_S, redis_client
 from orchestrator.models import Episode, Run, Step
 from orchestrator.placement import Placer
 from orchestrator.staleness import admissible
@@ -138,6 +139,15 @@ def _admit_once() -> list[tuple[int, int, str, str]]:
     """One pass of admission, under the lock: the episodes admitted, each with its attempt, pool and env host."""
     admitted: list[tuple[int, int, str, str]] = []
     keep_statistics(Episode)  # what a pass reads by status, planned on statistics of the run's start
+    # Every episode's end asks for a pass; once a run's episodes are all in, a pass has nothing to admit, and the
+    # live counts below read an index entry per live episode of the fleet and of each run (10,000 live: ~8 ms and
+    # ~6,500 rows a pass, tests/bench/admission_pass). The runs with an episode queued: an EXISTS on the (run,
+    # status, id) index.
+    queued = Episode.objects.filter(run=OuterRef("pk"), status=Episode.Status.QUEUED)
+    waiting = list(Run.objects.filter(Exists(queued), status=Run.Status.RUNNING).order_by("created_at"))
+    if not waiting:
+        redis_client().delete(RAMPING_KEY)
+        return admitted
     ceiling = settings.MEGAFLOW_MAX_LIVE_EPISODES
     if (throttle := admission_limit()) is not None:  # the autoscaler's, while the latency SLO is breached
         ceiling = min(ceiling, throttle)
@@ -150,9 +160,10 @@ def _admit_once() -> list[tuple[int, int, str, str]]:
     # sandboxes come up. An episode running its prepare commands is still starting but holds no slot: those
     # commands are its work, as its steps are, and counting them held admission to the cap over their length.
     starting_room = settings.MEGAFLOW_MAX_STARTING - counts["starting"]
+    bucket = AdmissionRate()
     placers: dict[str, Placer] = {}  # per pool: the env host each episode goes to (orchestrator/placement.py)
-    ramping = False
-    for run in Run.objects.filter(status=Run.Status.RUNNING).order_by("created_at"):
+    ramping = paced = False
+    for run in waiting:
         if room <= 0:
             break
         if not admissible(run):
@@ -160,8 +171,10 @@ def _admit_once() -> list[tuple[int, int, str, str]]:
         run_room = run.max_concurrent_episodes - run.episodes.filter(status__in=LIVE).count()
         want = max(0, min(room, run_room))
         take = min(want, max(0, starting_room))
-        ready = _ready(run, take + 1)  # one more than is taken: whether the ramp holds any back
+        ready = _ready(run, min(take, bucket.room) + 1)  # one more than is taken: whether the ramp holds any back
         ramping |= len(ready) > take and take < want
+        paced |= len(ready) > bucket.room and bucket.room < take
+        take = min(take, bucket.room)
         placer = placers.setdefault(run.env_pool, Placer(run.env_pool))
         for episode_id, attempt, image in ready[:take]:
             host = placer.place(image)
@@ -169,11 +182,48 @@ def _admit_once() -> list[tuple[int, int, str, str]]:
                 admitted.append((episode_id, attempt, run.env_pool, host))
                 room -= 1
                 starting_room -= 1
+                bucket.spend(1)
+    bucket.save()
+    if paced:  # the rate held episodes back: the admitter passes again after MEGAFLOW_ADMIT_INTERVAL_S
+        redis_client().set(ADMIT_AGAIN, 1, ex=RAMPING_TTL_S)
     if ramping:
         redis_client().set(RAMPING_KEY, 1, ex=RAMPING_TTL_S)
     else:
         redis_client().delete(RAMPING_KEY)
     return admitted
+
+
+class AdmissionRate:
+    """The token bucket of ``MEGAFLOW_ADMIT_RATE``, read and written under the admission lock: it fills at the rate
+    (Redis's clock, the same for every admitter) up to what two passes spend (``MEGAFLOW_ADMIT_INTERVAL_S`` apart),
+    so that a pass after a pause admits no burst. No rate: the bucket never runs dry."""
+
+    def __init__(self):
+        self.rate, self.tokens, self.spent = settings.MEGAFLOW_ADMIT_RATE, math.inf, 0
+        if self.rate <= 0:
+            return
+        (seconds, micros), (tokens, at) = redis_client().pipeline().time().hmget(ADMIT_BUCKET, "tokens", "at").execute()
+        self.now = seconds + micros / 1e6
+        capacity = max(1.0, 2 * self.rate * settings.MEGAFLOW_ADMIT_INTERVAL_S)
+        refilled = capacity if at is None else float(tokens) + self.rate * max(0.0, self.now - float(at))
+        self.tokens = min(capacity, refilled)
+
+    @property
+    def room(self) -> int:
+        """What this pass may still admit."""
+        return int(min(self.tokens, 10**9))
+
+    def spend(self, episodes: int) -> None:
+        self.tokens -= episodes
+        self.spent += episodes
+
+    def save(self) -> None:
+        """Keep what is left for the next pass (a pass that spent nothing leaves the bucket as it found it: it
+        refills from then to the same level)."""
+        if self.spent and self.rate > 0:
+            pipe = redis_client().pipeline()
+            pipe.hset(ADMIT_BUCKET, mapping={"tokens": self.tokens, "at": self.now}).expire(ADMIT_BUCKET, RAMPING_TTL_S)
+            pipe.execute()
 
 
 def _ready(run: Run, limit: int) -> list[tuple[int, int, str]]:
@@ -204,9 +254,15 @@ def _backed_off(attempt: int, updated_at: datetime) -> bool:
     return timezone.now() - updated_at >= timedelta(seconds=wait)
 
 
+# Whether a run has an unfinished episode, asked at each episode's end, status by status: while a run goes on its
+# newest episodes are mostly running, and at its end the last are running or being graded.
+UNFINISHED_LIKELIEST_FIRST = (Episode.Status.RUNNING, Episode.Status.EVALUATING, Episode.Status.STARTING,
+                              Episode.Status.QUEUED)  # fmt: skip
+
+
 def episode_done(episode_id: int) -> None:
     """Close the run when its last episode ended, then let the next episodes in."""
-    if (found := hot_sql.run_of_episode(episode_id, transitions.UNFINISHED)) is None:
+    if (found := hot_sql.run_of_episode(episode_id, UNFINISHED_LIKELIEST_FIRST)) is None:
         return  # the episode was deleted with its run
     run_id, unfinished = found
     if not unfinished:
