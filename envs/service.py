@@ -82,13 +82,13 @@ def evaluate(container_id: str, task: Task) -> Evaluation:
     return task_sandbox.evaluate(get_backend(), container_id, task)
 
 
-def release(container_id: str, pool: str) -> float:
+def release(container_id: str, pool: str, clock_stopped: bool = False) -> float:
     """Give the container back to its warm pool, or destroy it. Returns the seconds the episode held it (0.0 when
-    it was released before: a release is counted once). Never raises: a sandbox that cannot be released is logged
-    and left to the reaper."""
+    it was released before, or when the caller stopped its clock already, ``clock_stopped``: a release is counted
+    once). Never raises: a sandbox that cannot be released is logged and left to the reaper."""
     if not container_id:
         return 0.0
-    held_s = stop_clock(container_id)
+    held_s = 0.0 if clock_stopped else stop_clock(container_id)
     try:
         if warm_pool.pool_size(pool) > 0:
             warm_pool.WarmPool(get_backend(), pool).release(container_id)

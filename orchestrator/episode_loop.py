@@ -162,9 +162,11 @@ def release(episode: Live, container_id: str | None = None) -> None:
              host=episode.env_host)  # fmt: skip
 
 
-def release_here(episode_id: int, container_id: str, pool: str) -> None:
-    """Release a sandbox of this host now and charge the episode the seconds it held it."""
-    costs.charge(episode_id, sandbox_s=env_service.release(container_id, pool))
+def release_here(episode_id: int, container_id: str, pool: str, charged: bool = False) -> None:
+    """Release a sandbox of this host now and charge the episode the seconds it held it, unless they were charged
+    already (``charged``: ``charge_sandbox``, or an episode's end that charged them with its transition; its clock
+    is stopped, and asking Redis again would be a round trip for 0 s)."""
+    costs.charge(episode_id, sandbox_s=env_service.release(container_id, pool, clock_stopped=charged))
 
 
 def charge_sandbox(episode_id: int, container_id: str) -> None:
@@ -432,14 +434,14 @@ def _after_step(episode: Live, row: Step, submitted_now: bool | None = None) -> 
         charge_sandbox(episode.id, episode.container_id)
         if transitions.fail(episode.id, reason, Episode.Status.TIMED_OUT, attempt=episode.attempt):
             finished(episode.id)
-        release_here(episode.id, episode.container_id, run.env_pool)
+        release_here(episode.id, episode.container_id, run.env_pool, charged=True)
     elif stale := _stale(episode, row, next_turn=not done):
         # The policy moved on past the run's bound. Not graded as it stands: that reward would reflect when the
         # trainer published, not what the agent did. The sample is dropped (masked) and, while the run's
         # max_attempts allow, taken again from a fresh attempt on the weights serving now.
         charge_sandbox(episode.id, episode.container_id)
         outcome = transitions.fail_or_retry(episode.id, stale, True, attempt=episode.attempt)
-        release_here(episode.id, episode.container_id, run.env_pool)
+        release_here(episode.id, episode.container_id, run.env_pool, charged=True)
         logger.info("episode %s: %s (%s)", episode.id, stale, outcome)
         if outcome is not transitions.Outcome.UNCHANGED:
             finished(episode.id)
@@ -487,7 +489,7 @@ def evaluate(episode: Live) -> None:
         finished(episode.id)
     else:
         costs.charge(episode.id, **charges)
-    release_here(episode.id, episode.container_id, pool)
+    release_here(episode.id, episode.container_id, pool, charged=True)
 
 
 # --- model queue ---------------------------------------------------------------------------------------------

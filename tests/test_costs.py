@@ -32,10 +32,12 @@ def done_costs(monkeypatch) -> list[dict]:
             seen.append({"status": episode.status, **{f: getattr(episode, f) for f in COUNTERS}})
 
     monkeypatch.setattr(episode_loop, "send", send)
-    monkeypatch.setattr(service, "release", lambda container_id, pool: 0.0)
+    monkeypatch.setattr(service, "release", lambda container_id, pool, clock_stopped=False: 0.0)
     monkeypatch.setattr(service, "stop_clock", lambda container_id: 0.0)
     return seen
 
+
+RELEASE = service.release
 
 COUNTERS = ("env_worker_s", "model_s", "cost_prompt_tokens", "cost_completion_tokens", "image_pulls",
             "image_pull_bytes", "image_pull_s")  # fmt: skip
@@ -112,7 +114,9 @@ def test_an_evaluation_is_charged_with_the_episodes_end_or_alone_when_the_end_is
     """The evaluation's worker time and the sandbox's seconds ride on the UPDATE that ends the episode (one statement,
     not two); an episode cancelled during its evaluation is not ended by it, and still pays for it."""
     monkeypatch.setattr(service, "run_command", lambda *args, **kwargs: ExecResult(0, "MEGAFLOW_SUBMIT\n", 0.01))
-    monkeypatch.setattr(service, "stop_clock", lambda container_id: 3.0)
+    clocks_stopped = []
+    monkeypatch.setattr(service, "stop_clock", lambda container_id: clocks_stopped.append(container_id) or 3.0)
+    monkeypatch.setattr(service, "release", RELEASE)  # the real one (its destroy of the made-up container is logged)
     cancel_during_evaluation = []
 
     def evaluate(container_id, task):
@@ -132,6 +136,7 @@ def test_an_evaluation_is_charged_with_the_episodes_end_or_alone_when_the_end_is
     updates = [query["sql"] for query in queries.captured_queries if query["sql"].startswith("UPDATE")]
     ending = [sql for sql in updates if '"finished_at"' in sql]
     assert len(ending) == 1 and '"sandbox_s"' in ending[0], "the charge is in the statement that ends the episode"
+    assert clocks_stopped == ["c-ended"], "the release after it does not ask Redis for the stopped clock again"
 
     cancel_during_evaluation.append(True)
     cancelled = an_episode(swe_mini, Episode.Status.RUNNING, container_id="c-cancelled")
