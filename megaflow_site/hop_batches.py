@@ -95,6 +95,8 @@ class Batcher:
         self.count = 0
         self.ticket = Ticket()
         self.first_at = 0.0
+        self.idle = False  # the thread waits for a first hop
+        self.first_found_idle = False  # this window's first hop woke the thread: how late it closes is its CPU wait
         self.thread: threading.Thread | None = None
 
     def add(self, name: str, kwargs: dict) -> Ticket:
@@ -108,7 +110,7 @@ class Batcher:
                 self.thread = threading.Thread(target=self._run, name="megaflow-hop-batcher", daemon=True)
                 self.thread.start()
             if not self.count:
-                self.first_at = time.monotonic()
+                self.first_at, self.first_found_idle = time.monotonic(), self.idle
             self.pending[(service, routing)].append([name, kwargs, time.time()])
             self.count += 1
             self.cond.notify()
@@ -131,15 +133,18 @@ class Batcher:
     def _run(self) -> None:
         while True:
             with self.cond:
+                self.idle = True
                 while not self.count:
                     self.cond.wait()
+                self.idle = False
                 # The window opens with the first hop; a full message goes at once.
                 due = self.first_at + self.window_s
-                timed = due > time.monotonic()
                 while self.count < self.max_hops and (left := due - time.monotonic()) > 0:
                     self.cond.wait(left)
-                if timed and self.count < self.max_hops:  # closed by its timer: how late this thread ran again
-                    self.observe_lag(time.monotonic() - due)
+                # Closed by its timer, and the thread was free to close it on time (not still publishing the last
+                # window's): how late it ran is its wait for the CPU, the first wake-up after the hop included.
+                if self.first_found_idle and self.count < self.max_hops:
+                    self.observe_lag(max(0.0, time.monotonic() - due))
                 pending, self.pending, self.count = self.pending, defaultdict(list), 0
                 ticket, self.ticket = self.ticket, Ticket()
             try:
