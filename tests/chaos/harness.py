@@ -288,27 +288,35 @@ class RecoveryClock:
         from django.db import connection
 
         while not self.stopped.wait(0.5):
-            with self.lock:
-                waiting = dict(self.pending)
-            if not waiting:
-                continue
-            try:
-                now_markers, now = self._markers(pk__in=list(waiting)), time.monotonic()
-            except Exception:
-                continue
-            with self.lock:
-                for pk, (marker, at) in waiting.items():
-                    if now_markers.get(pk, marker) != marker:
-                        self.seconds.append(now - at)
-                        self.pending.pop(pk, None)
+            self._sample_once()
         connection.close()
+
+    def _sample_once(self) -> None:
+        with self.lock:
+            waiting = dict(self.pending)
+        if not waiting:
+            return
+        try:
+            now_markers, now = self._markers(pk__in=list(waiting)), time.monotonic()
+        except Exception:
+            return
+        with self.lock:
+            for pk, (marker, at) in waiting.items():
+                if now_markers.get(pk, marker) != marker:
+                    self.seconds.append(now - at)
+                    self.pending.pop(pk, None)
 
     def stop(self) -> dict:
         self.stopped.set()
         self.thread.join(10)
+        # A last look: the run ends the moment its slowest episode does, and when that episode's only move since
+        # the fault is its last (a lost grading re-driven), the run can end between two samples.
+        self._sample_once()
         return {
             "affected": len(self.seconds) + len(self.pending),
             "unrecovered": len(self.pending),
+            # Which, and how each stood at its fault: status, attempt, steps.
+            "unrecovered_at_fault": {pk: marker for pk, (marker, _) in self.pending.items()},
             "recover_p50_s": percentile(self.seconds, 0.50),
             "recover_p99_s": percentile(self.seconds, 0.99),
         }
