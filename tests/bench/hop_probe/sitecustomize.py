@@ -8,10 +8,11 @@ Once the worker has imported the episode loop, this wraps (in that process only)
 hop's queue wait and run (``megaflow_task.run_hop``), the model turn's hold-and-history, its ids read back, its
 generation (and how much longer it took than the backend's own latency), the env step's hold-and-claim, its
 command, its record, what follows it, and every hop's hand-over to the batcher; and a hot statement sent to a
-native thread (megaflow_site/greenlet_db.py), its run there and the greenlet's whole
-wait. Each process writes, every 5 s, one line to ``var/bench/hops/<pid>.jsonl``: the time, and per phase the
-count, mean, p50, p90, p99 and max in ms over those 5 s. ``python -m tests.bench.hop_probe.report`` sums them
-across processes per 20 s of the run.
+native thread (megaflow_site/greenlet_db.py): the greenlet's whole wait, its wait for a thread to take it
+(``db.to_thread``), its run there, and the wait from its answer until the greenlet runs again
+(``db.back_to_greenlet``). Each process writes, every 5 s, one line to ``var/bench/hops/<pid>.jsonl``: the time,
+and per phase the count, mean, p50, p90, p99 and max in ms over those 5 s. ``python -m
+tests.bench.hop_probe.report`` sums them across processes per 20 s of the run.
 
 Wall times, not CPU: on a gevent worker a phase includes the hub's turns of every other greenlet while it waits
 (for a pooled connection, a reply, a timer), which is the point.
@@ -78,16 +79,32 @@ def _timed_statement_threads(threads_class) -> None:
     """A statement on a native thread (megaflow_site/greenlet_db.py): its run there, and the rest of the greenlet's
     wait (for a thread, then for the hub once it was answered)."""
     run, execute = threads_class.run, threads_class._execute
+    on_thread: dict[int, list[float]] = {}  # id(params) → [taken by a thread, answered]: params travel as they are
 
     def timed_run(self, sql, params):
         began = time.perf_counter()
+        marks = on_thread.setdefault(id(params), []) if params is not None else None
         try:
             return run(self, sql, params)
         finally:
-            _note("db.statement", time.perf_counter() - began)
+            ended = time.perf_counter()
+            _note("db.statement", ended - began)
+            if marks is not None and len(on_thread.pop(id(params), ())) == 2:
+                _note("db.to_thread", marks[0] - began)  # queued until a thread took it
+                _note("db.back_to_greenlet", ended - marks[1])  # answered until the greenlet ran again
+
+    def timed_execute(conn, sql, params):
+        marks = on_thread.get(id(params)) if params is not None else None
+        if marks is not None:
+            marks.append(time.perf_counter())
+        try:
+            return execute(conn, sql, params)
+        finally:
+            if marks is not None:
+                marks.append(time.perf_counter())
 
     threads_class.run = timed_run
-    threads_class._execute = staticmethod(_timed("db.ran_on_thread", execute))
+    threads_class._execute = staticmethod(_timed("db.ran_on_thread", timed_execute))
 
 
 def _install(loop, task, transitions, hot_sql) -> None:
