@@ -12,6 +12,7 @@ import io
 import re
 import shlex
 import tarfile
+import time
 from dataclasses import asdict, dataclass, field
 
 from django.conf import settings
@@ -69,10 +70,27 @@ def single_file_tar(name: str, text: str) -> bytes:
 
 
 def _checked(backend: EnvironmentBackend, sandbox_id: str, command: str, what: str, timeout_s: float, workdir: str):
+    """Run one of the task's own commands (setup, baseline, reset); a failure is the task's, and final, unless the
+    sandbox itself is gone: a container killed from outside (an OOM killer on the node, an operator, a daemon
+    restart) ends its command with exit 137 too, and the episode takes a fresh sandbox on its next attempt."""
     result = backend.exec(sandbox_id, command, timeout_s, workdir=workdir)
     if result.exit_code != 0:
-        raise SandboxError(f"{what} failed (exit {result.exit_code}): {result.observation()[-800:]}", retryable=False)
+        failed = f"{what} failed (exit {result.exit_code}): {result.observation()[-800:]}"
+        if result.exit_code >= 128 and _stops(backend, sandbox_id):  # killed by a signal, with its sandbox
+            raise SandboxError(f"the sandbox stopped: {failed}", retryable=True)
+        raise SandboxError(failed, retryable=False)
     return result
+
+
+def _stops(backend: EnvironmentBackend, sandbox_id: str, within_s: float = 1.0) -> bool:
+    """Whether the sandbox is stopped, or stops within ``within_s``: Docker ends a killed container's exec some
+    tens of ms before it marks the container itself as exited."""
+    deadline = time.monotonic() + within_s
+    while backend.is_alive(sandbox_id):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
 
 
 def prepare(backend: EnvironmentBackend, sandbox_id: str, task: Task) -> None:

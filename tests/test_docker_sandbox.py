@@ -2,13 +2,15 @@
 
 import io
 import tarfile
+import threading
 import tracemalloc
 
 import docker
 import pytest
 from django.conf import settings
 
-from envs.backend import ImageNotFound, SandboxLimits, SandboxSpec
+from envs import task_sandbox
+from envs.backend import ImageNotFound, SandboxError, SandboxLimits, SandboxSpec
 from envs.docker_backend import KEEPALIVE
 
 pytestmark = pytest.mark.integration
@@ -198,3 +200,20 @@ def test_an_agent_command_past_its_time_limit_is_killed_and_the_next_one_runs(do
     killer = docker_backend.run_agent_command(sandbox_id, "kill -9 -1; echo unreachable", 10)
     assert killer.exit_code == 137, "the command took its shell down with everything else"
     assert docker_backend.run_agent_command(sandbox_id, "echo again", 10).output == "again\n"
+
+
+def test_a_setup_command_that_fails_is_final_and_one_whose_sandbox_was_killed_is_retried(docker_backend, sandbox):
+    from orchestrator.models import Task
+
+    hog = Task(setup_commands=["python3 -c 'x = bytearray(1 << 30)'"], timeout_s=60)
+    with pytest.raises(SandboxError) as failed:
+        task_sandbox.prepare(docker_backend, sandbox(limits=SMALL), hog)
+    assert not failed.value.retryable and "exit 137" in failed.value.reason, "the task's own memory limit: final"
+
+    victim = sandbox(limits=SMALL)
+    killer = threading.Timer(1.0, lambda: docker.from_env().api.kill(victim))
+    killer.start()
+    with pytest.raises(SandboxError) as lost:
+        task_sandbox.prepare(docker_backend, victim, Task(setup_commands=["sleep 30"], timeout_s=60))
+    killer.join()
+    assert lost.value.retryable and lost.value.reason.startswith("the sandbox stopped: setup command"), lost.value
