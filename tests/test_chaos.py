@@ -14,14 +14,20 @@ from pathlib import Path
 
 import pytest
 from django.conf import settings
+from django.db import connection
 
 from orchestrator.models import Episode
-from tests.chaos.harness import RecoveryClock, kill_leftovers
+from tests.chaos.harness import RecoveryClock, empty_the_database, kill_leftovers
 from tests.support.records import new_episode
 
 # Each run of the harness has its own limit (600 s, then a minute's grace to clean up and print what it saw);
 # pytest's 300 s would cut it short without that report (a 2-core box that ran the kill-containers run past 300 s).
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(720)]
+
+
+# Each run is judged by the harness after this long, so that two runs and the stack's start end inside the harness's
+# 600 s with their rows printed: a run that stalls shows its lost episodes and their statuses, not a bare timeout.
+RUN_TIMEOUT_S = 240
 
 
 def chaos(faults: str, tmp_path, *options: str, episodes: int = 200) -> tuple[dict, str]:
@@ -32,8 +38,8 @@ def chaos(faults: str, tmp_path, *options: str, episodes: int = 200) -> tuple[di
     env.pop("MEGAFLOW_AUTOSCALE_INTERVAL_S", None)  # the chaos stack runs the autoscaler, as a deployment does
     output = tmp_path / "chaos.json"
     result = run_harness(
-        [sys.executable, "-m", "tests.chaos.harness", *options, "--faults", faults, "--episodes", str(episodes),
-         "--redis-port", str(16391 + slot), "--output", str(output)],
+        [sys.executable, "-m", "tests.chaos.harness", "--timeout", str(RUN_TIMEOUT_S), *options, "--faults", faults,
+         "--episodes", str(episodes), "--redis-port", str(16391 + slot), "--output", str(output)],
         env=env, timeout=600, data_dir=settings.BASE_DIR / "var" / "chaos" / str(16391 + slot),
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -119,3 +125,11 @@ def test_the_recovery_clock_counts_a_move_made_the_moment_before_it_stops():
     row = clock.stop()
     assert (row["affected"], row["unrecovered"]) == (1, 0), row
     assert 0.7 <= row["recover_p50_s"] < 5
+
+
+@pytest.mark.django_db
+def test_the_harness_empties_only_a_database_named_as_a_chaos_one():
+    episode = new_episode(Episode.Status.RUNNING)
+    with pytest.raises(SystemExit, match="is not named as a chaos one"):
+        empty_the_database(connection.settings_dict["NAME"])  # the test database
+    assert Episode.objects.filter(pk=episode.pk).exists()

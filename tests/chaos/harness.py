@@ -24,6 +24,9 @@ at once), ``kill-all`` (SIGKILL every worker at once, restarted 30 s later), ``r
 (``SHUTDOWN`` / ``SHUTDOWN NOSAVE`` of a broker without an append-only file: the second comes back empty),
 ``restart-docker``, and ``none`` (the fault-free time the others are compared with).
 
+It runs on a database of its own (``MEGAFLOW_CHAOS_DATABASE_URL``, by default ``megaflow_chaos``), emptied when it
+starts: a run that an earlier, killed harness left live would hold the fleet's live slots in this one.
+
 For every fault it also reports the time to recover: from each fault to the first progress (a step, a new
 status or attempt) of each episode live at that moment, p50 and p99. The harness rides out a broker that is
 away in every call it makes, and prints its table whatever happened. Everything it starts (workers, beat, Redis,
@@ -674,6 +677,7 @@ def main() -> None:
 
     ensure_database(os.environ["DATABASE_URL"])
     call_command("migrate", verbosity=0)
+    empty_the_database(settings.DATABASES["default"]["NAME"])
     log_dir = data_dir / "log"
     log_dir.mkdir(parents=True, exist_ok=True)
     workers = CeleryWorkers({**os.environ}, log_dir, name="chaos")
@@ -726,6 +730,17 @@ def main() -> None:
         print(f"chaos: FAILED under {', '.join(broken)}")
         sys.exit(1)
     print(f"chaos: {len(rows)} faults, every episode terminal, no step duplicated, every failure explained")
+
+
+def empty_the_database(name: str) -> None:
+    """Every run starts on an empty database of the harness's own. A harness killed at its timeout leaves its run
+    live, and that run's episodes hold the fleet's live slots (``MEGAFLOW_MAX_LIVE_EPISODES``) in every later run
+    on the same database, whose episodes then never start (a CI machine's chaos test waited out its 600 s so)."""
+    from django.core.management import call_command
+
+    if "chaos" not in name:
+        raise SystemExit(f"chaos: the harness empties its database, and {name!r} is not named as a chaos one")
+    call_command("flush", interactive=False, verbosity=0)
 
 
 def _stop_on_sigterm(signum, frame) -> None:
