@@ -106,7 +106,11 @@ def test_a_batch_is_cut_at_its_most_hops_and_the_window_off_sends_each_alone(pub
     with hop_batches.flush_sent():
         for n in range(10):
             episode_loop.send("modelserving.episode_turn", episode_id=NOBODY + n, step=0, model="sim", attempt=1)
-    assert [len(batch["hops"]) for _, batch in of_queue(published, "model.sim")] == [4, 4, 2]
+    batches = [batch["hops"] for _, batch in of_queue(published, "model.sim")]
+    # [4, 4, 2] when the batcher keeps up; hops added while it publishes a batch wait for the next one, which is
+    # then cut in fours too ([4, 4, 1, 1] on a loaded box): never more than four, nothing lost, in order.
+    assert max(map(len, batches)) == 4 and len(batches) >= 3, [len(hops) for hops in batches]
+    assert [kwargs["episode_id"] for hops in batches for _, kwargs, _ in hops] == [NOBODY + n for n in range(10)]
     published.clear()
 
     settings.MEGAFLOW_HOP_BATCH_WINDOW_MS = 0
