@@ -9,6 +9,8 @@ from django.db import DatabaseError, connection
 
 from megaflow_site.config_errors import ConfigError, redact
 
+DATABASE_CONNECT_TIMEOUT_S = 5
+
 
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip() or type(exc).__name__
@@ -16,8 +18,20 @@ def _first_line(exc: BaseException) -> str:
 
 
 def check_database() -> None:
+    """PostgreSQL: one connection of the check's own, outside the process's pool, whose wait for a connection
+    (60 s) would hold a refused or silent server's answer back for a minute. SQLite: Django's own."""
     try:
-        connection.ensure_connection()
+        if connection.vendor == "postgresql":
+            import psycopg
+
+            params = connection.get_connection_params()
+            params = {key: params[key] for key in ("dbname", "user", "password", "host", "port") if params.get(key)}
+            try:
+                psycopg.connect(**params, connect_timeout=DATABASE_CONNECT_TIMEOUT_S).close()
+            except psycopg.Error as exc:
+                raise DatabaseError(_first_line(exc)) from None
+        else:
+            connection.ensure_connection()
     except DatabaseError as exc:
         raise ConfigError(
             f"cannot open the database {redact(settings.DATABASE_URL)} ({_first_line(exc)})",
