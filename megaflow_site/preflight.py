@@ -2,6 +2,7 @@
 what is wrong and how to fix it. ``python manage.py megaflow preflight`` runs them all."""
 
 import docker
+import psycopg
 import redis
 import requests
 from django.conf import settings
@@ -22,8 +23,6 @@ def check_database() -> None:
     (60 s) would hold a refused or silent server's answer back for a minute. SQLite: Django's own."""
     try:
         if connection.vendor == "postgresql":
-            import psycopg
-
             params = connection.get_connection_params()
             params = {key: params[key] for key in ("dbname", "user", "password", "host", "port") if params.get(key)}
             try:
