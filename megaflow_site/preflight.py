@@ -25,13 +25,10 @@ def check_database() -> None:
         if connection.vendor == "postgresql":
             params = connection.get_connection_params()
             params = {key: params[key] for key in ("dbname", "user", "password", "host", "port") if params.get(key)}
-            try:
-                psycopg.connect(**params, connect_timeout=DATABASE_CONNECT_TIMEOUT_S).close()
-            except psycopg.Error as exc:
-                raise DatabaseError(_first_line(exc)) from None
+            psycopg.connect(**params, connect_timeout=DATABASE_CONNECT_TIMEOUT_S).close()
         else:
             connection.ensure_connection()
-    except DatabaseError as exc:
+    except (DatabaseError, psycopg.Error) as exc:
         raise ConfigError(
             f"cannot open the database {redact(settings.DATABASE_URL)} ({_first_line(exc)})",
             "start the database server or fix DATABASE_URL (unset it for the embedded SQLite default)",
